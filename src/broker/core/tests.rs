@@ -1,0 +1,469 @@
+//! Unit tests of the core, one or more per delivery rule of contract §4, all in
+//! simulated time: `t(ms)` is a fixed origin plus `ms` milliseconds.
+
+use std::sync::OnceLock;
+
+use super::*;
+
+const ACK_TIMEOUT: Duration = Duration::from_millis(200);
+
+fn t(ms: u64) -> Instant {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    *ORIGIN.get_or_init(Instant::now) + Duration::from_millis(ms)
+}
+
+fn core() -> Core {
+    core_with_memory(u64::MAX)
+}
+
+fn core_with_memory(max_memory_bytes: u64) -> Core {
+    Core::new(CoreConfig {
+        ack_timeout: ACK_TIMEOUT,
+        max_memory_bytes,
+    })
+}
+
+fn q(name: &str) -> QueueName {
+    QueueName::new(name).unwrap()
+}
+
+const C1: ConsumerId = ConsumerId(1);
+const C2: ConsumerId = ConsumerId(2);
+const C3: ConsumerId = ConsumerId(3);
+
+fn publish(core: &mut Core, queue: &str, text: &str) -> MessageId {
+    core.publish(&q(queue), Payload::from_text(text)).unwrap()
+}
+
+fn publish_n(core: &mut Core, queue: &str, n: usize) -> Vec<MessageId> {
+    (0..n)
+        .map(|i| publish(core, queue, &format!("m{i}")))
+        .collect()
+}
+
+/// Every delivery the core will make at `now`, as (consumer, id, attempt).
+fn drain(core: &mut Core, now: Instant) -> Vec<(ConsumerId, MessageId, u32)> {
+    std::iter::from_fn(|| core.poll_delivery(now))
+        .map(|d| (d.consumer, d.id, d.attempt))
+        .collect()
+}
+
+fn delivered_ids(deliveries: &[(ConsumerId, MessageId, u32)]) -> Vec<MessageId> {
+    deliveries.iter().map(|d| d.1).collect()
+}
+
+#[test]
+fn ids_start_at_one_and_increase_across_queues() {
+    let mut core = core();
+    assert_eq!(publish(&mut core, "a", "x"), MessageId(1));
+    assert_eq!(publish(&mut core, "b", "y"), MessageId(2));
+    assert_eq!(publish(&mut core, "a", "z"), MessageId(3));
+}
+
+#[test]
+fn rule1_ready_messages_are_delivered_in_fifo_order_with_their_payload() {
+    let mut core = core();
+    let published = publish_n(&mut core, "q", 5);
+    core.subscribe(C1, q("q"), 100);
+    let delivered: Vec<_> = std::iter::from_fn(|| core.poll_delivery(t(0))).collect();
+    assert_eq!(
+        delivered.iter().map(|d| d.id).collect::<Vec<_>>(),
+        published
+    );
+    assert_eq!(delivered[2].payload, Payload::from_text("m2"));
+    assert!(delivered.iter().all(|d| d.attempt == 1 && d.consumer == C1));
+}
+
+#[test]
+fn rule2_round_robin_in_subscription_order() {
+    let mut core = core();
+    core.subscribe(C1, q("q"), 100);
+    core.subscribe(C2, q("q"), 100);
+    core.subscribe(C3, q("q"), 100);
+    publish_n(&mut core, "q", 7);
+    let consumers: Vec<_> = drain(&mut core, t(0)).iter().map(|d| d.0).collect();
+    assert_eq!(consumers, [C1, C2, C3, C1, C2, C3, C1]);
+    // The cursor carries on where it stopped.
+    publish_n(&mut core, "q", 2);
+    let consumers: Vec<_> = drain(&mut core, t(0)).iter().map(|d| d.0).collect();
+    assert_eq!(consumers, [C2, C3]);
+}
+
+#[test]
+fn rule2_consumers_at_their_prefetch_are_skipped() {
+    let mut core = core();
+    core.subscribe(C1, q("q"), 1);
+    core.subscribe(C2, q("q"), 3);
+    let published = publish_n(&mut core, "q", 6);
+    let delivered = drain(&mut core, t(0));
+    let consumers: Vec<_> = delivered.iter().map(|d| d.0).collect();
+    assert_eq!(consumers, [C1, C2, C2, C2]);
+    assert_eq!(core.ready_ids(&q("q")), published[4..]);
+    // An ack frees one slot, which the next ready message takes.
+    core.ack(C1, published[0]).unwrap();
+    assert_eq!(drain(&mut core, t(1)), [(C1, published[4], 1)]);
+    assert!(drain(&mut core, t(1)).is_empty());
+}
+
+#[test]
+fn rule3_delivery_sets_the_deadline_to_now_plus_ack_timeout() {
+    let mut core = core();
+    core.subscribe(C1, q("q"), 10);
+    assert_eq!(core.poll_timeout(), None);
+    publish_n(&mut core, "q", 1);
+    drain(&mut core, t(50));
+    assert_eq!(core.poll_timeout(), Some(t(50) + ACK_TIMEOUT));
+    publish_n(&mut core, "q", 1);
+    drain(&mut core, t(80));
+    assert_eq!(
+        core.poll_timeout(),
+        Some(t(50) + ACK_TIMEOUT),
+        "earliest first"
+    );
+}
+
+#[test]
+fn rule4_an_ack_removes_the_message_for_good() {
+    let mut core = core();
+    core.subscribe(C1, q("q"), 10);
+    let id = publish(&mut core, "q", "x");
+    drain(&mut core, t(0));
+    core.ack(C1, id).unwrap();
+    assert_eq!(core.poll_timeout(), None, "its deadline is gone");
+    core.handle_timeout(t(10_000));
+    assert!(drain(&mut core, t(10_000)).is_empty());
+    assert_eq!(
+        core.ack(C1, id),
+        Err(AckError::UnknownId(id)),
+        "twice is unknown"
+    );
+    assert_eq!(
+        core.stats(),
+        CoreStats {
+            queues: 1,
+            consumers: 1,
+            published_total: 1,
+            delivered_total: 1,
+            acked_total: 1,
+            ..CoreStats::default()
+        }
+    );
+}
+
+#[test]
+fn rule4_acks_from_another_consumer_or_for_unknown_ids_change_nothing() {
+    let mut core = core();
+    core.subscribe(C1, q("q"), 10);
+    core.subscribe(C2, q("q"), 10);
+    let id = publish(&mut core, "q", "x");
+    assert_eq!(drain(&mut core, t(0)), [(C1, id, 1)]);
+    assert_eq!(core.ack(C2, id), Err(AckError::UnknownId(id)));
+    assert_eq!(
+        core.ack(C1, MessageId(999)),
+        Err(AckError::UnknownId(MessageId(999)))
+    );
+    assert_eq!(
+        core.ack(C3, id),
+        Err(AckError::UnknownId(id)),
+        "not a consumer at all"
+    );
+    assert_eq!(core.in_flight_ids(C1), [id]);
+    core.ack(C1, id).unwrap();
+}
+
+#[test]
+fn rule4_an_ack_after_the_requeue_is_unknown() {
+    let mut core = core();
+    core.subscribe(C1, q("q"), 10);
+    let id = publish(&mut core, "q", "x");
+    drain(&mut core, t(0));
+    core.handle_timeout(t(200));
+    assert_eq!(core.ack(C1, id), Err(AckError::UnknownId(id)));
+    assert_eq!(core.ready_ids(&q("q")), [id]);
+}
+
+#[test]
+fn rule5_an_expired_message_returns_to_the_front_with_the_next_attempt() {
+    let mut core = core();
+    core.subscribe(C1, q("q"), 1);
+    let first = publish(&mut core, "q", "first");
+    let rest = publish_n(&mut core, "q", 2);
+    assert_eq!(drain(&mut core, t(0)), [(C1, first, 1)]);
+
+    core.handle_timeout(t(199));
+    assert_eq!(core.in_flight_ids(C1), [first], "not before the deadline");
+    core.handle_timeout(t(200));
+    assert_eq!(
+        core.ready_ids(&q("q")),
+        [first, rest[0], rest[1]],
+        "at the front"
+    );
+
+    let again: Vec<_> = std::iter::from_fn(|| core.poll_delivery(t(200))).collect();
+    assert_eq!(again.len(), 1);
+    assert_eq!((again[0].id, again[0].attempt), (first, 2));
+    assert_eq!(again[0].payload, Payload::from_text("first"));
+    core.handle_timeout(t(400));
+    assert_eq!(drain(&mut core, t(400)), [(C1, first, 3)]);
+}
+
+#[test]
+fn rule5_a_redelivery_may_go_to_another_consumer() {
+    let mut core = core();
+    core.subscribe(C1, q("q"), 1);
+    core.subscribe(C2, q("q"), 1);
+    let a = publish(&mut core, "q", "a");
+    assert_eq!(drain(&mut core, t(0)), [(C1, a, 1)]);
+    core.handle_timeout(t(200));
+    assert_eq!(
+        drain(&mut core, t(200)),
+        [(C2, a, 2)],
+        "C2 is next in round-robin order"
+    );
+    assert_eq!(
+        core.ack(C1, a),
+        Err(AckError::UnknownId(a)),
+        "C1 no longer holds it"
+    );
+    core.ack(C2, a).unwrap();
+}
+
+#[test]
+fn rule5_poll_timeout_skips_deadlines_of_acked_messages() {
+    let mut core = core();
+    core.subscribe(C1, q("q"), 10);
+    let ids = publish_n(&mut core, "q", 2);
+    drain(&mut core, t(0));
+    publish_n(&mut core, "q", 1);
+    drain(&mut core, t(100));
+    core.ack(C1, ids[0]).unwrap();
+    core.ack(C1, ids[1]).unwrap();
+    assert_eq!(core.poll_timeout(), Some(t(100) + ACK_TIMEOUT));
+}
+
+#[test]
+fn rule6_a_disconnect_returns_all_in_flight_messages_at_once() {
+    let mut core = core();
+    core.subscribe(C1, q("q"), 3);
+    let ids = publish_n(&mut core, "q", 5);
+    drain(&mut core, t(0));
+    assert_eq!(core.disconnect(C1), 3);
+    assert_eq!(core.ready_ids(&q("q")), ids);
+    assert_eq!(
+        core.poll_timeout(),
+        None,
+        "their deadlines died with the consumer"
+    );
+    core.subscribe(C2, q("q"), 10);
+    let again = drain(&mut core, t(1));
+    assert_eq!(delivered_ids(&again), ids);
+    let attempts: Vec<_> = again.iter().map(|d| d.2).collect();
+    assert_eq!(attempts, [2, 2, 2, 1, 1]);
+}
+
+#[test]
+fn rule6_disconnect_keeps_round_robin_fair_for_the_rest() {
+    let mut core = core();
+    for c in [C1, C2, C3] {
+        core.subscribe(c, q("q"), 100);
+    }
+    publish_n(&mut core, "q", 2);
+    assert_eq!(
+        drain(&mut core, t(0))
+            .iter()
+            .map(|d| d.0)
+            .collect::<Vec<_>>(),
+        [C1, C2]
+    );
+    core.disconnect(C1);
+    publish_n(&mut core, "q", 3);
+    // C1's returned message first, then the three new ones; the cursor stayed on C3.
+    let order: Vec<_> = drain(&mut core, t(0)).iter().map(|d| d.0).collect();
+    assert_eq!(order, [C3, C2, C3, C2]);
+}
+
+#[test]
+fn rule7_messages_returning_together_keep_their_relative_order() {
+    let mut core = core();
+    core.subscribe(C1, q("q"), 100);
+    core.subscribe(C2, q("q"), 100);
+    let ids = publish_n(&mut core, "q", 6);
+    drain(&mut core, t(0));
+    let fresh = publish_n(&mut core, "q", 1);
+    // Everything expires in the same call: ids 1..6 across two consumers.
+    core.handle_timeout(t(500));
+    let mut expected = ids.clone();
+    expected.extend(fresh);
+    assert_eq!(core.ready_ids(&q("q")), expected);
+}
+
+#[test]
+fn rule7_earlier_returns_stay_ahead_of_never_delivered_messages() {
+    let mut core = core();
+    core.subscribe(C1, q("q"), 2);
+    let ids = publish_n(&mut core, "q", 4);
+    drain(&mut core, t(0));
+    core.disconnect(C1);
+    let order = core.ready_ids(&q("q"));
+    assert_eq!(order, ids);
+}
+
+#[test]
+fn rule8_messages_wait_while_no_consumer_is_connected() {
+    let mut core = core();
+    let ids = publish_n(&mut core, "q", 3);
+    assert!(drain(&mut core, t(0)).is_empty());
+    assert_eq!(core.poll_timeout(), None);
+    core.subscribe(C1, q("other"), 10);
+    assert!(drain(&mut core, t(0)).is_empty(), "queues are separate");
+    core.subscribe(C2, q("q"), 10);
+    assert_eq!(delivered_ids(&drain(&mut core, t(0))), ids);
+}
+
+#[test]
+fn the_memory_limit_counts_ready_and_in_flight_payloads_until_acked() {
+    let one = Payload::from_text("0123456789").len() as u64;
+    let mut core = core_with_memory(2 * one);
+    let a = publish(&mut core, "q", "0123456789");
+    publish(&mut core, "q", "abcdefghij");
+    let refused = core.publish(&q("q"), Payload::from_text("ABCDEFGHIJ"));
+    assert_eq!(
+        refused,
+        Err(PublishError::QueueFull {
+            used_bytes: 2 * one,
+            limit_bytes: 2 * one
+        })
+    );
+    assert_eq!(refused.unwrap_err().code(), ErrorCode::QueueFull);
+    core.subscribe(C1, q("q"), 10);
+    drain(&mut core, t(0));
+    assert!(
+        core.publish(&q("q"), Payload::from_text("ABCDEFGHIJ"))
+            .is_err(),
+        "in flight still counts"
+    );
+    core.ack(C1, a).unwrap();
+    assert_eq!(
+        publish(&mut core, "q", "ABCDEFGHIJ"),
+        MessageId(3),
+        "refusals use no id"
+    );
+}
+
+#[test]
+fn draining_refuses_publishes_and_finishes_when_nothing_is_in_flight() {
+    let mut core = core();
+    core.subscribe(C1, q("q"), 1);
+    let ids = publish_n(&mut core, "q", 2);
+    core.begin_drain();
+    assert!(core.is_draining());
+    assert_eq!(
+        core.publish(&q("q"), Payload::from_text("late")),
+        Err(PublishError::ShuttingDown)
+    );
+    assert!(
+        !core.is_drained(),
+        "ready messages and a consumer to take them"
+    );
+    drain(&mut core, t(0));
+    core.ack(C1, ids[0]).unwrap();
+    drain(&mut core, t(0));
+    assert!(!core.is_drained(), "one in flight");
+    core.ack(C1, ids[1]).unwrap();
+    assert!(core.is_drained());
+    assert_eq!(
+        core.drain_report(),
+        DrainReport {
+            delivered: 2,
+            left_ready: 0,
+            left_in_flight: 0
+        }
+    );
+}
+
+#[test]
+fn draining_ends_with_ready_messages_when_no_consumer_is_left() {
+    let mut core = core();
+    publish_n(&mut core, "q", 3);
+    core.begin_drain();
+    assert!(core.is_drained());
+    assert_eq!(
+        core.drain_report(),
+        DrainReport {
+            delivered: 0,
+            left_ready: 3,
+            left_in_flight: 0
+        }
+    );
+    core.subscribe(C1, q("q"), 2);
+    assert!(!core.is_drained(), "a consumer arrived");
+    drain(&mut core, t(0));
+    core.disconnect(C1);
+    assert!(core.is_drained());
+    assert_eq!(core.drain_report().left_ready, 3);
+    assert_eq!(core.drain_report().delivered, 2);
+}
+
+#[test]
+fn an_empty_queue_without_consumers_is_forgotten() {
+    let mut core = core();
+    core.subscribe(C1, q("q"), 1);
+    let id = publish(&mut core, "q", "x");
+    drain(&mut core, t(0));
+    core.ack(C1, id).unwrap();
+    core.disconnect(C1);
+    assert_eq!(
+        (
+            core.stats().queues,
+            core.stats().ready,
+            core.stats().in_flight
+        ),
+        (0, 0, 0)
+    );
+    // A queue with messages is kept.
+    core.subscribe(C2, q("q"), 1);
+    publish(&mut core, "q", "y");
+    core.disconnect(C2);
+    assert_eq!(core.stats().queues, 1);
+    assert_eq!(core.stats().ready, 1);
+}
+
+#[test]
+fn disconnecting_an_unknown_consumer_is_harmless() {
+    let mut core = core();
+    publish(&mut core, "q", "x");
+    assert_eq!(core.disconnect(C1), 0);
+    assert_eq!(core.stats().ready, 1);
+}
+
+#[test]
+fn acked_deadlines_do_not_accumulate() {
+    let mut core = core();
+    core.subscribe(C1, q("q"), 10);
+    for i in 0..10_000 {
+        let id = publish(&mut core, "q", "x");
+        drain(&mut core, t(i));
+        core.ack(C1, id).unwrap();
+    }
+    assert!(
+        core.deadlines.is_empty(),
+        "{} stale deadlines kept",
+        core.deadlines.len()
+    );
+}
+
+#[test]
+fn a_clock_that_steps_back_cannot_reorder_deadlines() {
+    let mut core = core();
+    core.subscribe(C1, q("q"), 10);
+    publish_n(&mut core, "q", 1);
+    drain(&mut core, t(1000));
+    publish_n(&mut core, "q", 1);
+    drain(&mut core, t(10));
+    core.handle_timeout(t(1000) + ACK_TIMEOUT);
+    assert_eq!(
+        core.stats().ready,
+        2,
+        "both expire: the second was stamped at t(1000)"
+    );
+}

@@ -1,0 +1,207 @@
+//! The listener: accepts connections up to `--max-connections`, gives each its task, and
+//! runs the graceful shutdown of contract §6 when the shutdown token is cancelled: stop
+//! accepting, let the core task drain, then close every connection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, error, field, info, info_span, warn};
+
+use super::config::BrokerConfig;
+use super::connection::{Connection, ConnectionSettings, close_after_fatal_error};
+use super::core_task::{ConnectionId, CoreTask, ShutdownReport};
+use super::metrics::BrokerMetrics;
+use crate::protocol::ErrorCode;
+use crate::protocol::server_frame::ServerFrame;
+
+/// Capacity, in batches, of the channel from connections to the core task.
+const CORE_CHANNEL_BATCHES: usize = 1024;
+/// How long to wait before accepting again after accept fails (out of file descriptors,
+/// say), so the failure does not spin a core.
+const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(100);
+/// How long a refused connection may take to receive its error frame.
+const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Most refusals being written at once; in a flood beyond it, excess connections are
+/// closed without an error frame rather than each holding a task and a descriptor.
+const REFUSALS_MAX: usize = 256;
+
+/// Why a broker could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("the queue core task failed: {0}")]
+    CoreTask(#[from] tokio::task::JoinError),
+}
+
+/// A bound, not yet running, broker.
+pub struct Server {
+    listener: TcpListener,
+    config: BrokerConfig,
+    metrics: Arc<BrokerMetrics>,
+}
+
+impl Server {
+    /// Binds the listening socket.
+    ///
+    /// # Errors
+    /// [`BrokerError::Bind`] when the address cannot be bound.
+    pub async fn bind(config: BrokerConfig) -> Result<Server, BrokerError> {
+        let listener =
+            TcpListener::bind(config.addr)
+                .await
+                .map_err(|source| BrokerError::Bind {
+                    addr: config.addr,
+                    source,
+                })?;
+        Ok(Server {
+            listener,
+            config,
+            metrics: Arc::default(),
+        })
+    }
+
+    /// Live figures of this broker, valid before, during and after [`Server::run`].
+    pub fn metrics(&self) -> Arc<BrokerMetrics> {
+        self.metrics.clone()
+    }
+
+    /// The address actually bound (the port is chosen by the OS for port 0).
+    ///
+    /// # Errors
+    /// The OS error, which does not happen for a bound TCP listener.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` is cancelled, then drains and closes every connection.
+    ///
+    /// # Errors
+    /// [`BrokerError::CoreTask`] if the core task panicked.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<ShutdownReport, BrokerError> {
+        let Server {
+            listener,
+            config,
+            metrics,
+        } = self;
+        let (core_tx, core_rx) = mpsc::channel(CORE_CHANNEL_BATCHES);
+        let core_task = tokio::spawn(
+            CoreTask::new(
+                config.core(),
+                config.drain_timeout,
+                core_rx,
+                metrics.clone(),
+            )
+            .run(shutdown.clone()),
+        );
+        let settings = Arc::new(ConnectionSettings {
+            max_frame_bytes: config.max_frame_bytes,
+            register_timeout: config.register_timeout,
+            access: config.access.clone(),
+        });
+        let slots = Arc::new(Semaphore::new(config.max_connections));
+        let refusal_slots = Arc::new(Semaphore::new(REFUSALS_MAX));
+        let close_all = CancellationToken::new();
+        let connections = TaskTracker::new();
+        let mut next_id = 0u64;
+
+        loop {
+            let (stream, peer) = tokio::select! {
+                () = shutdown.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        warn!(error = %e, "accept failed; retrying shortly");
+                        tokio::time::sleep(ACCEPT_RETRY_DELAY).await;
+                        continue;
+                    }
+                },
+            };
+            next_id += 1;
+            let id = ConnectionId(next_id);
+            let span =
+                info_span!("conn", id = %id, %peer, role = field::Empty, queue = field::Empty);
+            match slots.clone().try_acquire_owned() {
+                Ok(slot) => {
+                    let connection = Connection::new(id, stream, settings.clone(), core_tx.clone());
+                    let close_all = close_all.clone();
+                    let metrics = metrics.clone();
+                    metrics.connection_opened();
+                    connections.spawn(
+                        async move {
+                            connection.run(close_all).await;
+                            metrics.connection_closed();
+                            drop(slot);
+                        }
+                        .instrument(span),
+                    );
+                }
+                Err(_) => {
+                    let max = config.max_connections;
+                    if let Ok(refusal_slot) = refusal_slots.clone().try_acquire_owned() {
+                        connections.spawn(
+                            async move {
+                                refuse_connection(stream, max).await;
+                                drop(refusal_slot);
+                            }
+                            .instrument(span),
+                        );
+                    }
+                }
+            }
+        }
+
+        drop(listener);
+        drop(core_tx);
+        info!("stopped accepting connections");
+        let report = core_task.await?;
+        close_all.cancel();
+        connections.close();
+        connections.wait().await;
+        let drain = report.drain;
+        if report.completed {
+            info!(
+                delivered = drain.delivered,
+                left_ready = drain.left_ready,
+                "drain complete"
+            );
+        } else {
+            error!(
+                delivered = drain.delivered,
+                left_ready = drain.left_ready,
+                left_in_flight = drain.left_in_flight,
+                "drain cut short"
+            );
+        }
+        Ok(report)
+    }
+}
+
+/// Tells a connection over the limit why it is refused, then closes it.
+async fn refuse_connection(mut stream: TcpStream, max_connections: usize) {
+    warn!(max_connections, "refused: too many connections");
+    let message = format!(
+        "the broker already holds its maximum of {max_connections} connections; retry later"
+    );
+    let mut frame = BytesMut::new();
+    ServerFrame::Error {
+        code: ErrorCode::TooManyConnections,
+        message: &message,
+        id: None,
+    }
+    .encode(&mut frame);
+    if let Ok(Ok(())) = tokio::time::timeout(REFUSAL_WRITE_TIMEOUT, stream.write_all(&frame)).await
+    {
+        close_after_fatal_error(&mut stream).await;
+    }
+}

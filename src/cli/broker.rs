@@ -1,0 +1,137 @@
+//! `ferry broker`: binds, logs `listening on ADDR`, serves until SIGINT or SIGTERM, drains,
+//! exits 0. A second signal during the drain exits at once with status 130.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bytesize::ByteSize;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use ferry::broker::Server;
+use ferry::broker::auth::{Access, readable_by_others};
+use ferry::broker::config::{
+    BrokerConfig, DEFAULT_ADDR, DEFAULT_MAX_CONNECTIONS, REGISTER_TIMEOUT,
+};
+use ferry::protocol::DEFAULT_MAX_FRAME_BYTES;
+
+/// Exit status after a second signal cut the drain short (128 + SIGINT).
+const EXIT_INTERRUPTED: u8 = 130;
+
+#[derive(clap::Args, Debug)]
+pub struct BrokerArgs {
+    /// Address to listen on; port 0 picks a free port (logged as `listening on ADDR`).
+    #[arg(long, env = "FERRY_ADDR", default_value = DEFAULT_ADDR)]
+    addr: SocketAddr,
+    /// How long a delivered message may stay unacked before it is delivered again.
+    #[arg(long, default_value = "5s", value_parser = parse_positive_duration)]
+    ack_timeout: Duration,
+    /// How long a graceful shutdown may wait for in-flight work before closing anyway.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    drain_timeout: Duration,
+    /// Largest frame body a client may send, in bytes.
+    #[arg(long, default_value_t = DEFAULT_MAX_FRAME_BYTES as u32, value_parser = clap::value_parser!(u32).range(1..))]
+    max_frame_bytes: u32,
+    /// Most payload bytes queued in all queues together (ready and in flight); publishes
+    /// beyond it get `queue_full`. Takes units: 512MiB, 2GiB.
+    #[arg(long, default_value = "1GiB")]
+    max_memory: ByteSize,
+    /// Most client connections at once; more get `too_many_connections`.
+    #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS as u32, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
+    /// TOML file of [[grant]] entries (token, roles, queues); without it the broker is open.
+    #[arg(long)]
+    auth_file: Option<PathBuf>,
+    /// Directory for durable storage; without it messages live in memory only.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+fn parse_positive_duration(text: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(d) if d.is_zero() => Err("must be more than zero".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+pub async fn run(args: BrokerArgs) -> anyhow::Result<ExitCode> {
+    if let Some(dir) = &args.data_dir {
+        bail!(
+            "--data-dir {}: durable storage is not available in this build; run without --data-dir for an in-memory broker",
+            dir.display()
+        );
+    }
+    let access = match &args.auth_file {
+        Some(path) => {
+            let access = Access::load(path)?;
+            if readable_by_others(path) {
+                warn!(path = %path.display(), "the auth file is readable by other users; chmod 600 it");
+            }
+            access
+        }
+        None => {
+            info!("no --auth-file: the broker is open to every client");
+            Access::Open
+        }
+    };
+    let config = BrokerConfig {
+        addr: args.addr,
+        ack_timeout: args.ack_timeout,
+        drain_timeout: args.drain_timeout,
+        max_frame_bytes: args.max_frame_bytes as usize,
+        max_memory_bytes: args.max_memory.as_u64(),
+        max_connections: args.max_connections as usize,
+        register_timeout: REGISTER_TIMEOUT,
+        access,
+    };
+
+    // Signals are hooked before the broker says it is listening, so a signal sent as
+    // soon as the line appears is never missed.
+    let shutdown = CancellationToken::new();
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+
+    let server = Server::bind(config.clone()).await?;
+    let addr = server
+        .local_addr()
+        .context("cannot read the bound address")?;
+    info!(
+        ack_timeout = %humantime::format_duration(config.ack_timeout),
+        drain_timeout = %humantime::format_duration(config.drain_timeout),
+        max_frame_bytes = config.max_frame_bytes,
+        max_memory = %ByteSize(config.max_memory_bytes),
+        max_connections = config.max_connections,
+        "in-memory broker ready"
+    );
+    info!("listening on {addr}");
+
+    let serving = tokio::spawn(server.run(shutdown.clone()));
+    tokio::select! {
+        _ = interrupt.recv() => info!("SIGINT: draining; send it again to exit at once"),
+        _ = terminate.recv() => info!("SIGTERM: draining; send SIGINT to exit at once"),
+    }
+    shutdown.cancel();
+    tokio::select! {
+        report = serving => {
+            let report = report.context("the broker task failed")??;
+            let drain = report.drain;
+            info!(
+                "broker stopped: {} messages delivered during the drain, {} left ({} ready, {} in flight)",
+                drain.delivered,
+                drain.left_ready + drain.left_in_flight,
+                drain.left_ready,
+                drain.left_in_flight
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        _ = interrupt.recv() => {
+            error!("second SIGINT: exiting at once without finishing the drain");
+            Ok(ExitCode::from(EXIT_INTERRUPTED))
+        }
+    }
+}

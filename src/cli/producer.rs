@@ -1,0 +1,112 @@
+//! `ferry producer`: publishes each MESSAGE argument, or each line of standard input,
+//! printing each confirmed id on its own line; exits non-zero if any publish was refused.
+
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use ferry::{ClientError, MessageId, Producer, ProducerOptions};
+
+use super::ClientArgs;
+
+/// Publishes awaiting confirms at once when reading a pipe or file.
+const WINDOW: usize = 1000;
+/// Queued bytes after which publishes are written without waiting for the window.
+const FLUSH_BYTES: usize = 64 * 1024;
+
+#[derive(clap::Args, Debug)]
+pub struct ProducerArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// Messages to publish; without any, each line of standard input is one message.
+    messages: Vec<String>,
+}
+
+/// Prints confirms as they come and counts refusals.
+struct Confirms<W: Write> {
+    out: W,
+    refused: usize,
+    /// Flush stdout after every id, for someone watching a terminal.
+    interactive: bool,
+}
+
+impl<W: Write> Confirms<W> {
+    fn record(&mut self, outcome: Result<MessageId, ClientError>) -> anyhow::Result<()> {
+        match outcome {
+            Ok(id) => {
+                writeln!(self.out, "{id}")?;
+                if self.interactive {
+                    self.out.flush()?;
+                }
+            }
+            Err(ClientError::Refused(refusal)) if !refusal.code.is_fatal() => {
+                eprintln!("ferry producer: publish refused: {refusal}");
+                self.refused += 1;
+            }
+            Err(other) => return Err(other.into()),
+        }
+        Ok(())
+    }
+}
+
+pub async fn run(args: ProducerArgs) -> anyhow::Result<ExitCode> {
+    let ClientArgs { addr, queue, token } = args.client;
+    let options = ProducerOptions { queue, token };
+    let mut producer = Producer::connect_with(addr.as_str(), &options)
+        .await
+        .with_context(|| format!("cannot register as a producer on queue `{}`", options.queue))?;
+    let stdin_is_terminal = std::io::stdin().is_terminal();
+    let mut confirms = Confirms {
+        out: std::io::BufWriter::new(std::io::stdout().lock()),
+        refused: 0,
+        interactive: args.messages.is_empty() && stdin_is_terminal,
+    };
+    // Someone typing lines wants each id before typing the next.
+    let window = if confirms.interactive { 1 } else { WINDOW };
+
+    if args.messages.is_empty() {
+        let mut lines = BufReader::new(tokio::io::stdin()).lines();
+        while let Some(line) = lines
+            .next_line()
+            .await
+            .context("cannot read standard input")?
+        {
+            publish(&mut producer, &mut confirms, &line, window).await?;
+        }
+    } else {
+        for message in &args.messages {
+            publish(&mut producer, &mut confirms, message, window).await?;
+        }
+    }
+    while producer.unconfirmed() > 0 {
+        let outcome = producer.confirm().await;
+        confirms.record(outcome)?;
+    }
+    confirms.out.flush()?;
+    producer.close().await?;
+    Ok(if confirms.refused == 0 {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("ferry producer: {} publishes refused", confirms.refused);
+        ExitCode::FAILURE
+    })
+}
+
+async fn publish<W: Write>(
+    producer: &mut Producer,
+    confirms: &mut Confirms<W>,
+    payload: &str,
+    window: usize,
+) -> anyhow::Result<()> {
+    if producer.unconfirmed() >= window {
+        let outcome = producer.confirm().await;
+        confirms.record(outcome)?;
+    }
+    producer.send(payload);
+    if producer.queued_bytes() >= FLUSH_BYTES {
+        producer.flush().await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,131 @@
+//! The socket under a producer or consumer: frames are queued into a write buffer and
+//! flushed in one write; while flushing it also reads, so a client that has much to send
+//! can never deadlock against a broker that waits for it to read its replies.
+
+use std::collections::VecDeque;
+use std::fmt::Display;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, ToSocketAddrs};
+use tokio_util::codec::Decoder;
+
+use super::error::ClientError;
+use crate::protocol::client_frame::ClientFrame;
+use crate::protocol::codec::{FrameDecoder, write_json_frame};
+use crate::protocol::server_frame::ReceivedFrame;
+
+/// Frames from the broker may exceed the broker's limit for client frames (a delivery of
+/// a maximum-size payload carries its envelope too); the client accepts anything a u32
+/// length can describe.
+const SERVER_FRAME_BYTES_MAX: usize = u32::MAX as usize;
+const READ_CHUNK_BYTES: usize = 64 * 1024;
+
+pub(crate) struct ClientConnection {
+    stream: TcpStream,
+    decoder: FrameDecoder,
+    read_buf: BytesMut,
+    write_buf: BytesMut,
+    inbox: VecDeque<ReceivedFrame>,
+}
+
+impl ClientConnection {
+    /// Connects and registers; returns once the broker said `ok`.
+    pub async fn open<A: ToSocketAddrs + Display>(
+        addr: A,
+        register: &ClientFrame<'_>,
+    ) -> Result<Self, ClientError> {
+        let stream = TcpStream::connect(&addr)
+            .await
+            .map_err(|source| ClientError::Connect {
+                addr: addr.to_string(),
+                source,
+            })?;
+        stream.set_nodelay(true)?;
+        let mut connection = ClientConnection {
+            stream,
+            decoder: FrameDecoder::new(SERVER_FRAME_BYTES_MAX),
+            read_buf: BytesMut::with_capacity(READ_CHUNK_BYTES),
+            write_buf: BytesMut::new(),
+            inbox: VecDeque::new(),
+        };
+        connection.queue(register);
+        match connection.next_frame().await? {
+            ReceivedFrame::Ok { id: None } => Ok(connection),
+            ReceivedFrame::Error(refusal) => Err(ClientError::Refused(refusal)),
+            other => Err(ClientError::Protocol(format!(
+                "expected the register's ok, got {other:?}"
+            ))),
+        }
+    }
+
+    /// Queues a frame; nothing is sent until [`Self::flush`] or [`Self::next_frame`].
+    pub fn queue(&mut self, frame: &ClientFrame<'_>) {
+        write_json_frame(&mut self.write_buf, frame);
+    }
+
+    pub fn queued_bytes(&self) -> usize {
+        self.write_buf.len()
+    }
+
+    /// Sends everything queued, reading whatever the broker sends meanwhile.
+    pub async fn flush(&mut self) -> Result<(), ClientError> {
+        while !self.write_buf.is_empty() {
+            let (mut reader, mut writer) = self.stream.split();
+            self.read_buf.reserve(READ_CHUNK_BYTES);
+            tokio::select! {
+                written = writer.write_buf(&mut self.write_buf) => {
+                    if written? == 0 {
+                        return Err(ClientError::Closed);
+                    }
+                }
+                read = reader.read_buf(&mut self.read_buf) => {
+                    if read? == 0 {
+                        return Err(ClientError::Closed);
+                    }
+                    decode_frames(&mut self.decoder, &mut self.read_buf, &mut self.inbox)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Flushes, then returns the next frame from the broker.
+    pub async fn next_frame(&mut self) -> Result<ReceivedFrame, ClientError> {
+        self.flush().await?;
+        loop {
+            if let Some(frame) = self.inbox.pop_front() {
+                return Ok(frame);
+            }
+            self.read_buf.reserve(READ_CHUNK_BYTES);
+            if self.stream.read_buf(&mut self.read_buf).await? == 0 {
+                return Err(ClientError::Closed);
+            }
+            decode_frames(&mut self.decoder, &mut self.read_buf, &mut self.inbox)?;
+        }
+    }
+
+    /// Flushes and closes the write side, so the broker sees a clean end.
+    pub async fn shutdown(&mut self) -> Result<(), ClientError> {
+        self.flush().await?;
+        self.stream.shutdown().await?;
+        Ok(())
+    }
+}
+
+fn decode_frames(
+    decoder: &mut FrameDecoder,
+    read_buf: &mut BytesMut,
+    inbox: &mut VecDeque<ReceivedFrame>,
+) -> Result<(), ClientError> {
+    while let Some(body) = decoder
+        .decode(read_buf)
+        .map_err(|e| ClientError::Protocol(e.to_string()))?
+    {
+        let frame = ReceivedFrame::decode(&body).map_err(|e| {
+            ClientError::Protocol(format!("{e} in {:?}", String::from_utf8_lossy(&body)))
+        })?;
+        inbox.push_back(frame);
+    }
+    Ok(())
+}

@@ -1,0 +1,186 @@
+//! Publishing: one at a time ([`Producer::publish`]) or pipelined, with many publishes
+//! awaiting their confirms at once ([`Producer::send`] + [`Producer::confirm`], or
+//! [`Producer::publish_all`] with a window).
+
+use std::fmt::Display;
+
+use tokio::net::ToSocketAddrs;
+
+use super::connection::ClientConnection;
+use super::error::ClientError;
+use crate::protocol::client_frame::ClientFrame;
+use crate::protocol::server_frame::{BrokerError, ReceivedFrame};
+use crate::protocol::{MessageId, QueueName, Role};
+
+/// Queued publish bytes beyond which [`Producer::send`] callers should flush; used by
+/// [`Producer::publish_all`].
+const SEND_BUFFER_BYTES: usize = 64 * 1024;
+
+/// How a producer registers.
+#[derive(Debug, Clone)]
+pub struct ProducerOptions {
+    pub queue: String,
+    pub token: Option<String>,
+}
+
+impl Default for ProducerOptions {
+    fn default() -> Self {
+        ProducerOptions {
+            queue: QueueName::default_queue().to_string(),
+            token: None,
+        }
+    }
+}
+
+/// A producer connection to one queue.
+pub struct Producer {
+    connection: ClientConnection,
+    unconfirmed: usize,
+}
+
+impl Producer {
+    /// Connects and registers as a producer on `queue`.
+    ///
+    /// # Errors
+    /// [`ClientError::InvalidQueue`] for a bad name; a connection error; or
+    /// [`ClientError::Refused`] when the broker refuses the register.
+    pub async fn connect<A: ToSocketAddrs + Display>(
+        addr: A,
+        queue: &str,
+    ) -> Result<Self, ClientError> {
+        let options = ProducerOptions {
+            queue: queue.to_owned(),
+            ..ProducerOptions::default()
+        };
+        Self::connect_with(addr, &options).await
+    }
+
+    /// Connects and registers with explicit options.
+    ///
+    /// # Errors
+    /// As [`Producer::connect`].
+    pub async fn connect_with<A: ToSocketAddrs + Display>(
+        addr: A,
+        options: &ProducerOptions,
+    ) -> Result<Self, ClientError> {
+        let queue = QueueName::new(&options.queue)?;
+        let register = ClientFrame::Register {
+            role: Role::Producer,
+            queue: queue.as_str(),
+            prefetch: None,
+            token: options.token.as_deref(),
+        };
+        let connection = ClientConnection::open(addr, &register).await?;
+        Ok(Producer {
+            connection,
+            unconfirmed: 0,
+        })
+    }
+
+    /// Publishes one message and waits for its confirm.
+    ///
+    /// # Errors
+    /// [`ClientError::Usage`] while pipelined publishes await their confirms;
+    /// [`ClientError::Refused`] with `queue_full` or `shutting_down` (the connection
+    /// stays usable); connection errors.
+    pub async fn publish(&mut self, payload: &str) -> Result<MessageId, ClientError> {
+        if self.unconfirmed > 0 {
+            return Err(ClientError::Usage(
+                "publish while pipelined publishes await confirms; call confirm() for them first",
+            ));
+        }
+        self.send(payload);
+        self.confirm().await
+    }
+
+    /// Queues a publish without waiting for anything; its confirm comes from a later
+    /// [`Producer::confirm`], in send order. Nothing is written until `confirm` or
+    /// [`Producer::flush`].
+    pub fn send(&mut self, payload: &str) {
+        self.connection.queue(&ClientFrame::Publish { payload });
+        self.unconfirmed += 1;
+    }
+
+    /// Writes every queued publish.
+    ///
+    /// # Errors
+    /// Connection errors.
+    pub async fn flush(&mut self) -> Result<(), ClientError> {
+        self.connection.flush().await
+    }
+
+    /// Bytes of queued publishes not yet written.
+    pub fn queued_bytes(&self) -> usize {
+        self.connection.queued_bytes()
+    }
+
+    /// Publishes sent whose confirm has not been read yet.
+    pub fn unconfirmed(&self) -> usize {
+        self.unconfirmed
+    }
+
+    /// Waits for the confirm of the oldest unconfirmed publish (flushing first).
+    ///
+    /// # Errors
+    /// [`ClientError::Usage`] when nothing awaits a confirm; [`ClientError::Refused`]
+    /// when the broker refused that publish; connection errors.
+    pub async fn confirm(&mut self) -> Result<MessageId, ClientError> {
+        if self.unconfirmed == 0 {
+            return Err(ClientError::Usage(
+                "confirm() with no publish awaiting a confirm",
+            ));
+        }
+        let frame = self.connection.next_frame().await?;
+        self.unconfirmed -= 1;
+        match frame {
+            ReceivedFrame::Ok { id: Some(id) } => Ok(id),
+            ReceivedFrame::Error(refusal) => Err(ClientError::Refused(refusal)),
+            other => Err(ClientError::Protocol(format!(
+                "expected a publish confirm, got {other:?}"
+            ))),
+        }
+    }
+
+    /// Publishes every payload, keeping up to `window` unconfirmed at once, and returns
+    /// each one's outcome in order: its id, or the broker's non-fatal refusal.
+    ///
+    /// # Errors
+    /// Connection errors and fatal refusals, which end the connection.
+    pub async fn publish_all<'p>(
+        &mut self,
+        payloads: impl IntoIterator<Item = &'p str>,
+        window: usize,
+    ) -> Result<Vec<Result<MessageId, BrokerError>>, ClientError> {
+        let window = window.max(1);
+        let mut outcomes = Vec::new();
+        for payload in payloads {
+            if self.unconfirmed >= window {
+                outcomes.push(self.next_outcome().await?);
+            }
+            self.send(payload);
+            if self.queued_bytes() >= SEND_BUFFER_BYTES {
+                self.flush().await?;
+            }
+        }
+        while self.unconfirmed > 0 {
+            outcomes.push(self.next_outcome().await?);
+        }
+        Ok(outcomes)
+    }
+
+    async fn next_outcome(&mut self) -> Result<Result<MessageId, BrokerError>, ClientError> {
+        match self.confirm().await {
+            Ok(id) => Ok(Ok(id)),
+            Err(ClientError::Refused(refusal)) if !refusal.code.is_fatal() => Ok(Err(refusal)),
+            Err(other) => Err(other),
+        }
+    }
+
+    /// Flushes and closes the connection cleanly.
+    ///
+    /// # Errors
+    /// Connection errors while flushing.
+    pub async fn close(mut self) -> Result<(), ClientError> {
+        self.connection.shutdown().await
+    }
+}

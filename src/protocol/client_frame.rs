@@ -1,0 +1,448 @@
+//! Frames a client sends: `register`, `publish` and `ack` (contract §2).
+//!
+//! Clients encode them with [`ClientFrame`]. The broker decodes in two steps, because
+//! which error a bad frame earns depends on the connection's state (contract §5): first
+//! [`InboundFrame::parse`] finds the `type` and keeps every known field as raw JSON; then
+//! the handler for that type validates only the fields it uses, so unknown fields and
+//! fields of other types are ignored, as the contract requires.
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use thiserror::Error;
+
+use super::payload::validate_json_string;
+use super::{DEFAULT_PREFETCH, MessageId, QueueName, Role};
+
+/// A frame as a client encodes it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum ClientFrame<'a> {
+    Register {
+        role: Role,
+        queue: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        prefetch: Option<u16>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        token: Option<&'a str>,
+    },
+    Publish {
+        payload: &'a str,
+    },
+    Ack {
+        id: MessageId,
+    },
+}
+
+/// The `type` of a client frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameType {
+    Register,
+    Publish,
+    Ack,
+}
+
+/// Why a frame body is not a usable client frame. The broker answers with
+/// `invalid_frame` (or `not_registered` before registration) and this text as `message`.
+#[derive(Debug, Error)]
+pub enum InvalidFrame {
+    #[error("frame body is not valid JSON: {0}")]
+    NotJson(#[source] serde_json::Error),
+    #[error("frame body is JSON but not an object; send {{\"type\": ...}}")]
+    NotObject,
+    #[error("frame has no string field `type`; expected register, publish or ack")]
+    MissingType,
+    #[error("unknown frame type `{0}`; expected register, publish or ack (case-sensitive)")]
+    UnknownType(String),
+    #[error("field `{field}` {problem}")]
+    BadField {
+        field: &'static str,
+        problem: String,
+    },
+}
+
+impl InvalidFrame {
+    fn bad_field(field: &'static str, problem: impl Into<String>) -> Self {
+        InvalidFrame::BadField {
+            field,
+            problem: problem.into(),
+        }
+    }
+}
+
+/// The fields of every client frame type, kept as raw JSON until the type is known.
+#[derive(Deserialize)]
+struct RawFields<'a> {
+    #[serde(rename = "type", borrow)]
+    frame_type: Option<&'a RawValue>,
+    #[serde(borrow)]
+    role: Option<&'a RawValue>,
+    #[serde(borrow)]
+    queue: Option<&'a RawValue>,
+    #[serde(borrow)]
+    prefetch: Option<&'a RawValue>,
+    #[serde(borrow)]
+    token: Option<&'a RawValue>,
+    #[serde(borrow)]
+    payload: Option<&'a RawValue>,
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
+}
+
+/// A parsed client frame whose type-specific fields are not validated yet.
+pub struct InboundFrame<'a> {
+    frame_type: FrameType,
+    fields: RawFields<'a>,
+}
+
+/// A validated `register`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Register {
+    pub role: Role,
+    pub queue: QueueName,
+    /// Consumers only; producers get the default, which nothing reads.
+    pub prefetch: u16,
+    pub token: Option<String>,
+}
+
+/// Longest unknown `type` echoed back in an error message.
+const ECHOED_TYPE_CHARS_MAX: usize = 64;
+
+impl<'a> InboundFrame<'a> {
+    /// Parses a frame body far enough to know its type.
+    ///
+    /// # Errors
+    /// [`InvalidFrame`] when the body is not a JSON object with a known string `type`.
+    pub fn parse(body: &'a [u8]) -> Result<Self, InvalidFrame> {
+        let first = body.iter().find(|b| !b.is_ascii_whitespace());
+        if first != Some(&b'{') {
+            // Report broken JSON as such; only valid non-objects are "not an object".
+            return match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+                Ok(_) => Err(InvalidFrame::NotObject),
+                Err(e) => Err(InvalidFrame::NotJson(e)),
+            };
+        }
+        let fields: RawFields<'a> = serde_json::from_slice(body).map_err(InvalidFrame::NotJson)?;
+        let raw_type = fields.frame_type.ok_or(InvalidFrame::MissingType)?;
+        let frame_type = match raw_type.get() {
+            // The common spellings need no unescaping.
+            r#""register""# => FrameType::Register,
+            r#""publish""# => FrameType::Publish,
+            r#""ack""# => FrameType::Ack,
+            other => match serde_json::from_str::<String>(other)
+                .map_err(|_| InvalidFrame::MissingType)?
+                .as_str()
+            {
+                "register" => FrameType::Register,
+                "publish" => FrameType::Publish,
+                "ack" => FrameType::Ack,
+                unknown => {
+                    let echoed: String = unknown.chars().take(ECHOED_TYPE_CHARS_MAX).collect();
+                    return Err(InvalidFrame::UnknownType(echoed));
+                }
+            },
+        };
+        Ok(InboundFrame { frame_type, fields })
+    }
+
+    pub fn frame_type(&self) -> FrameType {
+        self.frame_type
+    }
+
+    /// The fields of a `register`.
+    ///
+    /// # Errors
+    /// [`InvalidFrame::BadField`] for a missing or unknown role, a bad queue name, a
+    /// consumer's prefetch outside 1–65535, or a token that is not a string.
+    pub fn register(&self) -> Result<Register, InvalidFrame> {
+        let role_text: String =
+            parse_field("role", self.fields.role, "a string")?.ok_or_else(|| {
+                InvalidFrame::bad_field("role", "is missing; use \"producer\" or \"consumer\"")
+            })?;
+        let role = match role_text.as_str() {
+            "producer" => Role::Producer,
+            "consumer" => Role::Consumer,
+            other => {
+                let echoed: String = other.chars().take(ECHOED_TYPE_CHARS_MAX).collect();
+                return Err(InvalidFrame::bad_field(
+                    "role",
+                    format!("is `{echoed}`; use \"producer\" or \"consumer\""),
+                ));
+            }
+        };
+        let queue = match parse_field::<String>("queue", self.fields.queue, "a string")? {
+            Some(name) => QueueName::new(&name)
+                .map_err(|e| InvalidFrame::bad_field("queue", e.to_string()))?,
+            None => QueueName::default_queue(),
+        };
+        let prefetch = match role {
+            Role::Consumer => {
+                const RANGE: &str = "an integer from 1 to 65535";
+                match parse_field::<u64>("prefetch", self.fields.prefetch, RANGE)? {
+                    Some(n) => u16::try_from(n).ok().filter(|&n| n > 0).ok_or_else(|| {
+                        InvalidFrame::bad_field("prefetch", format!("must be {RANGE}"))
+                    })?,
+                    None => DEFAULT_PREFETCH,
+                }
+            }
+            Role::Producer => DEFAULT_PREFETCH,
+        };
+        let token = parse_field("token", self.fields.token, "a string")?;
+        Ok(Register {
+            role,
+            queue,
+            prefetch,
+            token,
+        })
+    }
+
+    /// The payload of a `publish`, as the raw JSON string literal (quotes included).
+    ///
+    /// # Errors
+    /// [`InvalidFrame::BadField`] when `payload` is missing or not a string.
+    pub fn publish_payload(&self) -> Result<&'a [u8], InvalidFrame> {
+        let raw = self.fields.payload.ok_or_else(|| {
+            InvalidFrame::bad_field("payload", "is missing; publish needs a string payload")
+        })?;
+        let mut de = serde_json::Deserializer::from_str(raw.get());
+        validate_json_string(&mut de)
+            .map_err(|e| InvalidFrame::bad_field("payload", format!("must be a string ({e})")))?;
+        Ok(raw.get().as_bytes())
+    }
+
+    /// The `id` of an `ack`.
+    ///
+    /// # Errors
+    /// [`InvalidFrame::BadField`] when `id` is missing or not an unsigned 64-bit integer.
+    pub fn ack_id(&self) -> Result<MessageId, InvalidFrame> {
+        const EXPECTED: &str = "an unsigned 64-bit integer";
+        parse_field::<u64>("id", self.fields.id, EXPECTED)?
+            .map(MessageId)
+            .ok_or_else(|| {
+                InvalidFrame::bad_field("id", format!("is missing; ack needs {EXPECTED}"))
+            })
+    }
+}
+
+/// Parses an optional raw field; absent (or `null`) is `None`.
+fn parse_field<T: serde::de::DeserializeOwned>(
+    name: &'static str,
+    raw: Option<&RawValue>,
+    expected: &str,
+) -> Result<Option<T>, InvalidFrame> {
+    raw.map(|raw| {
+        serde_json::from_str(raw.get()).map_err(|_| {
+            let shown: String = raw.get().chars().take(ECHOED_TYPE_CHARS_MAX).collect();
+            InvalidFrame::bad_field(name, format!("must be {expected}, not {shown}"))
+        })
+    })
+    .transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<InboundFrame<'_>, InvalidFrame> {
+        InboundFrame::parse(json.as_bytes())
+    }
+
+    #[test]
+    fn client_frames_encode_as_the_contract_shows() {
+        let register = ClientFrame::Register {
+            role: Role::Consumer,
+            queue: "orders",
+            prefetch: Some(100),
+            token: Some("s3cret"),
+        };
+        assert_eq!(
+            serde_json::to_string(&register).unwrap(),
+            r#"{"type":"register","role":"consumer","queue":"orders","prefetch":100,"token":"s3cret"}"#
+        );
+        let publish = ClientFrame::Publish { payload: "a \"b\"" };
+        assert_eq!(
+            serde_json::to_string(&publish).unwrap(),
+            r#"{"type":"publish","payload":"a \"b\""}"#
+        );
+        let ack = ClientFrame::Ack { id: MessageId(42) };
+        assert_eq!(
+            serde_json::to_string(&ack).unwrap(),
+            r#"{"type":"ack","id":42}"#
+        );
+    }
+
+    #[test]
+    fn every_client_frame_round_trips_through_the_broker_parser() {
+        let register = ClientFrame::Register {
+            role: Role::Consumer,
+            queue: "q.1",
+            prefetch: Some(7),
+            token: None,
+        };
+        let json = serde_json::to_vec(&register).unwrap();
+        let parsed = InboundFrame::parse(&json).unwrap().register().unwrap();
+        assert_eq!(parsed.role, Role::Consumer);
+        assert_eq!(parsed.queue.as_str(), "q.1");
+        assert_eq!(parsed.prefetch, 7);
+
+        let json = serde_json::to_vec(&ClientFrame::Publish { payload: "ünï\n" }).unwrap();
+        let frame = InboundFrame::parse(&json).unwrap();
+        assert_eq!(frame.frame_type(), FrameType::Publish);
+        assert_eq!(frame.publish_payload().unwrap(), r#""ünï\n""#.as_bytes());
+
+        let json = serde_json::to_vec(&ClientFrame::Ack {
+            id: MessageId(u64::MAX),
+        })
+        .unwrap();
+        assert_eq!(
+            InboundFrame::parse(&json).unwrap().ack_id().unwrap(),
+            MessageId(u64::MAX)
+        );
+    }
+
+    #[test]
+    fn register_defaults_and_ignores_unknown_fields() {
+        let reg = parse(r#"{"type":"register","role":"consumer","extra":[1,{"x":2}]}"#)
+            .unwrap()
+            .register()
+            .unwrap();
+        assert_eq!(reg.queue.as_str(), "default");
+        assert_eq!(reg.prefetch, DEFAULT_PREFETCH);
+        assert_eq!(reg.token, None);
+        // A producer's prefetch is not its business, whatever its type.
+        let reg = parse(r#"{"type":"register","role":"producer","prefetch":"lots"}"#)
+            .unwrap()
+            .register()
+            .unwrap();
+        assert_eq!(reg.role, Role::Producer);
+    }
+
+    #[test]
+    fn fields_of_other_frame_types_are_ignored() {
+        let frame = parse(r#"{"type":"ack","id":3,"payload":7,"role":1}"#).unwrap();
+        assert_eq!(frame.ack_id().unwrap(), MessageId(3));
+        let frame = parse(r#"{"payload":"x","id":"nope","type":"publish"}"#).unwrap();
+        assert_eq!(frame.publish_payload().unwrap(), br#""x""#);
+    }
+
+    #[test]
+    fn escaped_type_names_are_understood() {
+        let frame = parse(r#"{"type":"pub\u006cish","payload":""}"#).unwrap();
+        assert_eq!(frame.frame_type(), FrameType::Publish);
+    }
+
+    #[test]
+    fn bodies_that_are_not_client_frames() {
+        assert!(matches!(parse("not json"), Err(InvalidFrame::NotJson(_))));
+        assert!(matches!(parse("{\"type\":"), Err(InvalidFrame::NotJson(_))));
+        assert!(matches!(parse("[1,2]"), Err(InvalidFrame::NotObject)));
+        assert!(matches!(
+            parse("\"register\""),
+            Err(InvalidFrame::NotObject)
+        ));
+        assert!(matches!(parse("42"), Err(InvalidFrame::NotObject)));
+        assert!(matches!(parse("{}"), Err(InvalidFrame::MissingType)));
+        assert!(matches!(
+            parse(r#"{"type":5}"#),
+            Err(InvalidFrame::MissingType)
+        ));
+        assert!(
+            matches!(parse(r#"{"type":"Publish"}"#), Err(InvalidFrame::UnknownType(t)) if t == "Publish")
+        );
+        assert!(matches!(
+            parse(r#"{"type":"ack"} {}"#),
+            Err(InvalidFrame::NotJson(_))
+        ));
+        assert!(matches!(
+            parse(r#"{"type":"ack","type":"ack"}"#),
+            Err(InvalidFrame::NotJson(_))
+        ));
+        let mut invalid_utf8 = br#"{"type":"publish","payload":""#.to_vec();
+        invalid_utf8.extend_from_slice(&[0xff, b'"', b'}']);
+        assert!(matches!(
+            InboundFrame::parse(&invalid_utf8),
+            Err(InvalidFrame::NotJson(_))
+        ));
+    }
+
+    #[test]
+    fn bad_fields_name_the_field() {
+        let field_of =
+            |json: &str, check: fn(&InboundFrame<'_>) -> Result<(), InvalidFrame>| match check(
+                &parse(json).unwrap(),
+            ) {
+                Err(InvalidFrame::BadField { field, .. }) => field,
+                other => panic!("{json}: expected a bad field, got {other:?}"),
+            };
+        let register = |f: &InboundFrame<'_>| f.register().map(|_| ());
+        let publish = |f: &InboundFrame<'_>| f.publish_payload().map(|_| ());
+        let ack = |f: &InboundFrame<'_>| f.ack_id().map(|_| ());
+
+        assert_eq!(field_of(r#"{"type":"register"}"#, register), "role");
+        assert_eq!(
+            field_of(r#"{"type":"register","role":"admin"}"#, register),
+            "role"
+        );
+        assert_eq!(
+            field_of(r#"{"type":"register","role":7}"#, register),
+            "role"
+        );
+        assert_eq!(
+            field_of(
+                r#"{"type":"register","role":"producer","queue":"a b"}"#,
+                register
+            ),
+            "queue"
+        );
+        assert_eq!(
+            field_of(
+                r#"{"type":"register","role":"producer","queue":""}"#,
+                register
+            ),
+            "queue"
+        );
+        assert_eq!(
+            field_of(
+                r#"{"type":"register","role":"producer","queue":1}"#,
+                register
+            ),
+            "queue"
+        );
+        for prefetch in ["0", "65536", "-1", "1.5", "\"10\"", "true"] {
+            let json = format!(r#"{{"type":"register","role":"consumer","prefetch":{prefetch}}}"#);
+            assert_eq!(field_of(&json, register), "prefetch", "{json}");
+        }
+        assert_eq!(
+            field_of(
+                r#"{"type":"register","role":"consumer","token":1}"#,
+                register
+            ),
+            "token"
+        );
+        assert_eq!(field_of(r#"{"type":"publish"}"#, publish), "payload");
+        assert_eq!(
+            field_of(r#"{"type":"publish","payload":42}"#, publish),
+            "payload"
+        );
+        assert_eq!(
+            field_of(r#"{"type":"publish","payload":{"a":1}}"#, publish),
+            "payload"
+        );
+        assert_eq!(
+            field_of(r#"{"type":"publish","payload":"\ud800"}"#, publish),
+            "payload"
+        );
+        for id in ["-1", "1.5", "\"42\"", "18446744073709551616", "[]"] {
+            let json = format!(r#"{{"type":"ack","id":{id}}}"#);
+            assert_eq!(field_of(&json, ack), "id", "{json}");
+        }
+        assert_eq!(field_of(r#"{"type":"ack"}"#, ack), "id");
+    }
+
+    #[test]
+    fn prefetch_bounds_are_inclusive() {
+        for (prefetch, expected) in [(1, 1), (65535, 65535)] {
+            let json = format!(r#"{{"type":"register","role":"consumer","prefetch":{prefetch}}}"#);
+            assert_eq!(parse(&json).unwrap().register().unwrap().prefetch, expected);
+        }
+    }
+}

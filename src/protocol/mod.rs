@@ -1,0 +1,68 @@
+//! The wire protocol of `../shared/protocol.md`, as pure encode and decode: no sockets, no
+//! broker state. Both the broker and the client library build on it.
+//!
+//! - [`codec`]: length-prefixed framing, with the frame-size limit checked before a body
+//!   is buffered.
+//! - [`client_frame`]: what clients send (`register`, `publish`, `ack`): encoding for the
+//!   client library and the broker's lenient-but-exact decoding.
+//! - [`server_frame`]: what the broker sends (`ok`, `message`, `error`): hand-tuned
+//!   encoding for the broker and decoding for the client library.
+//! - [`QueueName`], [`MessageId`], [`ErrorCode`], [`Payload`]: the vocabulary shared by
+//!   all of them.
+
+pub mod client_frame;
+pub mod codec;
+mod error_code;
+mod payload;
+mod queue_name;
+pub mod server_frame;
+
+pub use error_code::ErrorCode;
+pub use payload::Payload;
+pub use queue_name::{InvalidQueueName, QueueName};
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Default `--max-frame-bytes`: the largest frame body a client may send.
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 1_048_576;
+
+/// Default `prefetch` of a consumer that does not ask for one.
+pub const DEFAULT_PREFETCH: u16 = 100;
+
+/// A message's id: unique within a broker, increasing in publish order, never changed by
+/// redelivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct MessageId(pub u64);
+
+impl fmt::Display for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// What a connection registered as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Producer,
+    Consumer,
+}
+
+impl Role {
+    /// The name used on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Producer => "producer",
+            Role::Consumer => "consumer",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

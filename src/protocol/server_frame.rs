@@ -1,0 +1,208 @@
+//! Frames the broker sends: `ok`, `message` and `error` (contract §3).
+//!
+//! The broker encodes them with [`ServerFrame::encode`], which writes `ok` and `message`
+//! frames by hand (they are the hot path, and a delivery splices the payload's JSON
+//! literal in without re-escaping it). Clients decode them into [`ReceivedFrame`].
+
+use bytes::{BufMut, BytesMut};
+use serde::{Deserialize, Serialize};
+
+use super::codec::{write_frame, write_json_frame};
+use super::{ErrorCode, MessageId, Payload};
+
+/// A frame as the broker encodes it.
+#[derive(Debug, Clone, Copy)]
+pub enum ServerFrame<'a> {
+    /// `{"type":"ok"}` after a register.
+    Registered,
+    /// `{"type":"ok","id":42}` after a publish.
+    Published(MessageId),
+    /// `{"type":"message","id":42,"payload":"…","attempt":1}`.
+    Delivery {
+        id: MessageId,
+        payload: &'a Payload,
+        attempt: u32,
+    },
+    /// `{"type":"error","code":"…","message":"…"}`, with `id` where one applies.
+    Error {
+        code: ErrorCode,
+        message: &'a str,
+        id: Option<MessageId>,
+    },
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    #[serde(rename = "type")]
+    frame_type: &'static str,
+    code: ErrorCode,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<MessageId>,
+}
+
+impl ServerFrame<'_> {
+    /// Appends this frame, length prefix included, to `dst`.
+    pub fn encode(&self, dst: &mut BytesMut) {
+        match *self {
+            ServerFrame::Registered => write_frame(dst, |b| b.put_slice(br#"{"type":"ok"}"#)),
+            ServerFrame::Published(id) => write_frame(dst, |b| {
+                b.put_slice(br#"{"type":"ok","id":"#);
+                put_decimal(b, id.0);
+                b.put_u8(b'}');
+            }),
+            ServerFrame::Delivery {
+                id,
+                payload,
+                attempt,
+            } => write_frame(dst, |b| {
+                b.reserve(payload.len() + 64);
+                b.put_slice(br#"{"type":"message","id":"#);
+                put_decimal(b, id.0);
+                b.put_slice(br#","payload":"#);
+                b.put_slice(payload.as_json());
+                b.put_slice(br#","attempt":"#);
+                put_decimal(b, u64::from(attempt));
+                b.put_u8(b'}');
+            }),
+            ServerFrame::Error { code, message, id } => write_json_frame(
+                dst,
+                &ErrorBody {
+                    frame_type: "error",
+                    code,
+                    message,
+                    id,
+                },
+            ),
+        }
+    }
+}
+
+fn put_decimal(dst: &mut BytesMut, n: u64) {
+    dst.put_slice(itoa::Buffer::new().format(n).as_bytes());
+}
+
+/// A frame as a client decodes it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum ReceivedFrame {
+    /// A register's `ok` (no id) or a publish's `ok` (with the message's id).
+    Ok {
+        #[serde(default)]
+        id: Option<MessageId>,
+    },
+    /// A delivery.
+    Message(Message),
+    /// A refusal.
+    Error(BrokerError),
+}
+
+/// A delivered message, as a consumer receives it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Message {
+    pub id: MessageId,
+    pub payload: String,
+    /// 1 on the first delivery, one more on each redelivery.
+    pub attempt: u32,
+}
+
+/// A refusal from the broker: the content of an `error` frame.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct BrokerError {
+    pub code: ErrorCode,
+    pub message: String,
+    #[serde(default)]
+    pub id: Option<MessageId>,
+}
+
+impl ReceivedFrame {
+    /// Decodes one frame body.
+    ///
+    /// # Errors
+    /// serde_json's error when the body is not a frame of this protocol.
+    pub fn decode(body: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(body)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encoded(frame: ServerFrame<'_>) -> (Vec<u8>, ReceivedFrame) {
+        let mut buf = BytesMut::new();
+        frame.encode(&mut buf);
+        let len = u32::from_be_bytes(buf[..4].try_into().unwrap()) as usize;
+        assert_eq!(len, buf.len() - 4);
+        let body = buf[4..].to_vec();
+        let decoded = ReceivedFrame::decode(&body).unwrap();
+        (body, decoded)
+    }
+
+    #[test]
+    fn ok_frames_are_exactly_the_contract_bytes() {
+        let (body, decoded) = encoded(ServerFrame::Registered);
+        assert_eq!(body, br#"{"type":"ok"}"#);
+        assert_eq!(decoded, ReceivedFrame::Ok { id: None });
+        let (body, decoded) = encoded(ServerFrame::Published(MessageId(42)));
+        assert_eq!(body, br#"{"type":"ok","id":42}"#);
+        assert_eq!(
+            decoded,
+            ReceivedFrame::Ok {
+                id: Some(MessageId(42))
+            }
+        );
+    }
+
+    #[test]
+    fn deliveries_splice_the_payload_literal() {
+        let payload = Payload::from_text("line \"one\"\nünï");
+        let (body, decoded) = encoded(ServerFrame::Delivery {
+            id: MessageId(u64::MAX),
+            payload: &payload,
+            attempt: 3,
+        });
+        let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(value["type"], "message");
+        assert_eq!(
+            decoded,
+            ReceivedFrame::Message(Message {
+                id: MessageId(u64::MAX),
+                payload: "line \"one\"\nünï".into(),
+                attempt: 3
+            })
+        );
+    }
+
+    #[test]
+    fn errors_escape_their_message_and_carry_an_optional_id() {
+        let (body, decoded) = encoded(ServerFrame::Error {
+            code: ErrorCode::UnknownId,
+            message: "id 7 is \"not\" in flight",
+            id: Some(MessageId(7)),
+        });
+        let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(value["type"], "error");
+        assert_eq!(value["code"], "unknown_id");
+        assert_eq!(value["id"], 7);
+        assert!(matches!(
+            decoded,
+            ReceivedFrame::Error(BrokerError {
+                code: ErrorCode::UnknownId,
+                id: Some(MessageId(7)),
+                ..
+            })
+        ));
+
+        let (body, _) = encoded(ServerFrame::Error {
+            code: ErrorCode::InvalidFrame,
+            message: "bad",
+            id: None,
+        });
+        assert_eq!(
+            body,
+            br#"{"type":"error","code":"invalid_frame","message":"bad"}"#
+        );
+    }
+}
