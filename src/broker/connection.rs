@@ -30,6 +30,7 @@ use tracing::{Span, debug, field, info};
 
 use super::auth::Access;
 use super::core_task::{Command, ConnectionId, Reply, Request, ToConnection};
+use super::metrics::BrokerMetrics;
 use super::sleep_until;
 use crate::protocol::client_frame::{FrameType, InboundFrame};
 use crate::protocol::codec::{FrameDecoder, FrameError};
@@ -83,6 +84,7 @@ pub(crate) struct Connection {
     id: ConnectionId,
     stream: TcpStream,
     settings: Arc<ConnectionSettings>,
+    metrics: Arc<BrokerMetrics>,
     core: mpsc::Sender<Request>,
     outbound_tx: mpsc::UnboundedSender<ToConnection>,
     outbound_rx: mpsc::UnboundedReceiver<ToConnection>,
@@ -94,6 +96,8 @@ pub(crate) struct Connection {
     ending: Option<Ending>,
     /// Whether the core has been told this connection is gone.
     disconnected: bool,
+    /// Whether reading is paused because the client is not taking its output.
+    throttled: bool,
 }
 
 impl Connection {
@@ -101,6 +105,7 @@ impl Connection {
         id: ConnectionId,
         stream: TcpStream,
         settings: Arc<ConnectionSettings>,
+        metrics: Arc<BrokerMetrics>,
         core: mpsc::Sender<Request>,
     ) -> Self {
         let (outbound_tx, outbound_rx) = mpsc::unbounded_channel();
@@ -109,6 +114,7 @@ impl Connection {
             id,
             stream,
             settings,
+            metrics,
             core,
             outbound_tx,
             outbound_rx,
@@ -119,6 +125,7 @@ impl Connection {
             unanswered: VecDeque::new(),
             ending: None,
             disconnected: false,
+            throttled: false,
         }
     }
 
@@ -135,9 +142,10 @@ impl Connection {
                     break self.ending.take();
                 }
             }
-            let accepts_input = self.ending.is_none()
-                && self.write_buf.len() < OUTPUT_BYTES_MAX
-                && self.unanswered.len() < UNANSWERED_MAX;
+            let backlogged =
+                self.write_buf.len() >= OUTPUT_BYTES_MAX || self.unanswered.len() >= UNANSWERED_MAX;
+            self.set_throttled(backlogged && self.ending.is_none());
+            let accepts_input = self.ending.is_none() && !backlogged;
             tokio::select! {
                 biased;
                 () = close_all.cancelled() => break Some(Ending::Shutdown),
@@ -173,7 +181,21 @@ impl Connection {
                 break Some(Ending::Broken(e));
             }
         };
+        self.set_throttled(false);
         self.close(ending).await;
+    }
+
+    fn set_throttled(&mut self, throttled: bool) {
+        if self.throttled != throttled {
+            self.throttled = throttled;
+            self.metrics.set_throttled(throttled);
+            debug!(
+                throttled,
+                output_bytes = self.write_buf.len(),
+                unanswered = self.unanswered.len(),
+                "backpressure"
+            );
+        }
     }
 
     /// Reads what the socket has, and handles every whole frame in it.

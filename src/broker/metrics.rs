@@ -10,6 +10,7 @@ use super::core::CoreStats;
 #[derive(Debug, Default)]
 pub struct BrokerMetrics {
     connections: AtomicUsize,
+    throttled_connections: AtomicUsize,
     queues: AtomicUsize,
     consumers: AtomicUsize,
     ready: AtomicUsize,
@@ -25,6 +26,8 @@ pub struct BrokerMetrics {
 pub struct MetricsSnapshot {
     /// Open client connections, registered or not.
     pub connections: usize,
+    /// Connections not being read because their client is not reading its replies.
+    pub throttled_connections: usize,
     pub core: CoreStats,
 }
 
@@ -32,6 +35,7 @@ impl BrokerMetrics {
     pub fn snapshot(&self) -> MetricsSnapshot {
         MetricsSnapshot {
             connections: self.connections.load(Relaxed),
+            throttled_connections: self.throttled_connections.load(Relaxed),
             core: CoreStats {
                 queues: self.queues.load(Relaxed),
                 consumers: self.consumers.load(Relaxed),
@@ -62,5 +66,13 @@ impl BrokerMetrics {
 
     pub(crate) fn connection_closed(&self) {
         self.connections.fetch_sub(1, Relaxed);
+    }
+
+    pub(crate) fn set_throttled(&self, throttled: bool) {
+        if throttled {
+            self.throttled_connections.fetch_add(1, Relaxed);
+        } else {
+            self.throttled_connections.fetch_sub(1, Relaxed);
+        }
     }
 }

@@ -133,7 +133,13 @@ impl Server {
                 info_span!("conn", id = %id, %peer, role = field::Empty, queue = field::Empty);
             match slots.clone().try_acquire_owned() {
                 Ok(slot) => {
-                    let connection = Connection::new(id, stream, settings.clone(), core_tx.clone());
+                    let connection = Connection::new(
+                        id,
+                        stream,
+                        settings.clone(),
+                        metrics.clone(),
+                        core_tx.clone(),
+                    );
                     let close_all = close_all.clone();
                     let metrics = metrics.clone();
                     metrics.connection_opened();

@@ -320,7 +320,7 @@ impl BrokerProcess {
     }
 
     /// Waits for the broker to exit; fails after `limit`.
-    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+    pub async fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
         let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -331,7 +331,7 @@ impl BrokerProcess {
                 "the broker did not exit within {limit:?}: {}",
                 self.log_text()
             );
-            std::thread::sleep(Duration::from_millis(10));
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
@@ -354,6 +354,24 @@ impl BrokerProcess {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
+}
+
+/// Runs `ferry ARGS` with `stdin` as its input and `env` added; kills it and fails the
+/// test if it runs longer than [`WAIT`].
+pub async fn run_ferry(args: &[&str], stdin: &str, env: &[(&str, &str)]) -> std::process::Output {
+    let mut child = tokio::process::Command::new(ferry_binary())
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn ferry");
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin.as_bytes()).await.unwrap();
+    drop(input);
+    within(child.wait_with_output()).await.unwrap()
 }
 
 impl Drop for BrokerProcess {

@@ -1,0 +1,201 @@
+//! The command line of contract §7, run as outside tests run it: the real binary, its
+//! stdout, its exit status.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{BrokerProcess, RawClient, run_ferry};
+
+fn stdout_lines(output: &std::process::Output) -> Vec<String> {
+    String::from_utf8(output.stdout.clone())
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test]
+async fn producer_prints_ids_and_consumer_prints_payloads() {
+    let broker = BrokerProcess::start(&[]);
+    let addr = broker.addr.to_string();
+    let produced = run_ferry(
+        &[
+            "producer",
+            "--addr",
+            &addr,
+            "--queue",
+            "cli",
+            "first",
+            "second thing",
+            "3",
+        ],
+        "",
+        &[],
+    )
+    .await;
+    assert!(produced.status.success(), "{produced:?}");
+    let ids: Vec<u64> = stdout_lines(&produced)
+        .iter()
+        .map(|l| l.parse().expect("a decimal id"))
+        .collect();
+    assert_eq!(ids.len(), 3);
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+
+    let consumed = run_ferry(
+        &[
+            "consumer", "--addr", &addr, "--queue", "cli", "--count", "3",
+        ],
+        "",
+        &[],
+    )
+    .await;
+    assert!(consumed.status.success(), "{consumed:?}");
+    assert_eq!(stdout_lines(&consumed), ["first", "second thing", "3"]);
+}
+
+#[tokio::test]
+async fn producer_reads_lines_from_stdin_and_addr_comes_from_ferry_addr() {
+    let broker = BrokerProcess::start(&[]);
+    let addr = broker.addr.to_string();
+    let env = [("FERRY_ADDR", addr.as_str())];
+    let lines: Vec<String> = (0..2500).map(|i| format!("line {i}")).collect();
+    let input = lines.join("\n") + "\n";
+    let produced = run_ferry(&["producer", "--queue", "stdin"], &input, &env).await;
+    assert!(produced.status.success(), "{produced:?}");
+    assert_eq!(stdout_lines(&produced).len(), 2500);
+
+    let consumed = run_ferry(
+        &["consumer", "--queue", "stdin", "--count", "2500"],
+        "",
+        &env,
+    )
+    .await;
+    assert!(consumed.status.success(), "{consumed:?}");
+    assert_eq!(stdout_lines(&consumed), lines);
+}
+
+#[tokio::test]
+async fn consumer_count_takes_exactly_n_and_leaves_the_rest() {
+    let broker = BrokerProcess::start(&[]);
+    let addr = broker.addr.to_string();
+    let produced = run_ferry(&["producer", "--addr", &addr, "a", "b", "c", "d"], "", &[]).await;
+    assert!(produced.status.success());
+    let first = run_ferry(&["consumer", "--addr", &addr, "--count", "2"], "", &[]).await;
+    assert_eq!(stdout_lines(&first), ["a", "b"]);
+    let second = run_ferry(
+        &[
+            "consumer",
+            "--addr",
+            &addr,
+            "--count",
+            "2",
+            "--prefetch",
+            "1",
+        ],
+        "",
+        &[],
+    )
+    .await;
+    assert_eq!(stdout_lines(&second), ["c", "d"]);
+}
+
+#[tokio::test]
+async fn producer_exits_non_zero_when_a_publish_is_refused() {
+    let broker = BrokerProcess::start(&["--max-memory", "10"]);
+    let addr = broker.addr.to_string();
+    let produced = run_ferry(
+        &[
+            "producer",
+            "--addr",
+            &addr,
+            "fits",
+            "this one is far too long for ten bytes",
+        ],
+        "",
+        &[],
+    )
+    .await;
+    assert!(!produced.status.success());
+    assert_eq!(
+        stdout_lines(&produced).len(),
+        1,
+        "the accepted one is still printed"
+    );
+    let stderr = String::from_utf8_lossy(&produced.stderr);
+    assert!(stderr.contains("queue_full"), "{stderr}");
+}
+
+#[tokio::test]
+async fn bad_flags_and_unreachable_brokers_fail_with_a_reason() {
+    let broker = BrokerProcess::start(&[]);
+    let addr = broker.addr.to_string();
+    let bad_queue = run_ferry(
+        &["producer", "--addr", &addr, "--queue", "x y", "m"],
+        "",
+        &[],
+    )
+    .await;
+    assert!(!bad_queue.status.success());
+    assert!(String::from_utf8_lossy(&bad_queue.stderr).contains("has a space"));
+
+    let bad_prefetch = run_ferry(&["consumer", "--addr", &addr, "--prefetch", "0"], "", &[]).await;
+    assert!(!bad_prefetch.status.success());
+
+    let bad_timeout = run_ferry(
+        &["broker", "--addr", "127.0.0.1:0", "--ack-timeout", "0s"],
+        "",
+        &[],
+    )
+    .await;
+    assert!(!bad_timeout.status.success());
+    let bad_duration = run_ferry(
+        &["broker", "--addr", "127.0.0.1:0", "--drain-timeout", "soon"],
+        "",
+        &[],
+    )
+    .await;
+    assert!(!bad_duration.status.success());
+
+    drop(broker);
+    let nobody = run_ferry(&["producer", "--addr", &addr, "m"], "", &[]).await;
+    assert!(!nobody.status.success());
+    assert!(
+        String::from_utf8_lossy(&nobody.stderr).contains("cannot connect"),
+        "{nobody:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_binary_enforces_the_ten_second_register_timeout() {
+    let broker = BrokerProcess::start(&[]);
+    let connected = Instant::now();
+    let mut silent = RawClient::connect(broker.addr).await;
+    silent.expect_error("register_timeout").await;
+    let waited = connected.elapsed();
+    assert!(
+        waited >= Duration::from_secs(10),
+        "timed out after {waited:?}"
+    );
+    silent.expect_closed().await;
+}
+
+#[tokio::test]
+async fn the_broker_logs_each_connection_with_its_queue() {
+    let broker = BrokerProcess::start(&[]);
+    let addr = broker.addr.to_string();
+    let produced = run_ferry(
+        &["producer", "--addr", &addr, "--queue", "logged", "x"],
+        "",
+        &[],
+    )
+    .await;
+    assert!(produced.status.success());
+    let line = broker.wait_for_log("registered").await;
+    assert!(
+        line.contains("role=producer")
+            && line.contains("queue=logged")
+            && line.contains("conn{id="),
+        "{line}"
+    );
+}
