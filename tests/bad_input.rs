@@ -247,6 +247,11 @@ async fn a_client_that_never_reads_is_paused_not_buffered_without_bound() {
 
 #[tokio::test]
 async fn five_hundred_connections_at_once() {
+    // Both ends of each connection live in this process.
+    assert!(
+        common::raise_open_file_limit() >= 1100,
+        "this test needs 1100 open files"
+    );
     let broker = TestBroker::start().await;
     let mut clients = tokio::task::JoinSet::new();
     for i in 0..500 {

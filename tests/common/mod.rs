@@ -143,6 +143,15 @@ pub async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
     }
 }
 
+/// Raises this process's soft limit on open files to its hard limit (a clean machine's
+/// soft limit is often 1024) and returns the new limit.
+pub fn raise_open_file_limit() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).expect("setrlimit");
+    hard
+}
+
 /// A client that sends exactly the bytes a test gives it, and reads frames as JSON.
 pub struct RawClient {
     stream: TcpStream,
