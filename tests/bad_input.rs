@@ -17,10 +17,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpSocket;
 
 fn publish_frame(payload: &str) -> Vec<u8> {
-    let body = json!({"type": "publish", "payload": payload}).to_string();
-    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
-    frame.extend_from_slice(body.as_bytes());
-    frame
+    common::frame(&json!({"type": "publish", "payload": payload}))
 }
 
 #[tokio::test]
@@ -203,10 +200,7 @@ async fn a_client_that_never_reads_is_paused_not_buffered_without_bound() {
     // A small receive buffer, so the broker meets backpressure sooner.
     socket.set_recv_buffer_size(4096).unwrap();
     let stream = socket.connect(broker.addr).await.unwrap();
-    let mut register = json!({"type": "register", "role": "producer", "queue": "deaf"})
-        .to_string()
-        .into_bytes();
-    register.splice(0..0, (register.len() as u32).to_be_bytes());
+    let register = common::frame(&json!({"type": "register", "role": "producer", "queue": "deaf"}));
     let mut stream = stream;
     stream.write_all(&register).await.unwrap();
 

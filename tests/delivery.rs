@@ -13,13 +13,7 @@ use ferry::broker::BrokerConfig;
 use serde_json::json;
 
 async fn publish_all(broker: &TestBroker, queue: &str, payloads: &[&str]) -> Vec<MessageId> {
-    let mut producer = broker.producer(queue).await;
-    within(producer.publish_all(payloads.iter().copied(), 100))
-        .await
-        .unwrap()
-        .into_iter()
-        .map(Result::unwrap)
-        .collect()
+    common::publish_ids(&mut broker.producer(queue).await, payloads).await
 }
 
 fn with_ack_timeout(ack_timeout: Duration) -> BrokerConfig {

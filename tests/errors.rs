@@ -52,12 +52,10 @@ async fn frame_too_large_comes_after_the_replies_to_earlier_frames() {
     })
     .await;
     let mut client = RawClient::producer(broker.addr, "q").await;
-    let mut pipelined = Vec::new();
-    for payload in ["a", "b"] {
-        let body = json!({"type": "publish", "payload": payload}).to_string();
-        pipelined.extend_from_slice(&(body.len() as u32).to_be_bytes());
-        pipelined.extend_from_slice(body.as_bytes());
-    }
+    let mut pipelined: Vec<u8> = ["a", "b"]
+        .iter()
+        .flat_map(|payload| common::frame(&json!({"type": "publish", "payload": payload})))
+        .collect();
     pipelined.extend_from_slice(&257u32.to_be_bytes());
     client.send_bytes(&pipelined).await;
     client.expect_ok().await;
@@ -431,12 +429,7 @@ async fn replies_keep_the_order_of_the_frames_they_answer() {
         json!({"type": "publish", "payload": "4"}),
         json!({"type": "register", "role": "producer"}),
     ];
-    let mut pipelined = Vec::new();
-    for frame in &frames {
-        let body = frame.to_string();
-        pipelined.extend_from_slice(&(body.len() as u32).to_be_bytes());
-        pipelined.extend_from_slice(body.as_bytes());
-    }
+    let pipelined: Vec<u8> = frames.iter().flat_map(common::frame).collect();
     producer.send_bytes(&pipelined).await;
     let mut replies = Vec::new();
     for _ in &frames {

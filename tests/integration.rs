@@ -80,12 +80,7 @@ async fn test_messages_queued_before_consumer() {
     let broker = TestBroker::start().await;
     let mut producer = broker.producer("later").await;
     let payloads = ["a", "b", "c"];
-    let ids: Vec<_> = within(producer.publish_all(payloads, 10))
-        .await
-        .unwrap()
-        .into_iter()
-        .map(Result::unwrap)
-        .collect();
+    let ids = common::publish_ids(&mut producer, &payloads).await;
     common::eventually("three messages wait", || broker.metrics().core.ready == 3).await;
 
     let mut consumer = broker.consumer("later", 10).await;

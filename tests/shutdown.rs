@@ -7,18 +7,11 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{BrokerProcess, recv, within};
-use ferry::{Consumer, ConsumerOptions, ErrorCode, Producer};
+use ferry::{Consumer, ErrorCode, Producer};
 use nix::sys::signal::Signal;
 
 async fn consumer(broker: &BrokerProcess, queue: &str, prefetch: u16) -> Consumer {
-    let options = ConsumerOptions {
-        queue: queue.into(),
-        prefetch,
-        token: None,
-    };
-    within(Consumer::connect_with(broker.addr, &options))
-        .await
-        .unwrap()
+    common::connect_consumer(broker.addr, queue, prefetch).await
 }
 
 /// Waits until the listener is closed, which the broker does first on a signal.
@@ -39,13 +32,7 @@ async fn sigint_drains_in_flight_and_ready_work_then_exits_0() {
     let mut producer = within(Producer::connect(broker.addr, "jobs"))
         .await
         .unwrap();
-    let payloads = ["1", "2", "3", "4", "5"];
-    let ids: Vec<_> = within(producer.publish_all(payloads, 10))
-        .await
-        .unwrap()
-        .into_iter()
-        .map(Result::unwrap)
-        .collect();
+    let ids = common::publish_ids(&mut producer, &["1", "2", "3", "4", "5"]).await;
     let mut worker = consumer(&broker, "jobs", 2).await;
     let held = [recv(&mut worker).await, recv(&mut worker).await];
 

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use ferry::broker::metrics::{BrokerMetrics, MetricsSnapshot};
 use ferry::broker::{BrokerConfig, BrokerError, Server, ShutdownReport};
 use ferry::protocol::codec::FrameDecoder;
-use ferry::{Consumer, ConsumerOptions, Message, Producer};
+use ferry::{Consumer, ConsumerOptions, Message, MessageId, Producer};
 
 /// Upper bound on any single wait in a test: generous, because CI machines are busy, and
 /// only reached when something is broken.
@@ -85,14 +85,7 @@ impl TestBroker {
     }
 
     pub async fn consumer(&self, queue: &str, prefetch: u16) -> Consumer {
-        let options = ConsumerOptions {
-            queue: queue.into(),
-            prefetch,
-            token: None,
-        };
-        within(Consumer::connect_with(self.addr, &options))
-            .await
-            .unwrap()
+        connect_consumer(self.addr, queue, prefetch).await
     }
 
     /// Checks that the broker still serves a fresh producer and consumer correctly, on a
@@ -101,10 +94,7 @@ impl TestBroker {
         let queue = format!("fresh-{}", rand_suffix());
         let mut producer = self.producer(&queue).await;
         let mut consumer = self.consumer(&queue, 10).await;
-        let ids = within(producer.publish_all(["one", "two", "three"], 3))
-            .await
-            .unwrap();
-        let ids: Vec<_> = ids.into_iter().map(|r| r.unwrap()).collect();
+        let ids = publish_ids(&mut producer, &["one", "two", "three"]).await;
         for (expected_id, expected_payload) in ids.iter().zip(["one", "two", "three"]) {
             let message = recv(&mut consumer).await;
             assert_eq!(
@@ -114,6 +104,40 @@ impl TestBroker {
             within(consumer.ack(message.id)).await.unwrap();
         }
     }
+}
+
+/// A consumer of `queue` at `addr`, registered.
+pub async fn connect_consumer(addr: SocketAddr, queue: &str, prefetch: u16) -> Consumer {
+    let options = ConsumerOptions {
+        queue: queue.into(),
+        prefetch,
+        token: None,
+    };
+    within(Consumer::connect_with(addr, &options))
+        .await
+        .unwrap()
+}
+
+/// Publishes every payload (pipelined) and returns their ids; any refusal fails the test.
+pub async fn publish_ids(producer: &mut Producer, payloads: &[&str]) -> Vec<MessageId> {
+    within(producer.publish_all(payloads.iter().copied(), 100))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|outcome| outcome.expect("publish confirmed"))
+        .collect()
+}
+
+/// `value` as one frame: its length prefix, then its JSON.
+pub fn frame(value: &Value) -> Vec<u8> {
+    frame_of_body(value.to_string().as_bytes())
+}
+
+/// `body` behind a correct length prefix.
+pub fn frame_of_body(body: &[u8]) -> Vec<u8> {
+    let mut framed = (body.len() as u32).to_be_bytes().to_vec();
+    framed.extend_from_slice(body);
+    framed
 }
 
 fn rand_suffix() -> u64 {
@@ -208,9 +232,7 @@ impl RawClient {
 
     /// Sends `body` as one frame with a correct length prefix.
     pub async fn send_body(&mut self, body: &[u8]) {
-        let mut frame = (body.len() as u32).to_be_bytes().to_vec();
-        frame.extend_from_slice(body);
-        self.send_bytes(&frame).await;
+        self.send_bytes(&frame_of_body(body)).await;
     }
 
     pub async fn send(&mut self, value: Value) {
