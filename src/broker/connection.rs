@@ -201,7 +201,7 @@ impl Connection {
     /// Reads what the socket has, and handles every whole frame in it.
     async fn read_and_handle(&mut self) -> Result<(), Ending> {
         self.read_buf.reserve(READ_CHUNK_BYTES);
-        match self.stream.try_read_buf(&mut self.read_buf) {
+        match read_available(&mut self.stream, &mut self.read_buf).await {
             Ok(0) => {
                 self.ending = Some(Ending::PeerClosed);
                 // A consumer's messages go back at once, not when the flush is done.
@@ -251,10 +251,7 @@ impl Connection {
                 return self.refuse(ErrorCode::AlreadyRegistered, &message);
             }
             (FrameType::Publish, Role::Producer) => match frame.publish_payload() {
-                // A copy, so the payload does not pin the whole read buffer in memory.
-                Ok(literal) => {
-                    Command::Publish(Payload::from_validated(Bytes::copy_from_slice(literal)))
-                }
+                Ok(literal) => Command::Publish(Payload::from_validated(literal)),
                 Err(invalid) => return self.refuse(ErrorCode::InvalidFrame, &invalid.to_string()),
             },
             (FrameType::Ack, Role::Consumer) => match frame.ack_id() {
@@ -449,4 +446,19 @@ pub(crate) async fn close_after_fatal_error(stream: &mut TcpStream) {
     if discarded > 0 {
         debug!(discarded, "discarded client bytes after a fatal error");
     }
+}
+
+/// Reads what the socket holds without waiting for more (`WouldBlock` if nothing). It
+/// goes through `AsyncRead`, which, unlike `try_read_buf`, marks the socket drained after
+/// a short read: that saves the read returning EAGAIN that would otherwise follow each one.
+async fn read_available(stream: &mut TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    std::future::poll_fn(|cx| {
+        match tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *stream), cx, buf) {
+            std::task::Poll::Pending => {
+                std::task::Poll::Ready(Err(io::ErrorKind::WouldBlock.into()))
+            }
+            ready => ready,
+        }
+    })
+    .await
 }

@@ -8,10 +8,10 @@
 //! unanswered), and deliveries are capped by the consumer's prefetch. That way this task
 //! never waits for a slow connection, so one cannot stall the others.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rustc_hash::FxHashMap;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -99,9 +99,9 @@ struct Session {
 pub(crate) struct CoreTask {
     core: Core,
     requests: mpsc::Receiver<Request>,
-    sessions: HashMap<ConnectionId, Session>,
+    sessions: FxHashMap<ConnectionId, Session>,
     /// Deliveries of the current turn, grouped so each consumer gets one message.
-    outgoing: HashMap<ConnectionId, Vec<Delivery>>,
+    outgoing: FxHashMap<ConnectionId, Vec<Delivery>>,
     drain_timeout: Duration,
     metrics: Arc<BrokerMetrics>,
 }
@@ -116,8 +116,8 @@ impl CoreTask {
         CoreTask {
             core: Core::new(config),
             requests,
-            sessions: HashMap::new(),
-            outgoing: HashMap::new(),
+            sessions: FxHashMap::default(),
+            outgoing: FxHashMap::default(),
             drain_timeout,
             metrics,
         }
@@ -274,7 +274,7 @@ impl CoreTask {
 /// Sends to a connection's task; false when that task is gone. A gone task is treated as
 /// a disconnect, so its in-flight messages go back at once rather than at their deadline.
 fn send_to(
-    sessions: &HashMap<ConnectionId, Session>,
+    sessions: &FxHashMap<ConnectionId, Session>,
     conn: ConnectionId,
     message: ToConnection,
 ) -> bool {

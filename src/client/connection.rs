@@ -12,7 +12,7 @@ use tokio_util::codec::Decoder;
 
 use super::error::ClientError;
 use crate::protocol::client_frame::ClientFrame;
-use crate::protocol::codec::{FrameDecoder, write_json_frame};
+use crate::protocol::codec::FrameDecoder;
 use crate::protocol::server_frame::ReceivedFrame;
 
 /// Frames from the broker may exceed the broker's limit for client frames (a delivery of
@@ -61,7 +61,7 @@ impl ClientConnection {
 
     /// Queues a frame; nothing is sent until [`Self::flush`] or [`Self::next_frame`].
     pub fn queue(&mut self, frame: &ClientFrame<'_>) {
-        write_json_frame(&mut self.write_buf, frame);
+        frame.encode(&mut self.write_buf);
     }
 
     pub fn queued_bytes(&self) -> usize {
@@ -90,8 +90,12 @@ impl ClientConnection {
         Ok(())
     }
 
-    /// Flushes, then returns the next frame from the broker.
+    /// The next frame from the broker. Queued frames are flushed only when it must wait
+    /// for the socket, so a burst of received frames costs no write per frame.
     pub async fn next_frame(&mut self) -> Result<ReceivedFrame, ClientError> {
+        if let Some(frame) = self.inbox.pop_front() {
+            return Ok(frame);
+        }
         self.flush().await?;
         loop {
             if let Some(frame) = self.inbox.pop_front() {
@@ -103,6 +107,11 @@ impl ClientConnection {
             }
             decode_frames(&mut self.decoder, &mut self.read_buf, &mut self.inbox)?;
         }
+    }
+
+    /// A frame already received, if any; never touches the socket.
+    pub fn next_received(&mut self) -> Option<ReceivedFrame> {
+        self.inbox.pop_front()
     }
 
     /// Flushes and closes the write side, so the broker sees a clean end.

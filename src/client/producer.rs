@@ -132,13 +132,19 @@ impl Producer {
         }
         let frame = self.connection.next_frame().await?;
         self.unconfirmed -= 1;
-        match frame {
-            ReceivedFrame::Ok { id: Some(id) } => Ok(id),
-            ReceivedFrame::Error(refusal) => Err(ClientError::Refused(refusal)),
-            other => Err(ClientError::Protocol(format!(
-                "expected a publish confirm, got {other:?}"
-            ))),
+        confirm_of(frame)
+    }
+
+    /// The confirm of the oldest unconfirmed publish if it has already been received;
+    /// never waits. After a [`Producer::confirm`] read many replies at once, this takes
+    /// the rest of them without a system call each.
+    pub fn try_confirm(&mut self) -> Option<Result<MessageId, ClientError>> {
+        if self.unconfirmed == 0 {
+            return None;
         }
+        let frame = self.connection.next_received()?;
+        self.unconfirmed -= 1;
+        Some(confirm_of(frame))
     }
 
     /// Publishes every payload, keeping up to `window` unconfirmed at once, and returns
@@ -182,5 +188,15 @@ impl Producer {
     /// Connection errors while flushing.
     pub async fn close(mut self) -> Result<(), ClientError> {
         self.connection.shutdown().await
+    }
+}
+
+fn confirm_of(frame: ReceivedFrame) -> Result<MessageId, ClientError> {
+    match frame {
+        ReceivedFrame::Ok { id: Some(id) } => Ok(id),
+        ReceivedFrame::Error(refusal) => Err(ClientError::Refused(refusal)),
+        other => Err(ClientError::Protocol(format!(
+            "expected a publish confirm, got {other:?}"
+        ))),
     }
 }

@@ -2,38 +2,43 @@
 //! as the producer sent it, quotes and escapes included. The broker only passes payloads
 //! along, so it never unescapes and re-escapes them: a delivery splices these bytes into
 //! the outgoing `message` frame as they are.
+//!
+//! The bytes live in one `Arc<[u8]>`: one allocation per message, copied out of the read
+//! buffer (so a held message never pins a whole buffer), and shared by reference count
+//! between the queue and a delivery in flight.
 
-use bytes::Bytes;
+use std::sync::Arc;
+
 use serde::Deserialize;
 
 /// The encoded JSON string literal of a payload (for example `"hi\n"`, quotes included).
 ///
 /// Constructed only from validated JSON, so encoding a delivery can splice it in as is.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Payload(Bytes);
+pub struct Payload(Arc<[u8]>);
 
 impl Payload {
     /// Encodes `text` as a JSON string literal.
     pub fn from_text(text: &str) -> Self {
         // Serialising a str cannot fail.
-        Payload(Bytes::from(serde_json::to_vec(text).unwrap_or_default()))
+        Payload(Arc::from(serde_json::to_vec(text).unwrap_or_default()))
     }
 
     /// Wraps bytes that must already be one valid JSON string literal.
     ///
     /// # Errors
     /// The JSON error when `literal` is not exactly one JSON string.
-    pub fn from_json_literal(literal: Bytes) -> Result<Self, serde_json::Error> {
-        let mut de = serde_json::Deserializer::from_slice(&literal);
+    pub fn from_json_literal(literal: &[u8]) -> Result<Self, serde_json::Error> {
+        let mut de = serde_json::Deserializer::from_slice(literal);
         validate_json_string(&mut de)?;
         de.end()?;
-        Ok(Payload(literal))
+        Ok(Payload(Arc::from(literal)))
     }
 
-    /// Wraps bytes the caller has just validated as one JSON string literal.
-    pub(crate) fn from_validated(literal: Bytes) -> Self {
+    /// Copies bytes the caller has just validated as one JSON string literal.
+    pub(crate) fn from_validated(literal: &[u8]) -> Self {
         debug_assert!(literal.first() == Some(&b'"') && literal.last() == Some(&b'"'));
-        Payload(literal)
+        Payload(Arc::from(literal))
     }
 
     /// The JSON string literal, quotes included.
@@ -104,7 +109,7 @@ mod tests {
             let payload = Payload::from_text(text);
             assert_eq!(payload.to_text().unwrap(), text);
             assert_eq!(
-                Payload::from_json_literal(Bytes::copy_from_slice(payload.as_json())).unwrap(),
+                Payload::from_json_literal(payload.as_json()).unwrap(),
                 payload
             );
         }
@@ -120,7 +125,7 @@ mod tests {
             b"\"\\ud800\"",
         ] {
             assert!(
-                Payload::from_json_literal(Bytes::from_static(bad)).is_err(),
+                Payload::from_json_literal(bad).is_err(),
                 "{:?}",
                 String::from_utf8_lossy(bad)
             );

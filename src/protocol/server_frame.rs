@@ -83,14 +83,10 @@ fn put_decimal(dst: &mut BytesMut, n: u64) {
 }
 
 /// A frame as a client decodes it.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReceivedFrame {
     /// A register's `ok` (no id) or a publish's `ok` (with the message's id).
-    Ok {
-        #[serde(default)]
-        id: Option<MessageId>,
-    },
+    Ok { id: Option<MessageId> },
     /// A delivery.
     Message(Message),
     /// A refusal.
@@ -98,7 +94,7 @@ pub enum ReceivedFrame {
 }
 
 /// A delivered message, as a consumer receives it.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
     pub id: MessageId,
     pub payload: String,
@@ -107,13 +103,88 @@ pub struct Message {
 }
 
 /// A refusal from the broker: the content of an `error` frame.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{code}: {message}")]
 pub struct BrokerError {
     pub code: ErrorCode,
     pub message: String,
-    #[serde(default)]
     pub id: Option<MessageId>,
+}
+
+/// Decodes a frame in one pass over its fields, whatever their order (serde's derive for
+/// an internally tagged enum would first buffer the whole object into a tree, and every
+/// delivery pays for that).
+impl<'de> Deserialize<'de> for ReceivedFrame {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(ReceivedFrameVisitor)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "lowercase")]
+enum Field {
+    Type,
+    Id,
+    Payload,
+    Attempt,
+    Code,
+    Message,
+    #[serde(other)]
+    Unknown,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum FrameType {
+    Ok,
+    Message,
+    Error,
+}
+
+struct ReceivedFrameVisitor;
+
+impl<'de> serde::de::Visitor<'de> for ReceivedFrameVisitor {
+    type Value = ReceivedFrame;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an ok, message or error frame")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> Result<ReceivedFrame, A::Error> {
+        use serde::de::Error;
+        let mut frame_type = None;
+        let (mut id, mut payload, mut attempt, mut code, mut message) =
+            (None, None, None, None, None);
+        while let Some(field) = map.next_key()? {
+            match field {
+                Field::Type => frame_type = Some(map.next_value::<FrameType>()?),
+                Field::Id => id = map.next_value::<Option<MessageId>>()?,
+                Field::Payload => payload = Some(map.next_value::<String>()?),
+                Field::Attempt => attempt = Some(map.next_value::<u32>()?),
+                Field::Code => code = Some(map.next_value::<ErrorCode>()?),
+                Field::Message => message = Some(map.next_value::<String>()?),
+                Field::Unknown => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        match frame_type.ok_or_else(|| A::Error::missing_field("type"))? {
+            FrameType::Ok => Ok(ReceivedFrame::Ok { id }),
+            FrameType::Message => Ok(ReceivedFrame::Message(Message {
+                id: id.ok_or_else(|| A::Error::missing_field("id"))?,
+                payload: payload.ok_or_else(|| A::Error::missing_field("payload"))?,
+                attempt: attempt.ok_or_else(|| A::Error::missing_field("attempt"))?,
+            })),
+            FrameType::Error => Ok(ReceivedFrame::Error(BrokerError {
+                code: code.ok_or_else(|| A::Error::missing_field("code"))?,
+                message: message.ok_or_else(|| A::Error::missing_field("message"))?,
+                id,
+            })),
+        }
+    }
 }
 
 impl ReceivedFrame {
@@ -172,6 +243,30 @@ mod tests {
                 payload: "line \"one\"\nünï".into(),
                 attempt: 3
             })
+        );
+    }
+
+    #[test]
+    fn decoding_ignores_field_order_and_unknown_fields_and_names_missing_ones() {
+        let frame = ReceivedFrame::decode(
+            br#"{"attempt":2,"extra":[1,{"a":null}],"payload":"p","id":9,"type":"message"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            frame,
+            ReceivedFrame::Message(Message {
+                id: MessageId(9),
+                payload: "p".into(),
+                attempt: 2
+            })
+        );
+        let missing = ReceivedFrame::decode(br#"{"type":"message","id":1,"payload":"x"}"#);
+        assert!(missing.unwrap_err().to_string().contains("attempt"));
+        assert!(ReceivedFrame::decode(br#"{"id":1}"#).is_err(), "no type");
+        assert!(ReceivedFrame::decode(br#"{"type":"bogus"}"#).is_err());
+        assert!(
+            ReceivedFrame::decode(br#"{"type":"error","code":"no_such_code","message":"m"}"#)
+                .is_err()
         );
     }
 

@@ -18,6 +18,11 @@ mod tests;
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
+
+// Maps keyed by ids the broker itself assigns use the fast Fx hash; a client cannot choose
+// those keys, so it cannot craft collisions. Queue names, which clients choose, keep the
+// standard keyed hash.
+use rustc_hash::FxHashMap;
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
@@ -120,7 +125,7 @@ pub struct CoreStats {
 pub struct Core {
     config: CoreConfig,
     queues: HashMap<QueueName, Queue>,
-    consumers: HashMap<ConsumerId, Consumer>,
+    consumers: FxHashMap<ConsumerId, Consumer>,
     /// Ack deadlines in delivery order (hence in time order); may hold stale entries.
     deadlines: VecDeque<Deadline>,
     /// Queues that may be able to deliver, each at most once.
@@ -155,7 +160,7 @@ struct ReadyMessage {
 struct Consumer {
     queue: QueueName,
     prefetch: usize,
-    in_flight: HashMap<MessageId, InFlight>,
+    in_flight: FxHashMap<MessageId, InFlight>,
 }
 
 #[derive(Debug)]
@@ -179,7 +184,7 @@ impl Core {
         Core {
             config,
             queues: HashMap::new(),
-            consumers: HashMap::new(),
+            consumers: FxHashMap::default(),
             deadlines: VecDeque::new(),
             dispatch_queue: VecDeque::new(),
             next_id: 1,
@@ -206,7 +211,7 @@ impl Core {
             Consumer {
                 queue: queue.clone(),
                 prefetch: usize::from(prefetch.max(1)),
-                in_flight: HashMap::new(),
+                in_flight: FxHashMap::default(),
             },
         );
         self.schedule_dispatch(&queue);
@@ -502,7 +507,10 @@ impl Queue {
 
     /// Hands the front message to the next consumer in round-robin order with spare
     /// prefetch, if there is a message and such a consumer.
-    fn deliver_next(&mut self, consumers: &mut HashMap<ConsumerId, Consumer>) -> Option<Delivery> {
+    fn deliver_next(
+        &mut self,
+        consumers: &mut FxHashMap<ConsumerId, Consumer>,
+    ) -> Option<Delivery> {
         if self.ready.is_empty() {
             return None;
         }
