@@ -28,6 +28,8 @@ enum Command {
     Producer(cli::producer::ProducerArgs),
     /// Print each delivered payload on its own line, then ack it.
     Consumer(cli::consumer::ConsumerArgs),
+    /// Measure the at-least-once workload: throughput, latency, broker CPU and memory.
+    Bench(cli::bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -54,6 +56,7 @@ fn main() -> ExitCode {
             Command::Broker(args) => cli::broker::run(args).await,
             Command::Producer(args) => cli::producer::run(args).await,
             Command::Consumer(args) => cli::consumer::run(args).await,
+            Command::Bench(args) => cli::bench::run(args).await,
         }
     });
     match outcome {

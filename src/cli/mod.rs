@@ -1,5 +1,6 @@
 //! The subcommands of the `ferry` binary, one module each, over the library.
 
+pub mod bench;
 pub mod broker;
 pub mod consumer;
 pub mod producer;

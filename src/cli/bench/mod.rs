@@ -1,0 +1,353 @@
+//! `ferry bench`: the at-least-once workload (every publish confirmed, every message
+//! acked) against a broker it starts itself (or `--addr`), reported honestly: end-to-end
+//! and confirm throughput, publish-to-delivery latency percentiles, lost and duplicated
+//! messages, and the broker's CPU time and peak memory.
+
+mod broker_child;
+mod report;
+mod tally;
+mod workload;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use ferry::{Consumer, ConsumerOptions, Producer, ProducerOptions};
+
+use broker_child::{BrokerChild, own_cpu_time};
+use report::{BrokerFigures, Report};
+use tally::QueueTally;
+use workload::{ConsumerOutcome, ProducerOutcome, ProducerPlan, Quota, consume, produce};
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// Benchmark a running broker instead of starting one (then no broker CPU or memory
+    /// figures are reported).
+    #[arg(long)]
+    addr: Option<String>,
+    /// Producers per queue.
+    #[arg(short = 'p', long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    producers: u32,
+    /// Consumers per queue.
+    #[arg(short = 'c', long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    consumers: u32,
+    /// Messages to publish in all (ignored with --duration).
+    #[arg(short = 'm', long, default_value_t = 1_000_000)]
+    messages: u64,
+    /// Payload size in bytes (at least the ~30-byte header that carries the send time).
+    #[arg(short = 's', long = "size", default_value_t = 100)]
+    payload_bytes: usize,
+    /// Publishes per producer awaiting their confirm at once.
+    #[arg(short = 'w', long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    window: u32,
+    /// Prefetch of every consumer.
+    #[arg(short = 'q', long, default_value_t = 1000, value_parser = clap::value_parser!(u16).range(1..))]
+    prefetch: u16,
+    /// Queue name; with --queues N, the queues are NAME-0 … NAME-(N-1).
+    #[arg(long, default_value = "bench")]
+    queue: String,
+    /// Number of queues, each with its own -p producers and -c consumers.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    queues: u32,
+    /// Total publish rate in messages per second, shared evenly by all producers; without
+    /// it producers publish as fast as their window allows.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Publish for this long instead of a fixed number of messages.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Run the workload this many times (each against a fresh broker) and report the
+    /// median of every figure.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    runs: u32,
+    /// An extra flag for the broker the bench starts, e.g. --broker-arg=--data-dir=/tmp/d
+    /// (repeatable).
+    #[arg(long = "broker-arg", allow_hyphen_values = true)]
+    broker_args: Vec<String>,
+    /// The ferry binary whose broker to start (default: this one), to compare builds
+    /// under one load generator.
+    #[arg(long)]
+    broker_exe: Option<std::path::PathBuf>,
+}
+
+/// What one queue's producers and consumers did.
+struct QueueRun {
+    tally: Arc<QueueTally>,
+    producers: Vec<ProducerOutcome>,
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    if args.rate.is_some_and(|r| r.is_nan() || r <= 0.0) {
+        bail!("--rate must be a positive number of messages per second");
+    }
+    if cfg!(debug_assertions) {
+        eprintln!(
+            "ferry bench: this is a debug build; figures mean little (use cargo run --release)"
+        );
+    }
+    let mut reports = Vec::new();
+    for run in 1..=args.runs {
+        let report = run_once(&args).await?;
+        if args.runs > 1 {
+            eprintln!("run {run}/{}: {}", args.runs, report.one_line());
+        }
+        reports.push(report);
+    }
+    let report = Report::median_of(reports);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        report.print_text();
+    }
+    Ok(if report.lost == 0 {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!(
+            "ferry bench: {} confirmed messages were never delivered",
+            report.lost
+        );
+        ExitCode::FAILURE
+    })
+}
+
+/// One run of the workload, against a broker of its own unless `--addr` is given.
+async fn run_once(args: &BenchArgs) -> anyhow::Result<Report> {
+    let connections = (args.producers as u64 + args.consumers as u64) * args.queues as u64;
+    raise_open_file_limit(connections)?;
+    let broker = match &args.addr {
+        Some(_) => None,
+        None => Some(BrokerChild::start(
+            args.broker_exe.as_deref(),
+            &args.broker_args,
+        )?),
+    };
+    let addr = match (&args.addr, &broker) {
+        (Some(addr), _) => addr.clone(),
+        (None, Some(child)) => child.addr.to_string(),
+        (None, None) => unreachable!("a broker was started"),
+    };
+
+    let queue_names: Vec<String> = match args.queues {
+        1 => vec![args.queue.clone()],
+        n => (0..n).map(|k| format!("{}-{k}", args.queue)).collect(),
+    };
+    let total_producers = (args.producers * args.queues) as u64;
+    let per_producer_rate = args.rate.map(|rate| rate / total_producers as f64);
+
+    // Consumers first, so deliveries start with the first publish.
+    let mut consumers = Vec::new();
+    let mut producers = Vec::new();
+    for name in &queue_names {
+        for _ in 0..args.consumers {
+            let options = ConsumerOptions {
+                queue: name.clone(),
+                prefetch: args.prefetch,
+                token: None,
+            };
+            consumers.push((
+                name.clone(),
+                Consumer::connect_with(addr.as_str(), &options).await?,
+            ));
+        }
+    }
+    for name in &queue_names {
+        for _ in 0..args.producers {
+            let options = ProducerOptions {
+                queue: name.clone(),
+                token: None,
+            };
+            producers.push((
+                name.clone(),
+                Producer::connect_with(addr.as_str(), &options).await?,
+            ));
+        }
+    }
+
+    let broker_cpu_before = broker.as_ref().map(BrokerChild::cpu_time).transpose()?;
+    let own_cpu_before = own_cpu_time()?;
+    let origin = Instant::now();
+    let tallies: Vec<Arc<QueueTally>> = queue_names
+        .iter()
+        .map(|_| Arc::new(QueueTally::new(args.producers as usize)))
+        .collect();
+    let tally_of =
+        |name: &str| tallies[queue_names.iter().position(|n| n == name).unwrap_or(0)].clone();
+
+    let mut consumer_tasks = JoinSet::new();
+    for (name, consumer) in consumers {
+        consumer_tasks.spawn(consume(consumer, tally_of(&name), origin));
+    }
+    let mut producer_tasks = JoinSet::new();
+    let mut producer_index_in_queue = std::collections::HashMap::<String, usize>::new();
+    for (n, (name, producer)) in producers.into_iter().enumerate() {
+        let index = producer_index_in_queue.entry(name.clone()).or_default();
+        let quota = match args.duration {
+            Some(duration) => Quota::Until(origin + duration),
+            None => Quota::Messages(share(args.messages, total_producers, n as u64)),
+        };
+        let plan = ProducerPlan {
+            index: *index,
+            quota,
+            payload_bytes: args.payload_bytes,
+            window: args.window as usize,
+            rate: per_producer_rate,
+        };
+        *index += 1;
+        let queue_tally = tally_of(&name);
+        producer_tasks
+            .spawn(async move { (name, produce(producer, plan, queue_tally, origin).await) });
+    }
+
+    let progress = show_progress(&tallies, args.duration.is_none().then_some(args.messages));
+    let mut runs: Vec<QueueRun> = tallies
+        .iter()
+        .map(|tally| QueueRun {
+            tally: tally.clone(),
+            producers: Vec::new(),
+        })
+        .collect();
+    while let Some(joined) = producer_tasks.join_next().await {
+        let (name, outcome) = joined?;
+        let outcome = outcome.with_context(|| format!("a producer of queue {name} failed"))?;
+        let position = queue_names.iter().position(|n| *n == name).unwrap_or(0);
+        runs[position].producers.push(outcome);
+    }
+    let mut consumer_outcomes: Vec<ConsumerOutcome> = Vec::new();
+    while let Some(joined) = consumer_tasks.join_next().await {
+        consumer_outcomes.push(joined?.context("a consumer failed")?);
+    }
+    progress.finish_and_clear();
+
+    let own_cpu = own_cpu_time()?.0.saturating_sub(own_cpu_before.0);
+    let broker_figures = match (&broker, broker_cpu_before) {
+        (Some(child), Some(before)) => Some(BrokerFigures {
+            cpu: child.cpu_time()?.0.saturating_sub(before.0),
+            peak_rss_bytes: child.peak_rss_bytes()?,
+        }),
+        _ => None,
+    };
+    let report = summarize(args, &runs, &consumer_outcomes, broker_figures, own_cpu);
+    if let Some(child) = broker {
+        child.stop()?;
+    }
+    Ok(report)
+}
+
+/// Producer `n`'s share of `total` messages split over `producers`.
+fn share(total: u64, producers: u64, n: u64) -> u64 {
+    total / producers + u64::from(n < total % producers)
+}
+
+fn summarize(
+    args: &BenchArgs,
+    runs: &[QueueRun],
+    consumers: &[ConsumerOutcome],
+    broker: Option<BrokerFigures>,
+    bench_cpu: Duration,
+) -> Report {
+    let all_producers = || runs.iter().flat_map(|run| run.producers.iter());
+    let first_send = all_producers().filter_map(|p| p.first_send).min();
+    let last_confirm = all_producers().filter_map(|p| p.last_confirm).max();
+    let last_ack = consumers.iter().filter_map(|c| c.last_ack).max();
+    let mut latency =
+        Histogram::<u64>::new_with_bounds(1, 3_600_000_000_000, 3).expect("valid bounds");
+    for consumer in consumers {
+        latency
+            .add(&consumer.latency_ns)
+            .expect("histograms of equal bounds");
+    }
+    let confirmed: u64 = all_producers().map(|p| p.confirmed.len() as u64).sum();
+    let lost = runs
+        .iter()
+        .map(|run| {
+            let confirmed: Vec<Vec<u64>> =
+                run.producers.iter().map(|p| p.confirmed.clone()).collect();
+            run.tally.lost(&confirmed)
+        })
+        .sum();
+    let span = |end: Option<Instant>| match (first_send, end) {
+        (Some(start), Some(end)) if end > start => end - start,
+        _ => Duration::ZERO,
+    };
+    Report::new(report::Inputs {
+        producers: args.producers * args.queues,
+        consumers: args.consumers * args.queues,
+        queues: args.queues,
+        payload_bytes: args.payload_bytes,
+        window: args.window,
+        prefetch: args.prefetch,
+        rate: args.rate,
+        confirmed,
+        refused: all_producers().map(|p| p.refused).sum(),
+        delivered: runs.iter().map(|run| run.tally.unique_received()).sum(),
+        duplicates: runs.iter().map(|run| run.tally.duplicates()).sum(),
+        lost,
+        end_to_end: span(last_ack),
+        confirm_span: span(last_confirm),
+        latency_ns: latency,
+        broker,
+        bench_cpu,
+    })
+}
+
+/// A progress bar on a terminal; a plain line a second otherwise.
+fn show_progress(tallies: &[Arc<QueueTally>], total: Option<u64>) -> ProgressBar {
+    let bar = match total {
+        Some(total) => ProgressBar::new(total),
+        None => ProgressBar::new_spinner(),
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:40}] {pos}/{len} delivered {per_sec}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    let interactive = !bar.is_hidden();
+    let tallies = tallies.to_vec();
+    let updated = bar.clone();
+    tokio::spawn(async move {
+        let mut tick =
+            tokio::time::interval(Duration::from_millis(if interactive { 100 } else { 1000 }));
+        tick.tick().await;
+        while !updated.is_finished() {
+            tick.tick().await;
+            let delivered: u64 = tallies.iter().map(|t| t.unique_received()).sum();
+            updated.set_position(delivered);
+            if !interactive && !updated.is_finished() {
+                eprintln!(
+                    "{:>6.1}s {delivered} delivered",
+                    updated.elapsed().as_secs_f64()
+                );
+            }
+        }
+    });
+    bar
+}
+
+/// Lifts the soft limit on open files so thousands of connections fit (the broker child
+/// inherits it).
+fn raise_open_file_limit(connections: u64) -> anyhow::Result<()> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    let wanted = (2 * connections + 256).min(hard);
+    if soft < wanted {
+        setrlimit(Resource::RLIMIT_NOFILE, wanted, hard)?;
+    }
+    if 2 * connections + 64 > hard {
+        bail!(
+            "{connections} connections need {} open files; the hard limit is {hard} (raise it with ulimit -Hn)",
+            2 * connections + 64
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,172 @@
+//! The at-least-once workload: producers that keep up to a window of publishes awaiting
+//! their confirms (optionally at a fixed rate), and consumers that ack every message and
+//! measure publish-to-delivery latency from the send time carried in each payload.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use tokio::time::Instant;
+
+use ferry::{ClientError, Consumer, MessageId, Producer};
+
+use super::tally::{QueueTally, decode_payload, encode_payload};
+
+/// Queued publish bytes after which they are written without waiting to fill the window.
+const FLUSH_BYTES: usize = 64 * 1024;
+/// Longest latency the histograms hold: an hour, in nanoseconds.
+const LATENCY_NS_MAX: u64 = 3_600_000_000_000;
+
+/// When a producer stops.
+#[derive(Debug, Clone, Copy)]
+pub enum Quota {
+    Messages(u64),
+    Until(Instant),
+}
+
+pub struct ProducerPlan {
+    /// Index among the producers of its queue, carried in each payload.
+    pub index: usize,
+    pub quota: Quota,
+    pub payload_bytes: usize,
+    pub window: usize,
+    /// Messages per second, or as fast as the window allows.
+    pub rate: Option<f64>,
+}
+
+#[derive(Debug, Default)]
+pub struct ProducerOutcome {
+    /// Indices the broker confirmed.
+    pub confirmed: Vec<u64>,
+    pub refused: u64,
+    pub first_send: Option<Instant>,
+    pub last_confirm: Option<Instant>,
+}
+
+/// Publishes per the plan; every message waits for its confirm within the window.
+pub async fn produce(
+    mut producer: Producer,
+    plan: ProducerPlan,
+    tally: Arc<QueueTally>,
+    origin: Instant,
+) -> Result<ProducerOutcome, ClientError> {
+    let mut outcome = ProducerOutcome::default();
+    let mut payload = String::with_capacity(plan.payload_bytes + 32);
+    let padding = "x".repeat(plan.payload_bytes);
+    let interval = plan.rate.map(|rate| Duration::from_secs_f64(1.0 / rate));
+    let start = Instant::now();
+    // Indices of the publishes awaiting confirms, oldest first.
+    let mut awaiting = std::collections::VecDeque::with_capacity(plan.window);
+    let mut sent = 0u64;
+    loop {
+        let now = Instant::now();
+        let more = match plan.quota {
+            Quota::Messages(total) => sent < total,
+            Quota::Until(end) => now < end,
+        };
+        if !more && awaiting.is_empty() {
+            break;
+        }
+        // When the next message is due: now, or on the fixed-rate schedule.
+        let due_at = interval.map(|every| start + every.mul_f64(sent as f64));
+        if more && awaiting.len() < plan.window && due_at.is_none_or(|at| at <= now) {
+            encode_payload(
+                &mut payload,
+                plan.index,
+                sent,
+                (now - origin).as_nanos() as u64,
+                &padding,
+            );
+            producer.send(&payload);
+            outcome.first_send.get_or_insert(now);
+            awaiting.push_back(sent);
+            sent += 1;
+            if producer.queued_bytes() >= FLUSH_BYTES {
+                producer.flush().await?;
+            }
+            continue;
+        }
+        // Nothing to send now: take confirms, or wait for the next due time.
+        if awaiting.is_empty() {
+            producer.flush().await?;
+            if let Some(at) = due_at {
+                tokio::time::sleep_until(at).await;
+            }
+            continue;
+        }
+        let first = match due_at.filter(|_| more && awaiting.len() < plan.window) {
+            Some(at) => tokio::select! {
+                confirm = producer.confirm() => Some(confirm),
+                () = tokio::time::sleep_until(at) => None,
+            },
+            None => Some(producer.confirm().await),
+        };
+        let Some(first) = first else { continue };
+        let mut confirms = vec![first];
+        while let Some(more) = producer.try_confirm() {
+            confirms.push(more);
+        }
+        let mut confirmed_now = 0;
+        for confirm in confirms {
+            let index = awaiting
+                .pop_front()
+                .expect("a confirm answers a sent publish");
+            match confirm {
+                Ok(MessageId(_)) => {
+                    outcome.confirmed.push(index);
+                    confirmed_now += 1;
+                }
+                Err(ClientError::Refused(refusal)) if !refusal.code.is_fatal() => {
+                    outcome.refused += 1
+                }
+                Err(fatal) => return Err(fatal),
+            }
+        }
+        tally.confirmed(confirmed_now);
+        outcome.last_confirm = Some(Instant::now());
+    }
+    tally.producer_finished();
+    producer.close().await?;
+    Ok(outcome)
+}
+
+pub struct ConsumerOutcome {
+    pub latency_ns: Histogram<u64>,
+    pub received: u64,
+    pub last_ack: Option<Instant>,
+}
+
+/// Receives and acks until every confirmed message of the queue has arrived.
+pub async fn consume(
+    mut consumer: Consumer,
+    tally: Arc<QueueTally>,
+    origin: Instant,
+) -> Result<ConsumerOutcome, ClientError> {
+    let mut outcome = ConsumerOutcome {
+        latency_ns: Histogram::new_with_bounds(1, LATENCY_NS_MAX, 3)
+            .expect("valid histogram bounds"),
+        received: 0,
+        last_ack: None,
+    };
+    loop {
+        let message = tokio::select! {
+            biased;
+            () = tally.complete.cancelled() => break,
+            message = consumer.recv() => message?,
+        };
+        let now_ns = origin.elapsed().as_nanos() as u64;
+        let (producer, index, sent_ns) = decode_payload(&message.payload).ok_or_else(|| {
+            ClientError::Protocol(format!("not a bench payload: {:.40}", message.payload))
+        })?;
+        outcome
+            .latency_ns
+            .saturating_record(now_ns.saturating_sub(sent_ns).max(1));
+        outcome.received += 1;
+        consumer.queue_ack(message.id);
+        tally.received(producer, index);
+    }
+    consumer.flush().await?;
+    outcome.last_ack = Some(Instant::now());
+    consumer.close().await?;
+    Ok(outcome)
+}
