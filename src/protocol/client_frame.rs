@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use thiserror::Error;
 
+use super::canonical;
 use super::codec::{write_frame, write_json_frame};
 use super::payload::validate_json_string;
 use super::{DEFAULT_PREFETCH, MessageId, QueueName, Role};
@@ -41,25 +42,19 @@ impl ClientFrame<'_> {
         match self {
             // The hot path of every producer: a payload with nothing to escape is copied
             // as is, byte for byte what serde_json would write.
-            ClientFrame::Publish { payload } if !needs_json_escape(payload) => {
+            ClientFrame::Publish { payload }
+                if !canonical::needs_json_escape(payload.as_bytes()) =>
+            {
                 write_frame(dst, |body| {
                     body.reserve(payload.len() + 32);
-                    body.put_slice(br#"{"type":"publish","payload":""#);
+                    body.put_slice(canonical::PUBLISH_PREFIX);
                     body.put_slice(payload.as_bytes());
-                    body.put_slice(br#""}"#);
+                    body.put_slice(canonical::PUBLISH_SUFFIX);
                 })
             }
             frame => write_json_frame(dst, frame),
         }
     }
-}
-
-/// Whether JSON needs an escape anywhere in `text`: a control character, a quote or a
-/// backslash. Written without an early exit so the compiler vectorises it.
-fn needs_json_escape(text: &str) -> bool {
-    text.bytes().fold(false, |found, b| {
-        found | (b < 0x20) | (b == b'"') | (b == b'\\')
-    })
 }
 
 /// The `type` of a client frame.
@@ -117,10 +112,31 @@ struct RawFields<'a> {
     id: Option<&'a RawValue>,
 }
 
+impl RawFields<'_> {
+    const NONE: RawFields<'static> = RawFields {
+        frame_type: None,
+        role: None,
+        queue: None,
+        prefetch: None,
+        token: None,
+        payload: None,
+        id: None,
+    };
+}
+
 /// A parsed client frame whose type-specific fields are not validated yet.
 pub struct InboundFrame<'a> {
     frame_type: FrameType,
-    fields: RawFields<'a>,
+    fields: Fields<'a>,
+}
+
+enum Fields<'a> {
+    /// A publish in the canonical layout: its payload literal, already validated.
+    CanonicalPublish(&'a [u8]),
+    /// An ack in the canonical layout: its id.
+    CanonicalAck(u64),
+    /// Any other frame, its fields as raw JSON.
+    Raw(RawFields<'a>),
 }
 
 /// A validated `register`.
@@ -142,6 +158,29 @@ impl<'a> InboundFrame<'a> {
     /// # Errors
     /// [`InvalidFrame`] when the body is not a JSON object with a known string `type`.
     pub fn parse(body: &'a [u8]) -> Result<Self, InvalidFrame> {
+        if let Some(literal) = canonical::publish_literal(body) {
+            return Ok(InboundFrame {
+                frame_type: FrameType::Publish,
+                fields: Fields::CanonicalPublish(literal),
+            });
+        }
+        if let Some(id) = canonical::ack_id(body) {
+            return Ok(InboundFrame {
+                frame_type: FrameType::Ack,
+                fields: Fields::CanonicalAck(id),
+            });
+        }
+        Self::parse_json(body)
+    }
+
+    /// The general path only, for the tests that hold the fast path to it.
+    #[cfg(test)]
+    pub(crate) fn parse_json_for_tests(body: &'a [u8]) -> Result<Self, InvalidFrame> {
+        Self::parse_json(body)
+    }
+
+    /// The general path: any JSON spelling of a frame.
+    fn parse_json(body: &'a [u8]) -> Result<Self, InvalidFrame> {
         let first = body.iter().find(|b| !b.is_ascii_whitespace());
         if first != Some(&b'{') {
             // Report broken JSON as such; only valid non-objects are "not an object".
@@ -170,7 +209,20 @@ impl<'a> InboundFrame<'a> {
                 }
             },
         };
-        Ok(InboundFrame { frame_type, fields })
+        Ok(InboundFrame {
+            frame_type,
+            fields: Fields::Raw(fields),
+        })
+    }
+
+    /// The raw fields; canonical frames have only the fields of their type, so for any
+    /// other field they present an empty set, exactly as a parsed frame without it would.
+    fn raw(&self) -> &RawFields<'a> {
+        static NONE: RawFields<'static> = RawFields::NONE;
+        match &self.fields {
+            Fields::Raw(fields) => fields,
+            Fields::CanonicalPublish(_) | Fields::CanonicalAck(_) => &NONE,
+        }
     }
 
     pub fn frame_type(&self) -> FrameType {
@@ -184,7 +236,7 @@ impl<'a> InboundFrame<'a> {
     /// consumer's prefetch outside 1–65535, or a token that is not a string.
     pub fn register(&self) -> Result<Register, InvalidFrame> {
         let role_text: String =
-            parse_field("role", self.fields.role, "a string")?.ok_or_else(|| {
+            parse_field("role", self.raw().role, "a string")?.ok_or_else(|| {
                 InvalidFrame::bad_field("role", "is missing; use \"producer\" or \"consumer\"")
             })?;
         let role = match role_text.as_str() {
@@ -198,7 +250,7 @@ impl<'a> InboundFrame<'a> {
                 ));
             }
         };
-        let queue = match parse_field::<String>("queue", self.fields.queue, "a string")? {
+        let queue = match parse_field::<String>("queue", self.raw().queue, "a string")? {
             Some(name) => QueueName::new(&name)
                 .map_err(|e| InvalidFrame::bad_field("queue", e.to_string()))?,
             None => QueueName::default_queue(),
@@ -206,7 +258,7 @@ impl<'a> InboundFrame<'a> {
         let prefetch = match role {
             Role::Consumer => {
                 const RANGE: &str = "an integer from 1 to 65535";
-                match parse_field::<u64>("prefetch", self.fields.prefetch, RANGE)? {
+                match parse_field::<u64>("prefetch", self.raw().prefetch, RANGE)? {
                     Some(n) => u16::try_from(n).ok().filter(|&n| n > 0).ok_or_else(|| {
                         InvalidFrame::bad_field("prefetch", format!("must be {RANGE}"))
                     })?,
@@ -215,7 +267,7 @@ impl<'a> InboundFrame<'a> {
             }
             Role::Producer => DEFAULT_PREFETCH,
         };
-        let token = parse_field("token", self.fields.token, "a string")?;
+        let token = parse_field("token", self.raw().token, "a string")?;
         Ok(Register {
             role,
             queue,
@@ -229,7 +281,10 @@ impl<'a> InboundFrame<'a> {
     /// # Errors
     /// [`InvalidFrame::BadField`] when `payload` is missing or not a string.
     pub fn publish_payload(&self) -> Result<&'a [u8], InvalidFrame> {
-        let raw = self.fields.payload.ok_or_else(|| {
+        if let Fields::CanonicalPublish(literal) = self.fields {
+            return Ok(literal);
+        }
+        let raw = self.raw().payload.ok_or_else(|| {
             InvalidFrame::bad_field("payload", "is missing; publish needs a string payload")
         })?;
         let literal = raw.get();
@@ -258,7 +313,10 @@ impl<'a> InboundFrame<'a> {
     /// [`InvalidFrame::BadField`] when `id` is missing or not an unsigned 64-bit integer.
     pub fn ack_id(&self) -> Result<MessageId, InvalidFrame> {
         const EXPECTED: &str = "an unsigned 64-bit integer";
-        parse_field::<u64>("id", self.fields.id, EXPECTED)?
+        if let Fields::CanonicalAck(id) = self.fields {
+            return Ok(MessageId(id));
+        }
+        parse_field::<u64>("id", self.raw().id, EXPECTED)?
             .map(MessageId)
             .ok_or_else(|| {
                 InvalidFrame::bad_field("id", format!("is missing; ack needs {EXPECTED}"))

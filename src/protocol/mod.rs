@@ -7,9 +7,12 @@
 //!   client library and the broker's lenient-but-exact decoding.
 //! - [`server_frame`]: what the broker sends (`ok`, `message`, `error`): hand-tuned
 //!   encoding for the broker and decoding for the client library.
+//! - `canonical`: the exact byte layouts of the hot frames, recognised without a JSON
+//!   parser, with serde_json as the fallback for every other spelling.
 //! - [`QueueName`], [`MessageId`], [`ErrorCode`], [`Payload`]: the vocabulary shared by
 //!   all of them.
 
+mod canonical;
 pub mod client_frame;
 pub mod codec;
 mod error_code;

@@ -7,6 +7,7 @@
 use bytes::{BufMut, BytesMut};
 use serde::{Deserialize, Serialize};
 
+use super::canonical;
 use super::codec::{write_frame, write_json_frame};
 use super::{ErrorCode, MessageId, Payload};
 
@@ -57,11 +58,11 @@ impl ServerFrame<'_> {
                 attempt,
             } => write_frame(dst, |b| {
                 b.reserve(payload.len() + 64);
-                b.put_slice(br#"{"type":"message","id":"#);
+                b.put_slice(canonical::MESSAGE_PREFIX);
                 put_decimal(b, id.0);
-                b.put_slice(br#","payload":"#);
+                b.put_slice(canonical::MESSAGE_PAYLOAD);
                 b.put_slice(payload.as_json());
-                b.put_slice(br#","attempt":"#);
+                b.put_slice(canonical::MESSAGE_ATTEMPT);
                 put_decimal(b, u64::from(attempt));
                 b.put_u8(b'}');
             }),
@@ -193,6 +194,13 @@ impl ReceivedFrame {
     /// # Errors
     /// serde_json's error when the body is not a frame of this protocol.
     pub fn decode(body: &[u8]) -> Result<Self, serde_json::Error> {
+        if let Some((id, payload, attempt)) = canonical::message(body) {
+            return Ok(ReceivedFrame::Message(Message {
+                id: MessageId(id),
+                payload: payload.to_owned(),
+                attempt,
+            }));
+        }
         serde_json::from_slice(body)
     }
 }

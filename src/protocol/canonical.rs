@@ -1,0 +1,237 @@
+//! The canonical byte layouts of the three hot frames, written by Ferry's encoders and
+//! recognised by its decoders without a JSON parser:
+//!
+//! - `{"type":"publish","payload":"…"}`, what producers send,
+//! - `{"type":"ack","id":N}`, what consumers send,
+//! - `{"type":"message","id":N,"payload":"…","attempt":A}`, what the broker delivers.
+//!
+//! Recognition is deliberately narrow: exactly these bytes, a payload with nothing to
+//! unescape, valid UTF-8, plain decimal numbers. Anything else (other field orders,
+//! whitespace, escapes, errors) falls back to serde_json, so the fast path can only ever
+//! agree with the full parser; the tests check that it does.
+
+pub(crate) const PUBLISH_PREFIX: &[u8] = br#"{"type":"publish","payload":""#;
+pub(crate) const PUBLISH_SUFFIX: &[u8] = br#""}"#;
+const ACK_PREFIX: &[u8] = br#"{"type":"ack","id":"#;
+pub(crate) const MESSAGE_PREFIX: &[u8] = br#"{"type":"message","id":"#;
+pub(crate) const MESSAGE_PAYLOAD: &[u8] = br#","payload":"#;
+pub(crate) const MESSAGE_ATTEMPT: &[u8] = br#","attempt":"#;
+
+/// Whether JSON needs an escape anywhere in `bytes`: a control character, a quote or a
+/// backslash. Written without an early exit so the compiler vectorises it.
+pub(crate) fn needs_json_escape(bytes: &[u8]) -> bool {
+    bytes.iter().fold(false, |found, &b| {
+        found | (b < 0x20) | (b == b'"') | (b == b'\\')
+    })
+}
+
+/// The payload literal (quotes included) of a canonical publish frame.
+pub(crate) fn publish_literal(body: &[u8]) -> Option<&[u8]> {
+    let content = body
+        .strip_prefix(PUBLISH_PREFIX)?
+        .strip_suffix(PUBLISH_SUFFIX)?;
+    plain_json_text(content)?;
+    // The literal runs from the opening quote (the prefix's last byte) to the closing one.
+    Some(&body[PUBLISH_PREFIX.len() - 1..body.len() - PUBLISH_SUFFIX.len() + 1])
+}
+
+/// The id of a canonical ack frame.
+pub(crate) fn ack_id(body: &[u8]) -> Option<u64> {
+    decimal(body.strip_prefix(ACK_PREFIX)?.strip_suffix(b"}")?)
+}
+
+/// (id, payload text, attempt) of a canonical message frame.
+pub(crate) fn message(body: &[u8]) -> Option<(u64, &str, u32)> {
+    let rest = body.strip_prefix(MESSAGE_PREFIX)?;
+    let id_end = rest.iter().position(|&b| b == b',')?;
+    let id = decimal(&rest[..id_end])?;
+    let rest = rest[id_end..]
+        .strip_prefix(MESSAGE_PAYLOAD)?
+        .strip_prefix(b"\"")?;
+    let rest = rest.strip_suffix(b"}")?;
+    // A plain payload holds no quote, so the attempt is after the last colon.
+    let colon = rest.iter().rposition(|&b| b == b':')?;
+    let attempt = u32::try_from(decimal(&rest[colon + 1..])?).ok()?;
+    let content = rest[..=colon]
+        .strip_suffix(MESSAGE_ATTEMPT)?
+        .strip_suffix(b"\"")?;
+    Some((id, plain_json_text(content)?, attempt))
+}
+
+/// `content` as text, if it is valid UTF-8 that a JSON string holds as is.
+fn plain_json_text(content: &[u8]) -> Option<&str> {
+    if needs_json_escape(content) {
+        return None;
+    }
+    std::str::from_utf8(content).ok()
+}
+
+/// A JSON unsigned integer: decimal digits, no leading zero, fitting a u64.
+fn decimal(digits: &[u8]) -> Option<u64> {
+    let valid = !digits.is_empty()
+        && digits.len() <= 20
+        && digits.iter().all(u8::is_ascii_digit)
+        && (digits[0] != b'0' || digits.len() == 1);
+    if !valid {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_exactly_the_canonical_forms() {
+        assert_eq!(
+            publish_literal(br#"{"type":"publish","payload":"hi"}"#),
+            Some(&br#""hi""#[..])
+        );
+        assert_eq!(
+            publish_literal(br#"{"type":"publish","payload":""}"#),
+            Some(&br#""""#[..])
+        );
+        assert_eq!(
+            publish_literal(br#"{"type":"publish","payload":"a\"b"}"#),
+            None,
+            "escapes go to serde"
+        );
+        assert_eq!(
+            publish_literal(br#"{"type":"publish","payload":"a"b"}"#),
+            None
+        );
+        assert_eq!(
+            publish_literal(br#"{"type":"publish", "payload":"hi"}"#),
+            None,
+            "whitespace goes to serde"
+        );
+        assert_eq!(
+            publish_literal(b"{\"type\":\"publish\",\"payload\":\"\xff\"}"),
+            None,
+            "invalid UTF-8"
+        );
+        assert_eq!(
+            publish_literal(br#"{"type":"publish","payload":""#),
+            None,
+            "too short to hold both ends"
+        );
+
+        assert_eq!(ack_id(br#"{"type":"ack","id":0}"#), Some(0));
+        assert_eq!(
+            ack_id(br#"{"type":"ack","id":18446744073709551615}"#),
+            Some(u64::MAX)
+        );
+        for bad in [
+            "18446744073709551616",
+            "007",
+            "-1",
+            "1.0",
+            "1e3",
+            "",
+            " 1",
+            "\"1\"",
+        ] {
+            let body = format!(r#"{{"type":"ack","id":{bad}}}"#);
+            assert_eq!(ack_id(body.as_bytes()), None, "{body}");
+        }
+
+        assert_eq!(
+            message(br#"{"type":"message","id":42,"payload":"x:y,z","attempt":3}"#),
+            Some((42, "x:y,z", 3))
+        );
+        assert_eq!(
+            message(br#"{"type":"message","id":42,"payload":"","attempt":1}"#),
+            Some((42, "", 1))
+        );
+        assert_eq!(
+            message(br#"{"type":"message","id":42,"payload":"q\"","attempt":1}"#),
+            None
+        );
+        assert_eq!(
+            message(br#"{"type":"message","id":42,"payload":"x","attempt":4294967296}"#),
+            None
+        );
+    }
+
+    mod agrees_with_serde {
+        use proptest::prelude::*;
+
+        use super::super::*;
+        use crate::protocol::client_frame::{FrameType, InboundFrame};
+        use crate::protocol::server_frame::{ReceivedFrame, ServerFrame};
+        use crate::protocol::{MessageId, Payload};
+
+        /// Bytes that stress a JSON string: plain text, quotes, backslashes and escape
+        /// letters, control bytes, multi-byte UTF-8, and bytes that are not UTF-8.
+        fn tricky_bytes() -> impl Strategy<Value = Vec<u8>> {
+            let piece = prop_oneof![
+                4 => "[a-z0-9 :,]{0,8}".prop_map(String::into_bytes),
+                1 => Just(b"\"".to_vec()),
+                1 => Just(b"\\".to_vec()),
+                1 => prop::sample::select(vec![b"\\n".to_vec(), b"\\u00e9".to_vec(), b"\\ud800".to_vec(), b"\\q".to_vec()]),
+                1 => (0u8..0x20).prop_map(|b| vec![b]),
+                1 => Just("é✓".as_bytes().to_vec()),
+                1 => prop::sample::select(vec![vec![0xff], vec![0xc3], vec![0xed, 0xa0, 0x80]]),
+                1 => Just(b"}".to_vec()),
+            ];
+            prop::collection::vec(piece, 0..6).prop_map(|pieces| pieces.concat())
+        }
+
+        fn digits() -> impl Strategy<Value = Vec<u8>> {
+            prop_oneof![
+                any::<u64>().prop_map(|n| n.to_string().into_bytes()),
+                "[0-9.e+ -]{0,22}".prop_map(String::into_bytes),
+                Just(b"18446744073709551616".to_vec()),
+                Just(b"00".to_vec()),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn publish_fast_path_never_disagrees(content in tricky_bytes()) {
+                let body = [PUBLISH_PREFIX, &content, PUBLISH_SUFFIX].concat();
+                if let Some(fast) = publish_literal(&body) {
+                    let slow = InboundFrame::parse_json_for_tests(&body).expect("serde accepts what the fast path accepts");
+                    prop_assert_eq!(slow.frame_type(), FrameType::Publish);
+                    prop_assert_eq!(slow.publish_payload().unwrap(), fast);
+                }
+                let general = InboundFrame::parse(&body).map(|f| f.publish_payload().map(<[u8]>::to_vec).ok());
+                let slow = InboundFrame::parse_json_for_tests(&body).map(|f| f.publish_payload().map(<[u8]>::to_vec).ok());
+                prop_assert_eq!(general.ok(), slow.ok());
+            }
+
+            #[test]
+            fn ack_fast_path_never_disagrees(id in digits()) {
+                let body = [ACK_PREFIX, &id, b"}"].concat();
+                let general = InboundFrame::parse(&body).ok().map(|f| f.ack_id().ok());
+                let slow = InboundFrame::parse_json_for_tests(&body).ok().map(|f| f.ack_id().ok());
+                prop_assert_eq!(general, slow);
+            }
+
+            #[test]
+            fn message_fast_path_never_disagrees(id in digits(), content in tricky_bytes(), attempt in digits()) {
+                let body = [MESSAGE_PREFIX, &id, MESSAGE_PAYLOAD, b"\"", &content, b"\"", MESSAGE_ATTEMPT, &attempt, b"}"].concat();
+                let slow: Option<ReceivedFrame> = serde_json::from_slice(&body).ok();
+                if let Some((fast_id, fast_payload, fast_attempt)) = message(&body) {
+                    let Some(ReceivedFrame::Message(slow)) = slow else {
+                        return Err(TestCaseError::fail("serde refused what the fast path accepted"));
+                    };
+                    prop_assert_eq!((slow.id.0, slow.payload.as_str(), slow.attempt), (fast_id, fast_payload, fast_attempt));
+                } else {
+                    prop_assert_eq!(ReceivedFrame::decode(&body).ok(), slow);
+                }
+            }
+
+            #[test]
+            fn every_delivery_decodes_to_what_was_sent(id in any::<u64>(), text in any::<String>(), attempt in any::<u32>()) {
+                let payload = Payload::from_text(&text);
+                let mut buf = bytes::BytesMut::new();
+                ServerFrame::Delivery { id: MessageId(id), payload: &payload, attempt }.encode(&mut buf);
+                let decoded = ReceivedFrame::decode(&buf[4..]).unwrap();
+                let ReceivedFrame::Message(message) = decoded else { panic!("not a message") };
+                prop_assert_eq!((message.id.0, message.payload, message.attempt), (id, text, attempt));
+            }
+        }
+    }
+}
