@@ -3,6 +3,9 @@
 
 mod cli;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
@@ -41,10 +44,12 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let threads = match &cli.command {
+        Command::Broker(args) => args.threads(),
+        Command::Bench(args) => args.threads(),
+        Command::Producer(_) | Command::Consumer(_) => 1,
+    };
+    let runtime = match runtime(threads) {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("ferry: cannot start the async runtime: {e}");
@@ -66,4 +71,19 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// One thread runs everything on a current-thread runtime: no wakeups between worker
+/// threads, which on small and virtualised machines cost more latency than a second
+/// thread gains (docs/PERFORMANCE.md has the measurements). More threads get tokio's
+/// work-stealing runtime.
+fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(threads);
+        builder
+    };
+    builder.enable_all().build()
 }

@@ -162,6 +162,10 @@ impl Connection {
                     if let Err(ending) = self.read_and_handle().await {
                         break Some(ending);
                     }
+                    // One read per turn: a client that keeps its socket full would
+                    // otherwise be served until tokio's budget runs out, while the
+                    // consumers that drain the queues wait.
+                    tokio::task::yield_now().await;
                 }
                 writable = self.stream.writable(), if !self.write_buf.is_empty() => {
                     if let Err(e) = writable {

@@ -49,6 +49,17 @@ pub struct BrokerArgs {
     /// Directory for durable storage; without it messages live in memory only.
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Threads serving connections. 1 (the default) is a single event loop: the lowest
+    /// latency and the most messages per CPU second. More spread connection work over
+    /// cores, for machines where the broker has cores to itself.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    threads: u16,
+}
+
+impl BrokerArgs {
+    pub fn threads(&self) -> usize {
+        self.threads.into()
+    }
 }
 
 fn parse_positive_duration(text: &str) -> Result<Duration, String> {

@@ -127,3 +127,37 @@ fn process_cpu_time(stat_path: &str) -> anyhow::Result<CpuTime> {
         ticks as f64 / per_second as f64,
     )))
 }
+
+/// Whole-machine CPU counters from /proc/stat, to tell how much time the hypervisor gave
+/// to other guests (steal) while a run was measured.
+#[derive(Debug, Clone, Copy)]
+pub struct MachineCpu {
+    total: u64,
+    steal: u64,
+}
+
+impl MachineCpu {
+    pub fn now() -> anyhow::Result<MachineCpu> {
+        let stat = std::fs::read_to_string("/proc/stat")?;
+        let line = stat.lines().next().context("empty /proc/stat")?;
+        let fields: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .map(str::parse)
+            .collect::<Result<_, _>>()?;
+        // user nice system idle iowait irq softirq steal [guest guest_nice]; guest time
+        // is already counted in user.
+        let total = fields.iter().take(8).sum();
+        let steal = *fields.get(7).context("no steal field in /proc/stat")?;
+        Ok(MachineCpu { total, steal })
+    }
+
+    /// Percent of the machine's CPU time stolen since `earlier`.
+    pub fn steal_percent_since(&self, earlier: &MachineCpu) -> f64 {
+        let total = self.total.saturating_sub(earlier.total);
+        if total == 0 {
+            return 0.0;
+        }
+        100.0 * self.steal.saturating_sub(earlier.steal) as f64 / total as f64
+    }
+}

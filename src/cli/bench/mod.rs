@@ -20,7 +20,7 @@ use tokio::time::Instant;
 
 use ferry::{Consumer, ConsumerOptions, Producer, ProducerOptions};
 
-use broker_child::{BrokerChild, own_cpu_time};
+use broker_child::{BrokerChild, MachineCpu, own_cpu_time};
 use report::{BrokerFigures, Report};
 use tally::QueueTally;
 use workload::{ConsumerOutcome, ProducerOutcome, ProducerPlan, Quota, consume, produce};
@@ -34,8 +34,9 @@ pub struct BenchArgs {
     /// Producers per queue.
     #[arg(short = 'p', long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     producers: u32,
-    /// Consumers per queue.
-    #[arg(short = 'c', long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    /// Consumers per queue. With 0, messages are only published and stay queued (to
+    /// measure the broker holding a backlog); nothing is delivered or counted lost.
+    #[arg(short = 'c', long, default_value_t = 1)]
     consumers: u32,
     /// Messages to publish in all (ignored with --duration).
     #[arg(short = 'm', long, default_value_t = 1_000_000)]
@@ -77,6 +78,15 @@ pub struct BenchArgs {
     /// under one load generator.
     #[arg(long)]
     broker_exe: Option<std::path::PathBuf>,
+    /// Threads of the load generator itself (the broker's are --broker-arg=--threads=N).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    threads: u16,
+}
+
+impl BenchArgs {
+    pub fn threads(&self) -> usize {
+        self.threads.into()
+    }
 }
 
 /// What one queue's producers and consumers did.
@@ -174,6 +184,7 @@ async fn run_once(args: &BenchArgs) -> anyhow::Result<Report> {
 
     let broker_cpu_before = broker.as_ref().map(BrokerChild::cpu_time).transpose()?;
     let own_cpu_before = own_cpu_time()?;
+    let machine_before = MachineCpu::now()?;
     let origin = Instant::now();
     let tallies: Vec<Arc<QueueTally>> = queue_names
         .iter()
@@ -200,6 +211,7 @@ async fn run_once(args: &BenchArgs) -> anyhow::Result<Report> {
             payload_bytes: args.payload_bytes,
             window: args.window as usize,
             rate: per_producer_rate,
+            phase: n as f64 / total_producers as f64,
         };
         *index += 1;
         let queue_tally = tally_of(&name);
@@ -228,6 +240,7 @@ async fn run_once(args: &BenchArgs) -> anyhow::Result<Report> {
     progress.finish_and_clear();
 
     let own_cpu = own_cpu_time()?.0.saturating_sub(own_cpu_before.0);
+    let steal_percent = MachineCpu::now()?.steal_percent_since(&machine_before);
     let broker_figures = match (&broker, broker_cpu_before) {
         (Some(child), Some(before)) => Some(BrokerFigures {
             cpu: child.cpu_time()?.0.saturating_sub(before.0),
@@ -235,7 +248,14 @@ async fn run_once(args: &BenchArgs) -> anyhow::Result<Report> {
         }),
         _ => None,
     };
-    let report = summarize(args, &runs, &consumer_outcomes, broker_figures, own_cpu);
+    let report = summarize(
+        args,
+        &runs,
+        &consumer_outcomes,
+        broker_figures,
+        own_cpu,
+        steal_percent,
+    );
     if let Some(child) = broker {
         child.stop()?;
     }
@@ -253,6 +273,7 @@ fn summarize(
     consumers: &[ConsumerOutcome],
     broker: Option<BrokerFigures>,
     bench_cpu: Duration,
+    steal_percent: f64,
 ) -> Report {
     let all_producers = || runs.iter().flat_map(|run| run.producers.iter());
     let first_send = all_producers().filter_map(|p| p.first_send).min();
@@ -266,8 +287,10 @@ fn summarize(
             .expect("histograms of equal bounds");
     }
     let confirmed: u64 = all_producers().map(|p| p.confirmed.len() as u64).sum();
+    // Without consumers nothing was meant to be delivered: the messages stay queued.
     let lost = runs
         .iter()
+        .filter(|_| args.consumers > 0)
         .map(|run| {
             let confirmed: Vec<Vec<u64>> =
                 run.producers.iter().map(|p| p.confirmed.clone()).collect();
@@ -296,6 +319,7 @@ fn summarize(
         latency_ns: latency,
         broker,
         bench_cpu,
+        steal_percent,
     })
 }
 

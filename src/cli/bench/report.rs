@@ -31,6 +31,8 @@ pub struct Inputs {
     pub latency_ns: Histogram<u64>,
     pub broker: Option<BrokerFigures>,
     pub bench_cpu: Duration,
+    /// Percent of the machine's CPU time the hypervisor gave elsewhere during the run.
+    pub steal_percent: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -60,6 +62,9 @@ pub struct Report {
     pub msgs_per_broker_cpu_second: Option<f64>,
     pub broker_peak_rss_mb: Option<f64>,
     pub bench_cpu_seconds: f64,
+    /// CPU time stolen by the hypervisor during the run, in percent of the machine: when
+    /// it is more than a few percent, the host was busy and the figures are pessimistic.
+    pub steal_percent: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -113,12 +118,18 @@ impl Report {
                 max: inputs.latency_ns.max() as f64 / 1000.0,
             },
             broker_cpu_seconds: inputs.broker.as_ref().map(|b| b.cpu.as_secs_f64()),
-            msgs_per_broker_cpu_second: inputs
-                .broker
-                .as_ref()
-                .map(|b| per_second(inputs.delivered as f64, b.cpu)),
+            // Without consumers the broker's work is the publishes it confirmed.
+            msgs_per_broker_cpu_second: inputs.broker.as_ref().map(|b| {
+                let handled = if inputs.consumers == 0 {
+                    inputs.confirmed
+                } else {
+                    inputs.delivered
+                };
+                per_second(handled as f64, b.cpu)
+            }),
             broker_peak_rss_mb: inputs.broker.as_ref().map(|b| b.peak_rss_bytes as f64 / MB),
             bench_cpu_seconds: inputs.bench_cpu.as_secs_f64(),
+            steal_percent: inputs.steal_percent,
         }
     }
 
@@ -160,20 +171,22 @@ impl Report {
             msgs_per_broker_cpu_second: optional(r, &|x| x.msgs_per_broker_cpu_second),
             broker_peak_rss_mb: optional(r, &|x| x.broker_peak_rss_mb),
             bench_cpu_seconds: median(r, &|x| x.bench_cpu_seconds),
+            steal_percent: median(r, &|x| x.steal_percent),
             ..reports[0].clone()
         }
     }
 
     pub fn one_line(&self) -> String {
         format!(
-            "{:.0} msg/s, {:.1} MB/s, p50 {:.0} us, p99 {:.0} us, p99.9 {:.0} us, lost {}, duplicated {}",
+            "{:.0} msg/s, {:.1} MB/s, p50 {:.0} us, p99 {:.0} us, p99.9 {:.0} us, lost {}, duplicated {}, steal {:.1}%",
             self.msgs_per_sec,
             self.payload_mb_per_sec,
             self.latency_us.p50,
             self.latency_us.p99,
             self.latency_us.p99_9,
             self.lost,
-            self.duplicates
+            self.duplicates,
+            self.steal_percent
         )
     }
 
@@ -206,6 +219,12 @@ impl Report {
             "messages     {} confirmed, {} refused, {} delivered, {} lost, {} duplicated",
             self.confirmed, self.refused, self.delivered, self.lost, self.duplicates
         );
+        if self.consumers == 0 {
+            println!(
+                "             no consumers: all {} confirmed messages were left queued",
+                self.confirmed
+            );
+        }
         println!(
             "end to end   {:.0} msg/s, {:.1} MB/s of payload, over {:.2} s (first publish to last ack)",
             self.msgs_per_sec, self.payload_mb_per_sec, self.seconds

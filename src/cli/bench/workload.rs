@@ -32,6 +32,10 @@ pub struct ProducerPlan {
     pub window: usize,
     /// Messages per second, or as fast as the window allows.
     pub rate: Option<f64>,
+    /// Where in its period this producer's fixed-rate schedule starts, as a fraction of
+    /// the period, so that many producers together send at an even rate instead of all
+    /// at the same instant.
+    pub phase: f64,
 }
 
 #[derive(Debug, Default)]
@@ -54,7 +58,7 @@ pub async fn produce(
     let mut payload = String::with_capacity(plan.payload_bytes + 32);
     let padding = "x".repeat(plan.payload_bytes);
     let interval = plan.rate.map(|rate| Duration::from_secs_f64(1.0 / rate));
-    let start = Instant::now();
+    let start = Instant::now() + interval.map_or(Duration::ZERO, |every| every.mul_f64(plan.phase));
     // Indices of the publishes awaiting confirms, oldest first.
     let mut awaiting = std::collections::VecDeque::with_capacity(plan.window);
     let mut sent = 0u64;
