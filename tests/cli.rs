@@ -199,3 +199,60 @@ async fn the_broker_logs_each_connection_with_its_queue() {
         "{line}"
     );
 }
+
+async fn bench_json(args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["bench", "--json"];
+    all.extend_from_slice(args);
+    let output = run_ferry(&all, "", &[]).await;
+    assert!(output.status.success(), "{output:?}");
+    serde_json::from_slice(&output.stdout).expect("a JSON report")
+}
+
+#[tokio::test]
+async fn bench_accounts_for_every_message() {
+    let report = bench_json(&["-m", "3000", "-p", "2", "-c", "2", "-w", "64", "-q", "32"]).await;
+    assert_eq!(report["confirmed"], 3000);
+    assert_eq!(report["delivered"], 3000);
+    assert_eq!(report["lost"], 0);
+    assert_eq!(report["duplicates"], 0);
+    assert!(report["msgs_per_sec"].as_f64().unwrap() > 0.0, "{report}");
+    assert!(
+        report["latency_us"]["p99"].as_f64().unwrap()
+            >= report["latency_us"]["p50"].as_f64().unwrap()
+    );
+    assert!(
+        report["broker_peak_rss_mb"].as_f64().unwrap() > 0.0,
+        "figures of the broker it started"
+    );
+}
+
+#[tokio::test]
+async fn bench_over_many_queues_at_a_rate_against_a_multi_threaded_broker() {
+    let report = bench_json(&[
+        "--queues",
+        "20",
+        "--rate",
+        "2000",
+        "--duration",
+        "1s",
+        "-s",
+        "300",
+        "--runs",
+        "2",
+        "--broker-arg=--threads=2",
+    ])
+    .await;
+    assert_eq!(report["runs"], 2);
+    let confirmed = report["confirmed"].as_u64().unwrap();
+    assert!(confirmed > 0);
+    assert_eq!(report["delivered"].as_u64().unwrap(), confirmed);
+    assert_eq!(report["lost"], 0);
+}
+
+#[tokio::test]
+async fn bench_without_consumers_leaves_everything_queued() {
+    let report = bench_json(&["-m", "2000", "-c", "0"]).await;
+    assert_eq!(report["confirmed"], 2000);
+    assert_eq!(report["delivered"], 0);
+    assert_eq!(report["lost"], 0);
+}

@@ -244,7 +244,8 @@ async fn rule8_messages_wait_while_no_consumer_is_connected() {
     assert_eq!(redelivered, [ids[0], ids[1], more[0]]);
 }
 
-#[tokio::test]
+// On tokio's multi-threaded runtime, as `ferry broker --threads 2` runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rule9_every_confirmed_message_is_delivered_despite_consumers_vanishing() {
     let broker = TestBroker::start_with(with_ack_timeout(Duration::from_millis(300))).await;
     let total = 2_000;

@@ -3,6 +3,7 @@
 //!
 //! - `{"type":"publish","payload":"…"}`, what producers send,
 //! - `{"type":"ack","id":N}`, what consumers send,
+//! - `{"type":"ok","id":N}`, the broker's confirm of a publish,
 //! - `{"type":"message","id":N,"payload":"…","attempt":A}`, what the broker delivers.
 //!
 //! Recognition is deliberately narrow: exactly these bytes, a payload with nothing to
@@ -13,6 +14,7 @@
 pub(crate) const PUBLISH_PREFIX: &[u8] = br#"{"type":"publish","payload":""#;
 pub(crate) const PUBLISH_SUFFIX: &[u8] = br#""}"#;
 const ACK_PREFIX: &[u8] = br#"{"type":"ack","id":"#;
+pub(crate) const CONFIRM_PREFIX: &[u8] = br#"{"type":"ok","id":"#;
 pub(crate) const MESSAGE_PREFIX: &[u8] = br#"{"type":"message","id":"#;
 pub(crate) const MESSAGE_PAYLOAD: &[u8] = br#","payload":"#;
 pub(crate) const MESSAGE_ATTEMPT: &[u8] = br#","attempt":"#;
@@ -38,6 +40,11 @@ pub(crate) fn publish_literal(body: &[u8]) -> Option<&[u8]> {
 /// The id of a canonical ack frame.
 pub(crate) fn ack_id(body: &[u8]) -> Option<u64> {
     decimal(body.strip_prefix(ACK_PREFIX)?.strip_suffix(b"}")?)
+}
+
+/// The id of a canonical publish confirm.
+pub(crate) fn confirm_id(body: &[u8]) -> Option<u64> {
+    decimal(body.strip_prefix(CONFIRM_PREFIX)?.strip_suffix(b"}")?)
 }
 
 /// (id, payload text, attempt) of a canonical message frame.
@@ -218,6 +225,17 @@ mod tests {
                         return Err(TestCaseError::fail("serde refused what the fast path accepted"));
                     };
                     prop_assert_eq!((slow.id.0, slow.payload.as_str(), slow.attempt), (fast_id, fast_payload, fast_attempt));
+                } else {
+                    prop_assert_eq!(ReceivedFrame::decode(&body).ok(), slow);
+                }
+            }
+
+            #[test]
+            fn confirm_fast_path_never_disagrees(id in digits()) {
+                let body = [CONFIRM_PREFIX, &id, b"}"].concat();
+                let slow: Option<ReceivedFrame> = serde_json::from_slice(&body).ok();
+                if let Some(fast) = confirm_id(&body) {
+                    prop_assert_eq!(slow, Some(ReceivedFrame::Ok { id: Some(MessageId(fast)) }));
                 } else {
                     prop_assert_eq!(ReceivedFrame::decode(&body).ok(), slow);
                 }

@@ -48,7 +48,7 @@ impl ServerFrame<'_> {
         match *self {
             ServerFrame::Registered => write_frame(dst, |b| b.put_slice(br#"{"type":"ok"}"#)),
             ServerFrame::Published(id) => write_frame(dst, |b| {
-                b.put_slice(br#"{"type":"ok","id":"#);
+                b.put_slice(canonical::CONFIRM_PREFIX);
                 put_decimal(b, id.0);
                 b.put_u8(b'}');
             }),
@@ -194,6 +194,11 @@ impl ReceivedFrame {
     /// # Errors
     /// serde_json's error when the body is not a frame of this protocol.
     pub fn decode(body: &[u8]) -> Result<Self, serde_json::Error> {
+        if let Some(id) = canonical::confirm_id(body) {
+            return Ok(ReceivedFrame::Ok {
+                id: Some(MessageId(id)),
+            });
+        }
         if let Some((id, payload, attempt)) = canonical::message(body) {
             return Ok(ReceivedFrame::Message(Message {
                 id: MessageId(id),
