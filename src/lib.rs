@@ -6,12 +6,14 @@
 //!   machine (no I/O, no clock); the rest of the module is the tokio shell that turns
 //!   sockets into calls on it ([`broker::Server`] is the entry point).
 //! - [`client`]: [`Producer`] and [`Consumer`], used by the CLI and the tests.
+//! - [`storage`]: the durable log under `--data-dir`: segments, group commit, recovery.
 //!
 //! The `ferry` binary (`src/main.rs`) is the command line over all of it.
 
 pub mod broker;
 pub mod client;
 pub mod protocol;
+pub mod storage;
 
 pub use client::{ClientError, Consumer, ConsumerOptions, Producer, ProducerOptions};
 pub use protocol::server_frame::{BrokerError, Message};

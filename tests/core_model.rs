@@ -57,6 +57,10 @@ enum Op {
         consumer: u64,
     },
     BeginDrain,
+    /// Lets ids below `watermark + 1 + step % (unreleased + 1)` be delivered.
+    Release {
+        step: u64,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -68,7 +72,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..CONSUMERS, 0u64..40).prop_map(|(consumer, id)| Op::WrongAck { consumer, id }),
         3 => (0u64..150).prop_map(|ms| Op::Advance { ms }),
         1 => (0..CONSUMERS).prop_map(|consumer| Op::Disconnect { consumer }),
-        1 => Just(Op::BeginDrain).prop_filter("drain rarely", |_| true),
+        1 => Just(Op::BeginDrain),
+        2 => any::<u64>().prop_map(|step| Op::Release { step }),
     ]
 }
 
@@ -101,6 +106,8 @@ struct Model {
     published: Vec<u64>,
     acked: HashSet<u64>,
     ever_delivered: HashSet<u64>,
+    /// Ids from here on are not deliverable (durable storage's watermark).
+    deliverable_below: u64,
 }
 
 impl Model {
@@ -142,7 +149,12 @@ impl Model {
     fn dispatch(&mut self) -> Vec<(usize, u64, u64, u32)> {
         let mut out = Vec::new();
         for (&queue_index, q) in self.queues.iter_mut() {
-            while !q.ready.is_empty() && !q.ring.is_empty() {
+            while q
+                .ready
+                .front()
+                .is_some_and(|(id, _)| *id < self.deliverable_below)
+                && !q.ring.is_empty()
+            {
                 let start = q.ring.iter().position(|c| Some(*c) == q.next).unwrap();
                 let n = q.ring.len();
                 let Some(pos) = (0..n).map(|step| (start + step) % n).find(|&pos| {
@@ -332,12 +344,19 @@ fn check(core: &mut Core, model: &Model) -> Result<(), TestCaseError> {
     Ok(())
 }
 
-fn run(ops: &[Op]) -> Result<(), TestCaseError> {
+fn run(ops: &[Op], hold_new: bool) -> Result<(), TestCaseError> {
     let mut core = Core::new(CoreConfig {
         ack_timeout: Duration::from_millis(ACK_TIMEOUT_MS),
         max_memory_bytes: MAX_MEMORY_BYTES,
     });
-    let mut model = Model::default();
+    let mut model = Model {
+        deliverable_below: u64::MAX,
+        ..Model::default()
+    };
+    if hold_new {
+        core.hold_new_messages();
+        model.deliverable_below = 1;
+    }
     for op in ops {
         match *op {
             Op::Publish { queue, text_len } => {
@@ -424,6 +443,14 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                 core.begin_drain();
                 model.draining = true;
             }
+            Op::Release { step } => {
+                if model.deliverable_below != u64::MAX {
+                    let unreleased = (model.next_id + 1).saturating_sub(model.deliverable_below);
+                    let below = model.deliverable_below + 1 + step % (unreleased + 1);
+                    core.make_deliverable(MessageId(below));
+                    model.deliverable_below = model.deliverable_below.max(below);
+                }
+            }
         }
         check(&mut core, &model)?;
     }
@@ -434,7 +461,7 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
 
     #[test]
-    fn core_agrees_with_the_model_and_keeps_its_invariants(ops in prop::collection::vec(op(), 1..250)) {
-        run(&ops)?;
+    fn core_agrees_with_the_model_and_keeps_its_invariants(ops in prop::collection::vec(op(), 1..250), hold_new in any::<bool>()) {
+        run(&ops, hold_new)?;
     }
 }

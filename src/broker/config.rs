@@ -6,6 +6,7 @@ use std::time::Duration;
 use super::auth::Access;
 use super::core::CoreConfig;
 use crate::protocol::DEFAULT_MAX_FRAME_BYTES;
+use crate::storage::StorageConfig;
 
 /// Default `--addr`.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:7878";
@@ -32,6 +33,8 @@ pub struct BrokerConfig {
     /// The contract fixes this at 10 s; tests of the library shorten it.
     pub register_timeout: Duration,
     pub access: Access,
+    /// The durable log; `None` keeps messages in memory only.
+    pub storage: Option<StorageConfig>,
 }
 
 impl Default for BrokerConfig {
@@ -45,6 +48,7 @@ impl Default for BrokerConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             register_timeout: REGISTER_TIMEOUT,
             access: Access::Open,
+            storage: None,
         }
     }
 }

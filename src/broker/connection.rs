@@ -417,6 +417,10 @@ impl Connection {
         match ending {
             Some(Ending::Fatal) => close_after_fatal_error(&mut self.stream).await,
             Some(Ending::Shutdown) => {
+                // The core task's last act may have been to release confirms to us.
+                while let Ok(message) = self.outbound_rx.try_recv() {
+                    self.on_outbound(message);
+                }
                 let _ = timeout(
                     SHUTDOWN_FLUSH_TIMEOUT,
                     self.stream.write_all_buf(&mut self.write_buf),

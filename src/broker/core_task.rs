@@ -8,6 +8,7 @@
 //! unanswered), and deliveries are capped by the consumer's prefetch. That way this task
 //! never waits for a slow connection, so one cannot stall the others.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,9 +18,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::core::{ConsumerId, Core, CoreConfig, Delivery, DrainReport};
+use super::held_replies::HeldReplies;
 use super::metrics::BrokerMetrics;
 use super::sleep_until;
 use crate::protocol::{ErrorCode, MessageId, Payload, QueueName, Role};
+use crate::storage::{Durability, Journal, LiveMessage, Storage};
 
 /// Identifies a connection for the life of the broker; never reused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -104,7 +107,27 @@ pub(crate) struct CoreTask {
     outgoing: FxHashMap<ConnectionId, Vec<Delivery>>,
     drain_timeout: Duration,
     metrics: Arc<BrokerMetrics>,
+    /// The log, with `--data-dir`.
+    journal: Option<Journal>,
+    held: HeldReplies,
+    /// Ids acked and delivered this turn, logged together at its end.
+    acked: Vec<MessageId>,
+    delivered: Vec<MessageId>,
+    /// The highest id published this turn.
+    newest_published: Option<MessageId>,
+    /// (batch, highest id published in it): when the batch is durable, messages up to
+    /// that id may be delivered.
+    publish_batches: VecDeque<(u64, MessageId)>,
 }
+
+/// The log stopped accepting writes: nothing more can be confirmed.
+#[derive(Debug, thiserror::Error)]
+#[error("the log failed ({0}); stopping, with nothing confirmed that is not durable")]
+pub struct StorageFailed(pub String);
+
+/// Estimated log bytes per live message beyond its payload (record framing, id, queue
+/// name): enough precision for deciding when a checkpoint pays off.
+const LOG_BYTES_PER_MESSAGE: u64 = 48;
 
 impl CoreTask {
     pub fn new(
@@ -112,22 +135,56 @@ impl CoreTask {
         drain_timeout: Duration,
         requests: mpsc::Receiver<Request>,
         metrics: Arc<BrokerMetrics>,
+        storage: Option<Storage>,
     ) -> Self {
+        let mut core = Core::new(config);
+        let journal = storage.map(
+            |Storage {
+                 journal, recovered, ..
+             }| {
+                for message in recovered.messages {
+                    core.restore(
+                        &message.queue,
+                        message.id,
+                        message.payload,
+                        message.deliveries,
+                    );
+                }
+                core.skip_ids_below(recovered.next_id);
+                // Everything recovered is durable; what comes next is delivered once it is.
+                core.hold_new_messages();
+                journal
+            },
+        );
+        metrics.record_core(&core.stats());
         CoreTask {
-            core: Core::new(config),
+            core,
             requests,
             sessions: FxHashMap::default(),
             outgoing: FxHashMap::default(),
             drain_timeout,
             metrics,
+            journal,
+            held: HeldReplies::default(),
+            acked: Vec::new(),
+            delivered: Vec::new(),
+            newest_published: None,
+            publish_batches: VecDeque::new(),
         }
     }
 
-    /// Runs until the drain that `shutdown` starts is complete or timed out.
-    pub async fn run(mut self, shutdown: CancellationToken) -> ShutdownReport {
+    /// Runs until the drain that `shutdown` starts is complete or timed out; then makes
+    /// everything submitted to the log durable and releases the last confirms.
+    ///
+    /// # Errors
+    /// [`StorageFailed`] if the log cannot be written: the broker must stop.
+    pub async fn run(
+        mut self,
+        shutdown: CancellationToken,
+    ) -> Result<ShutdownReport, StorageFailed> {
         let mut batch = Vec::with_capacity(REQUESTS_PER_TURN);
         let mut drain_deadline: Option<Instant> = None;
-        loop {
+        let report = loop {
             let ack_deadline = self.core.poll_timeout();
             tokio::select! {
                 biased;
@@ -142,12 +199,13 @@ impl CoreTask {
                     let drain = self.core.drain_report();
                     warn!(delivered = drain.delivered, left_ready = drain.left_ready,
                         left_in_flight = drain.left_in_flight, "drain timeout passed");
-                    return ShutdownReport { drain, completed: false };
+                    break ShutdownReport { drain, completed: false };
                 }
+                durability = durability_change(&mut self.journal) => self.release_durable(durability)?,
                 received = self.requests.recv_many(&mut batch, REQUESTS_PER_TURN) => {
                     if received == 0 {
                         // Every sender is gone: the server ended without a drain.
-                        return ShutdownReport { drain: self.core.drain_report(), completed: false };
+                        break ShutdownReport { drain: self.core.drain_report(), completed: false };
                     }
                     for request in batch.drain(..) {
                         self.apply(request);
@@ -155,15 +213,95 @@ impl CoreTask {
                 }
                 () = sleep_until(ack_deadline) => self.core.handle_timeout(Instant::now()),
             }
-            self.dispatch(Instant::now());
-            self.metrics.record_core(&self.core.stats());
-            if drain_deadline.is_some() && self.core.is_drained() {
-                return ShutdownReport {
+            self.end_turn(Instant::now());
+            if drain_deadline.is_some() && self.core.is_drained() && self.held.is_empty() {
+                break ShutdownReport {
                     drain: self.core.drain_report(),
                     completed: true,
                 };
             }
+        };
+        self.close_log().await?;
+        Ok(report)
+    }
+
+    /// Hands out deliveries, logs the turn and submits it, checkpoints when due.
+    fn end_turn(&mut self, now: Instant) {
+        self.dispatch(now);
+        if let Some(journal) = &mut self.journal {
+            journal.log_acked(&self.acked);
+            journal.log_delivered(&self.delivered);
+            let seq = journal.submit();
+            if let (Some(seq), Some(newest)) = (seq, self.newest_published.take()) {
+                self.publish_batches.push_back((seq, newest));
+            }
+            let stats = self.core.stats();
+            let live_messages = (stats.ready + stats.in_flight) as u64;
+            if journal.needs_checkpoint(stats.memory_bytes + live_messages * LOG_BYTES_PER_MESSAGE)
+            {
+                info!(live_messages, "checkpointing the log");
+                let live = self
+                    .core
+                    .live_messages()
+                    .map(|(id, deliveries, queue, payload)| LiveMessage {
+                        id,
+                        deliveries,
+                        queue,
+                        payload,
+                    });
+                journal.checkpoint(self.core.next_id(), live);
+                journal.submit();
+            }
         }
+        self.acked.clear();
+        self.delivered.clear();
+        self.metrics.record_core(&self.core.stats());
+    }
+
+    fn release_durable(&mut self, durability: Durability) -> Result<(), StorageFailed> {
+        match durability {
+            Durability::Through(seq) => {
+                while let Some(&(batch, newest)) = self.publish_batches.front() {
+                    if batch > seq {
+                        break;
+                    }
+                    self.publish_batches.pop_front();
+                    self.core.make_deliverable(MessageId(newest.0 + 1));
+                }
+                for (conn, replies) in self.held.release_through(seq) {
+                    self.send(conn, ToConnection::Replies(replies));
+                }
+                Ok(())
+            }
+            Durability::Failed(reason) => Err(StorageFailed(reason)),
+        }
+    }
+
+    /// Makes everything submitted durable, releases the confirms waiting for it, and
+    /// stops the writer.
+    async fn close_log(&mut self) -> Result<(), StorageFailed> {
+        let Some(mut journal) = self.journal.take() else {
+            return Ok(());
+        };
+        let last = journal.submit().unwrap_or(journal.pending_seq() - 1);
+        loop {
+            let durability = journal.durability().borrow_and_update().clone();
+            match durability {
+                Durability::Through(seq) if seq >= last => {
+                    self.release_durable(durability)?;
+                    break;
+                }
+                Durability::Failed(reason) => return Err(StorageFailed(reason)),
+                Durability::Through(_) => {
+                    if journal.durability().changed().await.is_err() {
+                        return Err(StorageFailed("the log writer stopped".into()));
+                    }
+                }
+            }
+        }
+        // Joining the writer thread blocks; it has nothing left to write.
+        let _ = tokio::task::spawn_blocking(move || journal.close()).await;
+        Ok(())
     }
 
     fn apply(&mut self, Request { conn, commands }: Request) {
@@ -192,7 +330,10 @@ impl CoreTask {
                 }
                 Command::Publish(payload) => self.publish(conn, payload),
                 Command::Ack(id) => match self.core.ack(conn.consumer(), id) {
-                    Ok(()) => Reply::Acked,
+                    Ok(()) => {
+                        self.acked.push(id);
+                        Reply::Acked
+                    }
                     Err(refusal) => Reply::Refused {
                         code: ErrorCode::UnknownId,
                         message: refusal.to_string(),
@@ -206,8 +347,17 @@ impl CoreTask {
             };
             replies.push(reply);
         }
-        if !replies.is_empty() {
-            self.send(conn, ToConnection::Replies(replies));
+        if replies.is_empty() {
+            return;
+        }
+        // A confirm waits until its record is durable, and a connection's later replies
+        // wait behind its earlier ones.
+        let needs_log = self.journal.is_some()
+            && (replies.iter().any(|r| matches!(r, Reply::Published(_)))
+                || self.held.holds_for(conn));
+        match &self.journal {
+            Some(journal) if needs_log => self.held.hold(journal.pending_seq(), conn, replies),
+            _ => self.send(conn, ToConnection::Replies(replies)),
         }
     }
 
@@ -221,8 +371,15 @@ impl CoreTask {
             };
         };
         debug_assert_eq!(session.role, Role::Producer);
+        let logged = self.journal.is_some().then(|| payload.clone());
         match self.core.publish(&session.queue, payload) {
-            Ok(id) => Reply::Published(id),
+            Ok(id) => {
+                if let (Some(journal), Some(payload)) = (&mut self.journal, logged) {
+                    journal.log_publish(id, 0, &session.queue, &payload);
+                    self.newest_published = Some(id);
+                }
+                Reply::Published(id)
+            }
             Err(refusal) => {
                 debug!(conn = %conn, queue = %session.queue, %refusal, "publish refused");
                 Reply::Refused {
@@ -237,6 +394,9 @@ impl CoreTask {
     /// Hands out every delivery the core can make now, one channel message per consumer.
     fn dispatch(&mut self, now: Instant) {
         while let Some(delivery) = self.core.poll_delivery(now) {
+            if self.journal.is_some() {
+                self.delivered.push(delivery.id);
+            }
             self.outgoing
                 .entry(ConnectionId(delivery.consumer.0))
                 .or_default()
@@ -281,4 +441,15 @@ fn send_to(
     sessions
         .get(&conn)
         .is_none_or(|session| session.outbound.send(message).is_ok())
+}
+
+/// The next change in how far the log is durable; never, without a log.
+async fn durability_change(journal: &mut Option<Journal>) -> Durability {
+    let Some(journal) = journal else {
+        return std::future::pending().await;
+    };
+    match journal.durability().changed().await {
+        Ok(()) => journal.durability().borrow_and_update().clone(),
+        Err(_) => Durability::Failed("the log writer stopped".into()),
+    }
 }

@@ -1,7 +1,9 @@
 //! The broker: the queue [`core`] state machine and the tokio shell around it.
 //!
 //! - [`core`]: queues, round-robin, in-flight set, deadlines, drain. No I/O, no clock.
-//! - `core_task`: the single task that owns the core and talks to connections by channel.
+//! - `core_task`: the single task that owns the core and talks to connections by channel;
+//!   with `--data-dir` it also drives the log and holds confirms until they are durable
+//!   (`held_replies`).
 //! - `connection`: one task per client socket; frames in, commands out, and back.
 //! - [`server`]: the listener, the connection limit, signals to shutdown and the drain.
 //! - [`auth`]: the `--auth-file` grants.
@@ -13,11 +15,12 @@ pub mod config;
 mod connection;
 pub mod core;
 mod core_task;
+mod held_replies;
 pub mod metrics;
 pub mod server;
 
 pub use config::BrokerConfig;
-pub use core_task::{ConnectionId, ShutdownReport};
+pub use core_task::{ConnectionId, ShutdownReport, StorageFailed};
 pub use server::{BrokerError, Server};
 
 /// Sleeps until `deadline`, or forever without one: a `select!` branch that is armed

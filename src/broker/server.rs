@@ -16,10 +16,11 @@ use tracing::{Instrument, error, field, info, info_span, warn};
 
 use super::config::BrokerConfig;
 use super::connection::{Connection, ConnectionSettings, close_after_fatal_error};
-use super::core_task::{ConnectionId, CoreTask, ShutdownReport};
+use super::core_task::{ConnectionId, CoreTask, ShutdownReport, StorageFailed};
 use super::metrics::BrokerMetrics;
 use crate::protocol::ErrorCode;
 use crate::protocol::server_frame::ServerFrame;
+use crate::storage::{Storage, StorageError};
 
 /// Capacity, in batches, of the channel from connections to the core task.
 const CORE_CHANNEL_BATCHES: usize = 1024;
@@ -42,6 +43,10 @@ pub enum BrokerError {
     },
     #[error("the queue core task failed: {0}")]
     CoreTask(#[from] tokio::task::JoinError),
+    #[error(transparent)]
+    OpenStorage(#[from] StorageError),
+    #[error(transparent)]
+    Storage(#[from] StorageFailed),
 }
 
 /// A bound, not yet running, broker.
@@ -49,14 +54,37 @@ pub struct Server {
     listener: TcpListener,
     config: BrokerConfig,
     metrics: Arc<BrokerMetrics>,
+    storage: Option<Storage>,
 }
 
 impl Server {
-    /// Binds the listening socket.
+    /// Opens and recovers the durable log, if configured, then binds the listening socket:
+    /// a broker listens only once it knows every message it holds.
     ///
     /// # Errors
+    /// [`BrokerError::OpenStorage`] when the log cannot be opened or is damaged;
     /// [`BrokerError::Bind`] when the address cannot be bound.
     pub async fn bind(config: BrokerConfig) -> Result<Server, BrokerError> {
+        let storage = match &config.storage {
+            Some(storage_config) => {
+                let storage_config = storage_config.clone();
+                let opened =
+                    tokio::task::spawn_blocking(move || Storage::open(&storage_config)).await??;
+                let recovered = &opened.recovered;
+                info!(
+                    messages = recovered.messages.len(),
+                    segments = recovered.segments.len(),
+                    records = recovered.records,
+                    next_id = recovered.next_id,
+                    truncated_bytes = recovered.truncated_bytes,
+                    skipped_bytes = recovered.skipped_bytes,
+                    ms = opened.recovery_time.as_millis() as u64,
+                    "recovered the log"
+                );
+                Some(opened)
+            }
+            None => None,
+        };
         let listener =
             TcpListener::bind(config.addr)
                 .await
@@ -68,6 +96,7 @@ impl Server {
             listener,
             config,
             metrics: Arc::default(),
+            storage,
         })
     }
 
@@ -93,6 +122,7 @@ impl Server {
             listener,
             config,
             metrics,
+            storage,
         } = self;
         let (core_tx, core_rx) = mpsc::channel(CORE_CHANNEL_BATCHES);
         let core_task = tokio::spawn(
@@ -101,6 +131,7 @@ impl Server {
                 config.drain_timeout,
                 core_rx,
                 metrics.clone(),
+                storage,
             )
             .run(shutdown.clone()),
         );
@@ -170,10 +201,11 @@ impl Server {
         drop(listener);
         drop(core_tx);
         info!("stopped accepting connections");
-        let report = core_task.await?;
+        let outcome = core_task.await?;
         close_all.cancel();
         connections.close();
         connections.wait().await;
+        let report = outcome?;
         let drain = report.drain;
         if report.completed {
             info!(

@@ -18,6 +18,7 @@ use ferry::broker::config::{
     BrokerConfig, DEFAULT_ADDR, DEFAULT_MAX_CONNECTIONS, REGISTER_TIMEOUT,
 };
 use ferry::protocol::DEFAULT_MAX_FRAME_BYTES;
+use ferry::storage::{FsyncPolicy, StorageConfig};
 
 /// Exit status after a second signal cut the drain short (128 + SIGINT).
 const EXIT_INTERRUPTED: u8 = 130;
@@ -46,9 +47,21 @@ pub struct BrokerArgs {
     /// TOML file of [[grant]] entries (token, roles, queues); without it the broker is open.
     #[arg(long)]
     auth_file: Option<PathBuf>,
-    /// Directory for durable storage; without it messages live in memory only.
+    /// Directory for the durable log: confirmed messages survive crashes and restarts.
+    /// Without it, messages live in memory only.
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// With --data-dir: `always` syncs the log before confirming a publish (survives power
+    /// loss); `never` leaves it to the OS (survives a crash of the broker, not of the machine).
+    #[arg(long, value_enum, default_value = "always", requires = "data_dir")]
+    fsync: FsyncPolicy,
+    /// With --data-dir: size at which the log starts a new segment file.
+    #[arg(long, default_value = "64MiB", requires = "data_dir")]
+    segment_size: ByteSize,
+    /// With --data-dir: skip damaged bytes in the middle of the log instead of refusing to
+    /// start. The messages in them are lost; every skip is logged.
+    #[arg(long, requires = "data_dir")]
+    repair: bool,
     /// Threads serving connections. 1 (the default) is a single event loop: the lowest
     /// latency and the most messages per CPU second. More spread connection work over
     /// cores, for machines where the broker has cores to itself.
@@ -62,6 +75,17 @@ impl BrokerArgs {
     }
 }
 
+fn describe_storage(storage: &Option<StorageConfig>) -> String {
+    match storage {
+        None => "in memory".into(),
+        Some(storage) => format!(
+            "durable in {} (fsync {})",
+            storage.dir.display(),
+            storage.fsync
+        ),
+    }
+}
+
 fn parse_positive_duration(text: &str) -> Result<Duration, String> {
     match humantime::parse_duration(text) {
         Ok(d) if d.is_zero() => Err("must be more than zero".into()),
@@ -71,10 +95,10 @@ fn parse_positive_duration(text: &str) -> Result<Duration, String> {
 }
 
 pub async fn run(args: BrokerArgs) -> anyhow::Result<ExitCode> {
-    if let Some(dir) = &args.data_dir {
+    if args.segment_size.as_u64() < 4096 {
         bail!(
-            "--data-dir {}: durable storage is not available in this build; run without --data-dir for an in-memory broker",
-            dir.display()
+            "--segment-size {} is too small; use at least 4KiB",
+            args.segment_size
         );
     }
     let access = match &args.auth_file {
@@ -99,6 +123,12 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<ExitCode> {
         max_connections: args.max_connections as usize,
         register_timeout: REGISTER_TIMEOUT,
         access,
+        storage: args.data_dir.clone().map(|dir| StorageConfig {
+            dir,
+            fsync: args.fsync,
+            segment_bytes: args.segment_size.as_u64(),
+            repair: args.repair,
+        }),
     };
 
     // Signals are hooked before the broker says it is listening, so a signal sent as
@@ -117,7 +147,8 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<ExitCode> {
         max_frame_bytes = config.max_frame_bytes,
         max_memory = %ByteSize(config.max_memory_bytes),
         max_connections = config.max_connections,
-        "in-memory broker ready"
+        storage = %describe_storage(&config.storage),
+        "broker ready"
     );
     info!("listening on {addr}");
 

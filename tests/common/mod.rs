@@ -38,6 +38,27 @@ pub fn test_config() -> BrokerConfig {
     }
 }
 
+/// A test config with the durable log in `dir` (small segments, so tests roll over).
+pub fn durable_config(dir: &std::path::Path) -> BrokerConfig {
+    BrokerConfig {
+        storage: Some(ferry::storage::StorageConfig {
+            dir: dir.to_owned(),
+            fsync: ferry::storage::FsyncPolicy::Always,
+            segment_bytes: 64 * 1024,
+            repair: false,
+        }),
+        ..test_config()
+    }
+}
+
+/// Total bytes of the files in `dir`.
+pub fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().metadata().unwrap().len())
+        .sum()
+}
+
 /// A broker running in this process.
 pub struct TestBroker {
     pub addr: SocketAddr,

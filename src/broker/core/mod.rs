@@ -137,6 +137,11 @@ pub struct Core {
     drained_deliveries: Option<u64>,
     /// The latest `now` seen, so that a clock that steps back cannot unsort `deadlines`.
     latest_now: Option<Instant>,
+    /// Messages with ids from here on are not delivered yet (durable storage: not yet on
+    /// stable storage). `u64::MAX` without storage.
+    deliverable_below: u64,
+    /// Queues that stopped dispatching at that line, to resume when it moves.
+    held_at_watermark: Vec<QueueName>,
 }
 
 #[derive(Debug, Default)]
@@ -146,6 +151,8 @@ struct Queue {
     consumers: Vec<ConsumerId>,
     next_consumer: usize,
     dispatch_scheduled: bool,
+    /// Listed in `held_at_watermark`.
+    at_watermark: bool,
 }
 
 #[derive(Debug)]
@@ -191,7 +198,78 @@ impl Core {
             stats: CoreStats::default(),
             drained_deliveries: None,
             latest_now: None,
+            deliverable_below: u64::MAX,
+            held_at_watermark: Vec::new(),
         }
+    }
+
+    /// From now on, new messages are delivered only once [`Core::make_deliverable`] has
+    /// passed their id; messages already held are unaffected. With durable storage, a
+    /// consumer must never see a message that a crash could still erase (and whose id
+    /// could then be given to another).
+    pub fn hold_new_messages(&mut self) {
+        self.deliverable_below = self.next_id;
+    }
+
+    /// Lets messages with ids below `below` be delivered.
+    pub fn make_deliverable(&mut self, below: MessageId) {
+        if below.0 <= self.deliverable_below {
+            return;
+        }
+        self.deliverable_below = below.0;
+        for name in std::mem::take(&mut self.held_at_watermark) {
+            if let Some(queue) = self.queues.get_mut(&name) {
+                queue.at_watermark = false;
+            }
+            self.schedule_dispatch(&name);
+        }
+    }
+
+    /// Puts a message recovered from storage at the back of its queue, ready, with the
+    /// deliveries it had; ids must come in increasing order. It counts against the memory
+    /// limit like any message, but is never refused: it was confirmed long ago.
+    pub fn restore(&mut self, queue: &QueueName, id: MessageId, payload: Payload, deliveries: u32) {
+        debug_assert!(id.0 >= self.next_id, "restored out of order");
+        self.next_id = self.next_id.max(id.0 + 1);
+        self.stats.memory_bytes += payload.len() as u64;
+        self.stats.ready += 1;
+        self.queues
+            .entry(queue.clone())
+            .or_default()
+            .ready
+            .push_back(ReadyMessage {
+                id,
+                payload,
+                deliveries,
+            });
+    }
+
+    /// The id the next publish will get.
+    pub fn next_id(&self) -> u64 {
+        self.next_id
+    }
+
+    /// Makes ids go on from at least `next_id` (after recovery: past every id ever issued).
+    pub fn skip_ids_below(&mut self, next_id: u64) {
+        self.next_id = self.next_id.max(next_id);
+    }
+
+    /// Every message not yet acked, ready or in flight, with its deliveries so far, for a
+    /// storage checkpoint. In no particular order.
+    pub fn live_messages(&self) -> impl Iterator<Item = (MessageId, u32, &QueueName, &Payload)> {
+        let ready = self.queues.iter().flat_map(|(name, queue)| {
+            queue
+                .ready
+                .iter()
+                .map(move |m| (m.id, m.deliveries, name, &m.payload))
+        });
+        let in_flight = self.consumers.values().flat_map(|consumer| {
+            consumer
+                .in_flight
+                .iter()
+                .map(move |(id, f)| (*id, f.attempt, &consumer.queue, &f.payload))
+        });
+        ready.chain(in_flight)
     }
 
     /// Adds a consumer to `queue` (created if new) as the last in its round-robin order.
@@ -373,10 +451,25 @@ impl Core {
     pub fn poll_delivery(&mut self, now: Instant) -> Option<Delivery> {
         let now = self.observe(now);
         while let Some(name) = self.dispatch_queue.front() {
-            let delivered = self
-                .queues
-                .get_mut(name)
-                .and_then(|queue| queue.deliver_next(&mut self.consumers));
+            let Some(queue) = self.queues.get_mut(name) else {
+                self.dispatch_queue.pop_front();
+                continue;
+            };
+            if queue
+                .ready
+                .front()
+                .is_some_and(|m| m.id.0 >= self.deliverable_below)
+            {
+                // The front message is not durable yet; later ones are newer still.
+                if !queue.at_watermark {
+                    queue.at_watermark = true;
+                    self.held_at_watermark.push(name.clone());
+                }
+                queue.dispatch_scheduled = false;
+                self.dispatch_queue.pop_front();
+                continue;
+            }
+            let delivered = queue.deliver_next(&mut self.consumers);
             match delivered {
                 Some(delivery) => {
                     self.stats.ready -= 1;
@@ -394,9 +487,7 @@ impl Core {
                     return Some(delivery);
                 }
                 None => {
-                    if let Some(queue) = self.queues.get_mut(name) {
-                        queue.dispatch_scheduled = false;
-                    }
+                    queue.dispatch_scheduled = false;
                     self.dispatch_queue.pop_front();
                 }
             }

@@ -467,3 +467,47 @@ fn a_clock_that_steps_back_cannot_reorder_deadlines() {
         "both expire: the second was stamped at t(1000)"
     );
 }
+
+#[test]
+fn held_new_messages_wait_for_make_deliverable_in_id_order() {
+    let mut core = core();
+    let old = publish(&mut core, "q", "before");
+    core.hold_new_messages();
+    let new = publish_n(&mut core, "q", 3);
+    core.subscribe(C1, q("q"), 10);
+    assert_eq!(
+        delivered_ids(&drain(&mut core, t(0))),
+        [old],
+        "only what was there before"
+    );
+    core.make_deliverable(MessageId(new[1].0));
+    assert_eq!(delivered_ids(&drain(&mut core, t(0))), [new[0]]);
+    core.make_deliverable(MessageId(new[0].0)); // never backwards
+    assert!(drain(&mut core, t(0)).is_empty());
+    core.make_deliverable(MessageId(u64::MAX));
+    assert_eq!(delivered_ids(&drain(&mut core, t(0))), new[1..]);
+    // Redeliveries are never held: they were delivered before.
+    core.disconnect(C1);
+    core.subscribe(C2, q("q"), 10);
+    assert_eq!(drain(&mut core, t(0)).len(), 4);
+}
+
+#[test]
+fn restored_messages_keep_their_deliveries_and_ids_go_on_after_them() {
+    let mut core = core();
+    core.restore(&q("q"), MessageId(7), Payload::from_text("seven"), 2);
+    core.restore(&q("q"), MessageId(9), Payload::from_text("nine"), 0);
+    core.skip_ids_below(12);
+    core.subscribe(C1, q("q"), 10);
+    assert_eq!(
+        drain(&mut core, t(0)),
+        [(C1, MessageId(7), 3), (C1, MessageId(9), 1)]
+    );
+    assert_eq!(publish(&mut core, "q", "next"), MessageId(12));
+    let live: Vec<_> = core
+        .live_messages()
+        .map(|(id, deliveries, _, _)| (id, deliveries))
+        .collect();
+    assert_eq!(live.len(), 3);
+    assert!(live.contains(&(MessageId(7), 3)) && live.contains(&(MessageId(12), 0)));
+}

@@ -1,0 +1,324 @@
+//! The few file operations the log needs, behind a trait, so that tests can run the
+//! same log on [`SimBackend`], which keeps what was written apart from what was synced
+//! and can "crash" back to the synced image (the approach of redb's crash tests).
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Where segments live.
+pub trait Backend: Send + Sync {
+    /// Numbers of the segments present, ascending.
+    fn list_segments(&self) -> io::Result<Vec<u64>>;
+    fn read_segment(&self, number: u64) -> io::Result<Vec<u8>>;
+    /// Creates a new, empty segment. Its name is durable only after [`Backend::sync_dir`].
+    fn create_segment(&self, number: u64) -> io::Result<Box<dyn SegmentWriter>>;
+    /// Cuts a segment to `len` bytes, durably.
+    fn truncate_segment(&self, number: u64, len: u64) -> io::Result<()>;
+    /// Removes a segment; durable only after [`Backend::sync_dir`].
+    fn remove_segment(&self, number: u64) -> io::Result<()>;
+    fn sync_dir(&self) -> io::Result<()>;
+    /// How to name a segment in messages to people.
+    fn describe(&self, number: u64) -> String;
+}
+
+/// A segment open for appending.
+pub trait SegmentWriter: Send {
+    fn append(&mut self, bytes: &[u8]) -> io::Result<()>;
+    /// Makes everything appended durable (fdatasync).
+    fn sync_data(&mut self) -> io::Result<()>;
+}
+
+/// Segments as files `<20-digit number>.seg` in a directory.
+pub struct FileBackend {
+    dir: PathBuf,
+}
+
+impl FileBackend {
+    pub fn new(dir: &Path) -> FileBackend {
+        FileBackend {
+            dir: dir.to_owned(),
+        }
+    }
+
+    fn path(&self, number: u64) -> PathBuf {
+        self.dir.join(format!("{number:020}.seg"))
+    }
+}
+
+impl Backend for FileBackend {
+    fn list_segments(&self) -> io::Result<Vec<u64>> {
+        let mut numbers = Vec::new();
+        for entry in std::fs::read_dir(&self.dir)? {
+            let name = entry?.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if let Some(number) = name.strip_suffix(".seg").and_then(|n| n.parse().ok()) {
+                numbers.push(number);
+            }
+        }
+        numbers.sort_unstable();
+        Ok(numbers)
+    }
+
+    fn read_segment(&self, number: u64) -> io::Result<Vec<u8>> {
+        std::fs::read(self.path(number))
+    }
+
+    fn create_segment(&self, number: u64) -> io::Result<Box<dyn SegmentWriter>> {
+        let file = OpenOptions::new()
+            .append(true)
+            .create_new(true)
+            .open(self.path(number))?;
+        Ok(Box::new(FileSegment { file }))
+    }
+
+    fn truncate_segment(&self, number: u64, len: u64) -> io::Result<()> {
+        let file = OpenOptions::new().write(true).open(self.path(number))?;
+        file.set_len(len)?;
+        file.sync_all()
+    }
+
+    fn remove_segment(&self, number: u64) -> io::Result<()> {
+        std::fs::remove_file(self.path(number))
+    }
+
+    fn sync_dir(&self) -> io::Result<()> {
+        File::open(&self.dir)?.sync_all()
+    }
+
+    fn describe(&self, number: u64) -> String {
+        self.path(number).display().to_string()
+    }
+}
+
+struct FileSegment {
+    file: File,
+}
+
+impl SegmentWriter for FileSegment {
+    fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.file.write_all(bytes)
+    }
+
+    fn sync_data(&mut self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+}
+
+/// An in-memory backend that can crash. Each segment has the bytes written and the bytes
+/// synced; the directory has the names that exist and the names synced. [`SimBackend::crash`]
+/// throws away everything not synced, except that a chosen number of unsynced bytes may
+/// survive at the end of each file, as a torn write would leave them. A crash also kills
+/// the process that was writing: every handle from before it fails from then on, and the
+/// log is reopened through [`SimBackend::after_crash`].
+#[derive(Clone, Default)]
+pub struct SimBackend {
+    state: Arc<Mutex<SimState>>,
+    /// The crash epoch this handle lives in.
+    epoch: u64,
+}
+
+#[derive(Default)]
+struct SimState {
+    files: BTreeMap<u64, SimFile>,
+    /// Incremented on every crash; handles from before a crash are dead.
+    epoch: u64,
+    /// When set, every operation fails: a disk gone bad.
+    failing: bool,
+}
+
+#[derive(Default, Clone)]
+struct SimFile {
+    written: Vec<u8>,
+    synced: Vec<u8>,
+    exists: bool,
+    exists_synced: bool,
+}
+
+impl SimBackend {
+    fn state(&self) -> MutexGuard<'_, SimState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Simulates a power loss: keeps synced bytes and names, plus up to
+    /// `torn_bytes(file number, unsynced length)` unsynced bytes of each file.
+    pub fn crash(&self, mut torn_bytes: impl FnMut(u64, usize) -> usize) {
+        let mut state = self.state();
+        state.epoch += 1;
+        state.files.retain(|_, file| file.exists_synced);
+        for (number, file) in state.files.iter_mut() {
+            let unsynced = file.written.len().saturating_sub(file.synced.len());
+            let kept = torn_bytes(*number, unsynced).min(unsynced);
+            let mut image = file.synced.clone();
+            if file.written.starts_with(&file.synced) {
+                image.extend_from_slice(&file.written[file.synced.len()..file.synced.len() + kept]);
+            }
+            file.written = image.clone();
+            file.synced = image;
+            file.exists = true;
+        }
+    }
+
+    /// A handle for the process that starts after the latest crash.
+    pub fn after_crash(&self) -> SimBackend {
+        SimBackend {
+            state: self.state.clone(),
+            epoch: self.state().epoch,
+        }
+    }
+
+    /// Makes every later operation fail, as a dying disk would.
+    pub fn fail_from_now_on(&self) {
+        self.state().failing = true;
+    }
+
+    /// Total bytes written to segments that exist.
+    pub fn total_bytes(&self) -> usize {
+        self.state()
+            .files
+            .values()
+            .filter(|f| f.exists)
+            .map(|f| f.written.len())
+            .sum()
+    }
+
+    /// Overwrites part of a segment, durably (to plant corruption in tests).
+    pub fn corrupt(&self, number: u64, offset: usize, bytes: &[u8]) {
+        let mut state = self.state();
+        let file = state.files.get_mut(&number).expect("segment exists");
+        file.written[offset..offset + bytes.len()].copy_from_slice(bytes);
+        file.synced = file.written.clone();
+    }
+
+    /// Puts a segment with these bytes in place, durably.
+    pub fn put_segment(&self, number: u64, bytes: &[u8]) {
+        self.state().files.insert(
+            number,
+            SimFile {
+                written: bytes.to_vec(),
+                synced: bytes.to_vec(),
+                exists: true,
+                exists_synced: true,
+            },
+        );
+    }
+
+    fn check(&self, state: &SimState) -> io::Result<()> {
+        if state.failing {
+            Err(io::Error::other("simulated disk failure"))
+        } else if state.epoch != self.epoch {
+            Err(io::Error::other("handle from before a simulated crash"))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl Backend for SimBackend {
+    fn list_segments(&self) -> io::Result<Vec<u64>> {
+        let state = self.state();
+        self.check(&state)?;
+        Ok(state
+            .files
+            .iter()
+            .filter(|(_, f)| f.exists)
+            .map(|(n, _)| *n)
+            .collect())
+    }
+
+    fn read_segment(&self, number: u64) -> io::Result<Vec<u8>> {
+        let state = self.state();
+        self.check(&state)?;
+        state
+            .files
+            .get(&number)
+            .filter(|f| f.exists)
+            .map(|f| f.written.clone())
+            .ok_or_else(|| io::ErrorKind::NotFound.into())
+    }
+
+    fn create_segment(&self, number: u64) -> io::Result<Box<dyn SegmentWriter>> {
+        let mut state = self.state();
+        self.check(&state)?;
+        if state.files.get(&number).is_some_and(|f| f.exists) {
+            return Err(io::ErrorKind::AlreadyExists.into());
+        }
+        state.files.insert(
+            number,
+            SimFile {
+                exists: true,
+                ..SimFile::default()
+            },
+        );
+        Ok(Box::new(SimSegment {
+            backend: self.clone(),
+            number,
+        }))
+    }
+
+    fn truncate_segment(&self, number: u64, len: u64) -> io::Result<()> {
+        let mut state = self.state();
+        self.check(&state)?;
+        let file = state
+            .files
+            .get_mut(&number)
+            .ok_or(io::ErrorKind::NotFound)?;
+        file.written.truncate(len as usize);
+        file.synced = file.written.clone();
+        Ok(())
+    }
+
+    fn remove_segment(&self, number: u64) -> io::Result<()> {
+        let mut state = self.state();
+        self.check(&state)?;
+        let file = state
+            .files
+            .get_mut(&number)
+            .ok_or(io::ErrorKind::NotFound)?;
+        file.exists = false;
+        Ok(())
+    }
+
+    fn sync_dir(&self) -> io::Result<()> {
+        let mut state = self.state();
+        self.check(&state)?;
+        state.files.retain(|_, f| f.exists);
+        for file in state.files.values_mut() {
+            file.exists_synced = true;
+        }
+        Ok(())
+    }
+
+    fn describe(&self, number: u64) -> String {
+        format!("simulated segment {number}")
+    }
+}
+
+struct SimSegment {
+    backend: SimBackend,
+    number: u64,
+}
+
+impl SimSegment {
+    fn with_file<T>(&self, act: impl FnOnce(&mut SimFile) -> T) -> io::Result<T> {
+        let mut state = self.backend.state();
+        self.backend.check(&state)?;
+        let file = state
+            .files
+            .get_mut(&self.number)
+            .ok_or(io::ErrorKind::NotFound)?;
+        Ok(act(file))
+    }
+}
+
+impl SegmentWriter for SimSegment {
+    fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.with_file(|file| file.written.extend_from_slice(bytes))
+    }
+
+    fn sync_data(&mut self) -> io::Result<()> {
+        self.with_file(|file| file.synced = file.written.clone())
+    }
+}

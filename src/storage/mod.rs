@@ -1,0 +1,175 @@
+//! Durable storage: the append-only log under `--data-dir` (docs/STORAGE.md).
+//!
+//! - [`record`]: the byte format of segments and records, with CRC32C.
+//! - [`backend`]: the file operations, for real files or a crash simulator.
+//! - `writer`: the thread that writes, syncs (group commit) and removes segments.
+//! - [`journal`]: what the core task calls: log records, submit a turn, watch durability.
+//! - [`recovery`]: the replay at start, with torn-tail truncation and corruption checks.
+
+pub mod backend;
+pub mod journal;
+pub mod record;
+pub mod recovery;
+mod writer;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::sync::watch;
+
+pub use journal::{Journal, LiveMessage};
+pub use recovery::{Recovered, RecoveredMessage, RecoveryError};
+pub use writer::Durability;
+
+use backend::{Backend, FileBackend};
+use record::SegmentHeader;
+
+/// When the log calls fdatasync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FsyncPolicy {
+    /// Before confirming a publish: confirmed messages survive a power loss.
+    Always,
+    /// Never: confirmed messages survive a crash of the broker process, not a power loss
+    /// or an operating-system crash.
+    Never,
+}
+
+impl std::fmt::Display for FsyncPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FsyncPolicy::Always => "always",
+            FsyncPolicy::Never => "never",
+        })
+    }
+}
+
+/// Default segment size.
+pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
+
+/// Where and how to keep the log.
+#[derive(Debug, Clone)]
+pub struct StorageConfig {
+    pub dir: PathBuf,
+    pub fsync: FsyncPolicy,
+    pub segment_bytes: u64,
+    /// Skip damaged bytes in the middle of the log instead of refusing to start.
+    pub repair: bool,
+}
+
+#[derive(Debug, Error)]
+pub enum StorageError {
+    #[error("data dir {dir}: {source}")]
+    Dir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("data dir {0} is in use by another broker")]
+    Locked(PathBuf),
+    #[error(transparent)]
+    Recovery(#[from] RecoveryError),
+    #[error("cannot start a new segment: {0}")]
+    NewSegment(std::io::Error),
+}
+
+/// An open log: the journal to write it (which holds the directory lock), and what
+/// recovery found.
+pub struct Storage {
+    pub journal: Journal,
+    pub recovered: Recovered,
+    pub recovery_time: Duration,
+}
+
+impl Storage {
+    /// Opens (or creates) the log in `config.dir`, recovers it and starts its writer.
+    ///
+    /// # Errors
+    /// [`StorageError`] when the directory cannot be used, is locked by another broker,
+    /// or holds a damaged log (see [`RecoveryError`]).
+    pub fn open(config: &StorageConfig) -> Result<Storage, StorageError> {
+        let dir_error = |source| StorageError::Dir {
+            dir: config.dir.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&config.dir).map_err(dir_error)?;
+        let lock = lock_dir(&config.dir)?;
+        let mut storage = Self::open_with(Arc::new(FileBackend::new(&config.dir)), config)?;
+        storage.journal.hold_dir_lock(lock);
+        Ok(storage)
+    }
+
+    /// Opens the log on any backend (tests use the crash simulator).
+    ///
+    /// # Errors
+    /// As [`Storage::open`], but for locking.
+    pub fn open_with(
+        backend: Arc<dyn Backend>,
+        config: &StorageConfig,
+    ) -> Result<Storage, StorageError> {
+        let started = std::time::Instant::now();
+        let recovered = recovery::recover(backend.as_ref(), config.repair)?;
+        let recovery_time = started.elapsed();
+        // Every start writes to a new segment; the old ones stay until a checkpoint.
+        let number = recovered.segments.last().map_or(1, |last| last + 1);
+        let header = SegmentHeader {
+            number,
+            next_id: recovered.next_id,
+        };
+        let mut active = backend
+            .create_segment(number)
+            .map_err(StorageError::NewSegment)?;
+        active
+            .append(&header.encode())
+            .map_err(StorageError::NewSegment)?;
+        if config.fsync == FsyncPolicy::Always {
+            active.sync_data().map_err(StorageError::NewSegment)?;
+            backend.sync_dir().map_err(StorageError::NewSegment)?;
+        }
+        let (batches, receiver) = std::sync::mpsc::channel();
+        let (durable_tx, durable_rx) = watch::channel(writer::Durability::Through(0));
+        let writer = writer::Writer {
+            backend,
+            active,
+            fsync: config.fsync,
+            batches: receiver,
+            durable: durable_tx,
+        };
+        let handle = std::thread::Builder::new()
+            .name("ferry-log-writer".into())
+            .spawn(move || writer.run())
+            .map_err(StorageError::NewSegment)?;
+        let journal = Journal::new(
+            batches,
+            handle,
+            durable_rx,
+            number,
+            recovered.total_bytes + record::HEADER_BYTES as u64,
+            config.segment_bytes,
+            recovered.next_id,
+        );
+        Ok(Storage {
+            journal,
+            recovered,
+            recovery_time,
+        })
+    }
+}
+
+fn lock_dir(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, StorageError> {
+    let path = dir.join("LOCK");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| StorageError::Dir {
+            dir: dir.to_owned(),
+            source,
+        })?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|_| StorageError::Locked(dir.to_owned()))
+}

@@ -1,0 +1,206 @@
+//! Rebuilding the broker's state from the log at start: replay every segment in order.
+//!
+//! Damage is judged by where it is. At the end of the last segment, a partial or invalid
+//! record with nothing valid after it is a write torn by a crash: it is truncated away and
+//! logged, and every intact record before it is kept. Anywhere else, damage means data
+//! was lost or altered after it was written: the broker refuses to start and says where,
+//! unless `--repair` tells it to skip the damaged bytes (loudly, naming them).
+
+use rustc_hash::FxHashMap;
+use thiserror::Error;
+use tracing::{error, warn};
+
+use super::backend::Backend;
+use super::record::{self, Decoded, HeaderError, Record, SegmentHeader};
+use crate::protocol::{MessageId, Payload, QueueName};
+
+/// A message that was confirmed and not acked when the broker stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecoveredMessage {
+    pub id: MessageId,
+    pub queue: QueueName,
+    pub payload: Payload,
+    /// Deliveries before the restart; the next one is attempt `deliveries + 1`.
+    pub deliveries: u32,
+}
+
+/// What recovery found.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    /// Unacked messages in id (publish) order.
+    pub messages: Vec<RecoveredMessage>,
+    /// One more than the highest id ever issued.
+    pub next_id: u64,
+    /// Segment numbers present after recovery, ascending.
+    pub segments: Vec<u64>,
+    pub total_bytes: u64,
+    pub records: u64,
+    /// Bytes cut from the end of the last segment as a torn write.
+    pub truncated_bytes: u64,
+    /// Bytes skipped as damaged under `--repair`.
+    pub skipped_bytes: u64,
+}
+
+#[derive(Debug, Error)]
+pub enum RecoveryError {
+    #[error("cannot read the log: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(
+        "{segment}: {problem}; refusing to start. Restore the data dir from a backup, or start with --repair to skip this segment (its messages are lost)"
+    )]
+    Header {
+        segment: String,
+        problem: HeaderError,
+    },
+    #[error(
+        "{segment}, offset {offset}: {problem}, with intact data after it; refusing to start rather than skip data. \
+         Restore the data dir from a backup, or start with --repair to skip the damaged bytes (the messages in them are lost)"
+    )]
+    Corrupt {
+        segment: String,
+        offset: usize,
+        problem: &'static str,
+    },
+}
+
+struct Replay {
+    live: FxHashMap<MessageId, (QueueName, Payload, u32)>,
+    next_id: u64,
+    records: u64,
+}
+
+impl Replay {
+    fn apply(&mut self, record: Record) {
+        self.records += 1;
+        match record {
+            Record::Publish {
+                id,
+                deliveries,
+                queue,
+                payload,
+            } => {
+                self.next_id = self.next_id.max(id.0.saturating_add(1));
+                self.live.insert(id, (queue, payload, deliveries));
+            }
+            Record::Delivered(ids) => {
+                for id in ids {
+                    if let Some(message) = self.live.get_mut(&id) {
+                        message.2 = message.2.saturating_add(1);
+                    }
+                }
+            }
+            Record::Acked(ids) => {
+                for id in ids {
+                    self.live.remove(&id);
+                }
+            }
+        }
+    }
+}
+
+/// Replays the log in `backend`, truncating a torn tail.
+///
+/// # Errors
+/// [`RecoveryError`] when a segment cannot be read, or is damaged anywhere but at the
+/// end of the log (unless `repair`).
+pub fn recover(backend: &dyn Backend, repair: bool) -> Result<Recovered, RecoveryError> {
+    let numbers = backend.list_segments()?;
+    let mut replay = Replay {
+        live: FxHashMap::default(),
+        next_id: 1,
+        records: 0,
+    };
+    let mut recovered = Recovered::default();
+    for (index, &number) in numbers.iter().enumerate() {
+        let last = index + 1 == numbers.len();
+        let bytes = backend.read_segment(number)?;
+        let segment = backend.describe(number);
+        let header = match SegmentHeader::decode(&bytes) {
+            Ok(header) if header.number == number => header,
+            Ok(header) => {
+                let problem = HeaderError::BadChecksum;
+                error!(%segment, found = header.number, "segment header names another segment");
+                if !repair {
+                    return Err(RecoveryError::Header { segment, problem });
+                }
+                recovered.skipped_bytes += bytes.len() as u64;
+                continue;
+            }
+            Err(HeaderError::Short(len)) if last => {
+                // Created, then the crash came before its header was durable.
+                warn!(%segment, len, "last segment has no complete header: a torn creation; emptying it");
+                backend.truncate_segment(number, 0)?;
+                recovered.truncated_bytes += len as u64;
+                recovered.segments.push(number);
+                continue;
+            }
+            Err(problem) => {
+                if !repair {
+                    return Err(RecoveryError::Header { segment, problem });
+                }
+                error!(%segment, %problem, bytes = bytes.len(), "--repair: skipping the whole segment");
+                recovered.skipped_bytes += bytes.len() as u64;
+                continue;
+            }
+        };
+        replay.next_id = replay.next_id.max(header.next_id);
+        let mut offset = record::HEADER_BYTES;
+        while offset < bytes.len() {
+            let problem = match record::decode_record(&bytes[offset..]) {
+                Decoded::Record(record, used) => {
+                    replay.apply(record);
+                    offset += used;
+                    continue;
+                }
+                Decoded::Incomplete => "a record cut short",
+                Decoded::Corrupt(problem) => problem,
+            };
+            let next_valid = next_valid_record(&bytes, offset + 1);
+            match next_valid {
+                None if last => {
+                    let cut = bytes.len() - offset;
+                    warn!(%segment, offset, cut, problem, "torn write at the end of the log: truncating it");
+                    backend.truncate_segment(number, offset as u64)?;
+                    recovered.truncated_bytes += cut as u64;
+                    offset = bytes.len();
+                }
+                _ if !repair => {
+                    return Err(RecoveryError::Corrupt {
+                        segment,
+                        offset,
+                        problem,
+                    });
+                }
+                next => {
+                    let resume = next.unwrap_or(bytes.len());
+                    error!(%segment, offset, skipped = resume - offset, problem, "--repair: skipping damaged bytes; the messages in them are lost");
+                    recovered.skipped_bytes += (resume - offset) as u64;
+                    offset = resume;
+                }
+            }
+        }
+        recovered.total_bytes += offset as u64;
+        recovered.segments.push(number);
+    }
+    let mut messages: Vec<RecoveredMessage> = replay
+        .live
+        .into_iter()
+        .map(|(id, (queue, payload, deliveries))| RecoveredMessage {
+            id,
+            queue,
+            payload,
+            deliveries,
+        })
+        .collect();
+    messages.sort_unstable_by_key(|m| m.id);
+    recovered.messages = messages;
+    recovered.next_id = replay.next_id;
+    recovered.records = replay.records;
+    Ok(recovered)
+}
+
+/// The offset of the first valid record at or after `from`, if any.
+fn next_valid_record(bytes: &[u8], from: usize) -> Option<usize> {
+    (from..bytes.len())
+        .find(|&at| matches!(record::decode_record(&bytes[at..]), Decoded::Record(..)))
+}

@@ -1,0 +1,523 @@
+//! Tests of the log on the crash simulator: recovery from hand-made segments, group
+//! commit and checkpoints, a failing disk, and a model-based crash test that checks,
+//! after every simulated power loss, that nothing durably confirmed was lost and nothing
+//! durably acked came back.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+
+use super::backend::{Backend, SimBackend};
+use super::record::{self, SegmentHeader};
+use super::*;
+use crate::protocol::{MessageId, Payload, QueueName};
+
+fn q(name: &str) -> QueueName {
+    QueueName::new(name).unwrap()
+}
+
+fn config(segment_bytes: u64, repair: bool) -> StorageConfig {
+    StorageConfig {
+        dir: "/simulated".into(),
+        fsync: FsyncPolicy::Always,
+        segment_bytes,
+        repair,
+    }
+}
+
+fn open(backend: &SimBackend) -> Result<Storage, StorageError> {
+    Storage::open_with(Arc::new(backend.after_crash()), &config(1 << 20, false))
+}
+
+/// Polls until the journal says `seq` is durable.
+fn wait_durable(journal: &mut Journal, seq: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match &*journal.durability().borrow() {
+            Durability::Through(done) if *done >= seq => return,
+            Durability::Failed(reason) => panic!("log failed: {reason}"),
+            Durability::Through(_) => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "batch {seq} never became durable"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// A segment file's bytes: header, then records.
+fn segment(number: u64, next_id: u64, records: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    let mut bytes = SegmentHeader { number, next_id }.encode().to_vec();
+    records(&mut bytes);
+    bytes
+}
+
+fn publish(bytes: &mut Vec<u8>, id: u64, text: &str) {
+    record::encode_publish(bytes, MessageId(id), 0, &q("q"), &Payload::from_text(text));
+}
+
+fn recovered_ids(storage: &Storage) -> Vec<u64> {
+    storage.recovered.messages.iter().map(|m| m.id.0).collect()
+}
+
+#[test]
+fn an_empty_directory_starts_at_id_one() {
+    let backend = SimBackend::default();
+    let storage = open(&backend).unwrap();
+    assert!(storage.recovered.messages.is_empty());
+    assert_eq!(storage.recovered.next_id, 1);
+    assert_eq!(backend.list_segments().unwrap(), [1]);
+}
+
+#[test]
+fn publishes_deliveries_and_acks_survive_a_clean_close() {
+    let backend = SimBackend::default();
+    let mut storage = open(&backend).unwrap();
+    let journal = &mut storage.journal;
+    for (id, queue) in [(1, "a"), (2, "b"), (3, "a"), (4, "a")] {
+        journal.log_publish(
+            MessageId(id),
+            0,
+            &q(queue),
+            &Payload::from_text(&format!("m{id}")),
+        );
+    }
+    journal.log_delivered(&[MessageId(2), MessageId(3)]);
+    journal.log_delivered(&[MessageId(3)]);
+    journal.log_acked(&[MessageId(1)]);
+    let seq = journal.submit().unwrap();
+    wait_durable(journal, seq);
+    storage.journal.close();
+
+    let storage = open(&backend).unwrap();
+    let recovered = &storage.recovered;
+    let got: Vec<_> = recovered
+        .messages
+        .iter()
+        .map(|m| (m.id.0, m.queue.as_str(), m.deliveries))
+        .collect();
+    assert_eq!(got, [(2, "b", 1), (3, "a", 2), (4, "a", 0)]);
+    assert_eq!(recovered.messages[0].payload, Payload::from_text("m2"));
+    assert_eq!(recovered.next_id, 5);
+}
+
+#[test]
+fn ids_go_on_after_the_highest_ever_issued_even_when_everything_was_acked() {
+    let backend = SimBackend::default();
+    let mut storage = open(&backend).unwrap();
+    storage
+        .journal
+        .log_publish(MessageId(41), 0, &q("q"), &Payload::from_text("x"));
+    storage.journal.log_acked(&[MessageId(41)]);
+    storage.journal.submit();
+    // A checkpoint of nothing removes every record of id 41.
+    storage.journal.checkpoint(42, std::iter::empty());
+    let seq = storage.journal.submit().unwrap();
+    wait_durable(&mut storage.journal, seq);
+    storage.journal.close();
+    let storage = open(&backend).unwrap();
+    assert!(storage.recovered.messages.is_empty());
+    assert_eq!(
+        storage.recovered.next_id, 42,
+        "the segment header carries the next id"
+    );
+}
+
+#[test]
+fn a_torn_tail_is_truncated_and_everything_before_it_kept() {
+    for torn in [
+        &b"\x40\x00\x00"[..],
+        &[0u8; 64],
+        b"\xff\xff\xff\xff garbage",
+    ] {
+        let backend = SimBackend::default();
+        let mut bytes = segment(1, 1, |b| {
+            publish(b, 1, "one");
+            publish(b, 2, "two");
+        });
+        let intact = bytes.len();
+        bytes.extend_from_slice(torn);
+        backend.put_segment(1, &bytes);
+        let storage = open(&backend).unwrap();
+        assert_eq!(recovered_ids(&storage), [1, 2]);
+        assert_eq!(storage.recovered.truncated_bytes, torn.len() as u64);
+        assert_eq!(
+            backend.read_segment(1).unwrap().len(),
+            intact,
+            "cut back to the last intact record"
+        );
+    }
+}
+
+#[test]
+fn a_record_cut_in_half_at_the_end_is_a_torn_tail() {
+    let backend = SimBackend::default();
+    let mut whole = Vec::new();
+    publish(&mut whole, 3, "three");
+    let bytes = segment(1, 1, |b| {
+        publish(b, 1, "one");
+        b.extend_from_slice(&whole[..whole.len() / 2]);
+    });
+    backend.put_segment(1, &bytes);
+    assert_eq!(recovered_ids(&open(&backend).unwrap()), [1]);
+}
+
+#[test]
+fn corruption_in_the_middle_refuses_to_start_and_repair_skips_it_loudly() {
+    let backend = SimBackend::default();
+    let mut first_len = 0;
+    let bytes = segment(1, 1, |b| {
+        publish(b, 1, "one");
+        first_len = b.len();
+        publish(b, 2, "two");
+        publish(b, 3, "three");
+    });
+    backend.put_segment(1, &bytes);
+    backend.corrupt(1, first_len + 12, b"X");
+    let Err(StorageError::Recovery(err)) = open(&backend) else {
+        panic!("started on a corrupt log")
+    };
+    let message = err.to_string();
+    assert!(
+        message.contains(&format!("offset {first_len}")),
+        "{message}"
+    );
+    assert!(message.contains("--repair"), "{message}");
+
+    let repaired =
+        Storage::open_with(Arc::new(backend.after_crash()), &config(1 << 20, true)).unwrap();
+    assert_eq!(
+        recovered_ids(&repaired),
+        [1, 3],
+        "only the damaged record is lost"
+    );
+    assert!(repaired.recovered.skipped_bytes > 0);
+}
+
+#[test]
+fn damage_in_a_sealed_segment_is_never_a_torn_tail() {
+    let backend = SimBackend::default();
+    let mut bytes = segment(1, 1, |b| publish(b, 1, "one"));
+    bytes.extend_from_slice(b"\x40\x00\x00");
+    backend.put_segment(1, &bytes);
+    backend.put_segment(2, &segment(2, 2, |b| publish(b, 2, "two")));
+    assert!(matches!(
+        open(&backend),
+        Err(StorageError::Recovery(RecoveryError::Corrupt { .. }))
+    ));
+}
+
+#[test]
+fn empty_segment_files() {
+    // The newest, empty: created just before a crash. Emptied and reused as nothing.
+    let backend = SimBackend::default();
+    backend.put_segment(1, &segment(1, 1, |b| publish(b, 1, "one")));
+    backend.put_segment(2, b"");
+    let storage = open(&backend).unwrap();
+    assert_eq!(recovered_ids(&storage), [1]);
+    assert_eq!(backend.list_segments().unwrap(), [1, 2, 3]);
+
+    // An older one, empty: that data is gone, and the broker will not guess.
+    let backend = SimBackend::default();
+    backend.put_segment(1, b"");
+    backend.put_segment(2, &segment(2, 1, |b| publish(b, 1, "one")));
+    let Err(StorageError::Recovery(err)) = open(&backend) else {
+        panic!("started")
+    };
+    assert!(err.to_string().contains("segment header needs 32"), "{err}");
+}
+
+#[test]
+fn an_unknown_format_version_is_a_clear_refusal() {
+    let backend = SimBackend::default();
+    let mut bytes = segment(1, 1, |b| publish(b, 1, "one"));
+    bytes[8..12].copy_from_slice(&9u32.to_le_bytes());
+    backend.put_segment(1, &bytes);
+    let Err(StorageError::Recovery(err)) = open(&backend) else {
+        panic!("started")
+    };
+    let message = err.to_string();
+    assert!(
+        message.contains("format version 9") && message.contains("reads version 1"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_failing_disk_stops_confirming() {
+    let backend = SimBackend::default();
+    let mut storage = open(&backend).unwrap();
+    storage
+        .journal
+        .log_publish(MessageId(1), 0, &q("q"), &Payload::from_text("x"));
+    let seq = storage.journal.submit().unwrap();
+    wait_durable(&mut storage.journal, seq);
+    backend.fail_from_now_on();
+    storage
+        .journal
+        .log_publish(MessageId(2), 0, &q("q"), &Payload::from_text("y"));
+    storage.journal.submit();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !matches!(
+        &*storage.journal.durability().borrow(),
+        Durability::Failed(_)
+    ) {
+        assert!(Instant::now() < deadline, "the failure was never reported");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // And it stays failed: later batches are never announced durable.
+    storage
+        .journal
+        .log_publish(MessageId(3), 0, &q("q"), &Payload::from_text("z"));
+    storage.journal.submit();
+    assert!(matches!(
+        &*storage.journal.durability().borrow(),
+        Durability::Failed(_)
+    ));
+}
+
+#[test]
+fn segments_roll_over_and_checkpoints_keep_the_log_near_its_live_size() {
+    let backend = SimBackend::default();
+    let segment_bytes = 4096;
+    let mut storage = Storage::open_with(
+        Arc::new(backend.after_crash()),
+        &config(segment_bytes, false),
+    )
+    .unwrap();
+    let payload = Payload::from_text(&"p".repeat(100));
+    let mut live = std::collections::BTreeMap::new();
+    let mut largest_log = 0;
+    // 5,000 publishes of ~130 bytes: 160 times a segment.
+    for id in 1..=5_000u64 {
+        storage
+            .journal
+            .log_publish(MessageId(id), 0, &q("q"), &payload);
+        live.insert(id, ());
+        // Ack all but every 100th message a little later.
+        if id > 10 && (id - 10) % 100 != 0 {
+            storage.journal.log_acked(&[MessageId(id - 10)]);
+            live.remove(&(id - 10));
+        }
+        storage.journal.submit();
+        let live_bytes = live.len() as u64 * (payload.len() as u64 + 48);
+        if storage.journal.needs_checkpoint(live_bytes) {
+            let q_name = q("q");
+            let messages = live.keys().map(|id| LiveMessage {
+                id: MessageId(*id),
+                deliveries: 0,
+                queue: &q_name,
+                payload: &payload,
+            });
+            storage.journal.checkpoint(id + 1, messages);
+        }
+        // Measure where the writer has caught up: a checkpoint's old segments are
+        // removed before its batch is announced durable.
+        if id % 50 == 0 {
+            let seq = storage
+                .journal
+                .submit()
+                .unwrap_or(storage.journal.pending_seq() - 1);
+            wait_durable(&mut storage.journal, seq);
+            let bound = 2 * live_bytes as usize + 3 * segment_bytes as usize;
+            let size = backend.total_bytes();
+            assert!(
+                size <= bound,
+                "after id {id}: log of {size} bytes; bound {bound} ({} live)",
+                live.len()
+            );
+            largest_log = largest_log.max(size);
+        }
+    }
+    let seq = storage
+        .journal
+        .submit()
+        .unwrap_or(storage.journal.pending_seq() - 1);
+    wait_durable(&mut storage.journal, seq);
+    storage.journal.close();
+    assert!(largest_log > 0);
+    let expected: Vec<u64> = live.keys().copied().collect();
+    assert_eq!(recovered_ids(&open(&backend).unwrap()), expected);
+}
+
+/// One step of the crash test.
+#[derive(Debug, Clone)]
+enum Step {
+    Publish,
+    Deliver(usize),
+    Ack(usize),
+    Submit,
+    WaitDurable,
+    Checkpoint,
+    /// Power loss keeping this fraction (per mille) of each file's unsynced bytes.
+    Crash(u16),
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        6 => Just(Step::Publish),
+        2 => any::<usize>().prop_map(Step::Deliver),
+        4 => any::<usize>().prop_map(Step::Ack),
+        4 => Just(Step::Submit),
+        2 => Just(Step::WaitDurable),
+        1 => Just(Step::Checkpoint),
+        1 => (0u16..=1000).prop_map(Step::Crash),
+    ]
+}
+
+/// What the test knows: every id ever logged with its record, and which batch logged
+/// each publish, delivery and ack.
+#[derive(Default)]
+struct Model {
+    next_id: u64,
+    /// id -> (queue, payload, deliveries logged, batch of its publish record)
+    live: std::collections::BTreeMap<u64, (QueueName, Payload, u32, u64)>,
+    /// id -> batch of its ack record
+    acked: std::collections::BTreeMap<u64, u64>,
+    /// Highest batch the journal announced durable.
+    durable: u64,
+}
+
+fn run_crash_test(steps: &[Step]) -> Result<(), TestCaseError> {
+    let backend = SimBackend::default();
+    let config = config(2048, false);
+    let mut storage = Storage::open_with(Arc::new(backend.after_crash()), &config).unwrap();
+    let mut model = Model {
+        next_id: 1,
+        ..Model::default()
+    };
+    let queues = [q("a"), q("b")];
+    for step in steps {
+        let batch = storage.journal.pending_seq();
+        match *step {
+            Step::Publish => {
+                let id = model.next_id;
+                model.next_id += 1;
+                let queue = queues[(id % 2) as usize].clone();
+                let payload = Payload::from_text(&format!(
+                    "payload {id} {}",
+                    "z".repeat((id % 7) as usize * 30)
+                ));
+                storage
+                    .journal
+                    .log_publish(MessageId(id), 0, &queue, &payload);
+                model.live.insert(id, (queue, payload, 0, batch));
+            }
+            Step::Deliver(pick) | Step::Ack(pick) if !model.live.is_empty() => {
+                let id = *model.live.keys().nth(pick % model.live.len()).unwrap();
+                if let Step::Deliver(_) = step {
+                    storage.journal.log_delivered(&[MessageId(id)]);
+                    model.live.get_mut(&id).unwrap().2 += 1;
+                } else {
+                    storage.journal.log_acked(&[MessageId(id)]);
+                    model.live.remove(&id);
+                    model.acked.insert(id, batch);
+                }
+            }
+            Step::Deliver(_) | Step::Ack(_) => {}
+            Step::Submit => {
+                storage.journal.submit();
+            }
+            Step::WaitDurable => {
+                if let Some(seq) = storage.journal.submit() {
+                    wait_durable(&mut storage.journal, seq);
+                }
+            }
+            Step::Checkpoint => {
+                let live = model
+                    .live
+                    .iter()
+                    .map(|(id, (queue, payload, deliveries, _))| LiveMessage {
+                        id: MessageId(*id),
+                        deliveries: *deliveries,
+                        queue,
+                        payload,
+                    });
+                storage.journal.checkpoint(model.next_id, live);
+                // The checkpoint rewrites every live message: their records are now
+                // (also) in this batch.
+            }
+            Step::Crash(kept_per_mille) => {
+                if let Durability::Through(done) = &*storage.journal.durability().borrow() {
+                    model.durable = *done;
+                }
+                backend.crash(|_, unsynced| unsynced * kept_per_mille as usize / 1000);
+                drop(storage);
+                storage = Storage::open_with(Arc::new(backend.after_crash()), &config)
+                    .map_err(|e| TestCaseError::fail(format!("recovery failed: {e}")))?;
+                let recovered = &storage.recovered;
+                for message in &recovered.messages {
+                    let id = message.id.0;
+                    prop_assert!(
+                        model
+                            .acked
+                            .get(&id)
+                            .is_none_or(|ack_batch| *ack_batch > model.durable),
+                        "id {} came back although its ack was durable",
+                        id
+                    );
+                    if let Some((queue, payload, deliveries, _)) = model.live.get(&id) {
+                        prop_assert_eq!(&message.queue, queue);
+                        prop_assert_eq!(&message.payload, payload);
+                        prop_assert!(message.deliveries <= *deliveries);
+                    }
+                }
+                let present: std::collections::BTreeSet<u64> =
+                    recovered.messages.iter().map(|m| m.id.0).collect();
+                for (id, (_, _, _, publish_batch)) in &model.live {
+                    prop_assert!(
+                        *publish_batch > model.durable || present.contains(id),
+                        "id {} was durably confirmed (batch {}, durable {}) and is gone",
+                        id,
+                        publish_batch,
+                        model.durable
+                    );
+                }
+                let highest_durable = model
+                    .live
+                    .iter()
+                    .filter(|(_, m)| m.3 <= model.durable)
+                    .map(|(id, _)| *id)
+                    .max();
+                prop_assert!(
+                    recovered.next_id > highest_durable.unwrap_or(0),
+                    "ids went backwards"
+                );
+                prop_assert!(recovered.next_id <= model.next_id);
+                // Carry on from what the disk says, as a restarted broker would.
+                model.live = recovered
+                    .messages
+                    .iter()
+                    .map(|m| {
+                        (
+                            m.id.0,
+                            (m.queue.clone(), m.payload.clone(), m.deliveries, 0),
+                        )
+                    })
+                    .collect();
+                // Ids from the recovered next id on were never durable: they will be
+                // issued again, so what was logged about them is void.
+                model
+                    .acked
+                    .retain(|id, _| !present.contains(id) && *id < recovered.next_id);
+                for ack_batch in model.acked.values_mut() {
+                    *ack_batch = 0;
+                }
+                model.next_id = recovered.next_id;
+                model.durable = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+    #[test]
+    fn no_durable_publish_is_lost_and_no_durable_ack_undone_across_crashes(steps in prop::collection::vec(step(), 1..120)) {
+        run_crash_test(&steps)?;
+    }
+}

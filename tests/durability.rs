@@ -1,0 +1,198 @@
+//! The durable broker (`--data-dir`): what survives a restart, what never comes back,
+//! bounded disk use, and refusals on a damaged or busy data directory.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{
+    BrokerProcess, TestBroker, dir_bytes, durable_config, publish_ids, recv, run_ferry, within,
+};
+use ferry::broker::BrokerConfig;
+
+#[tokio::test]
+async fn confirmed_messages_survive_a_restart_in_order_with_their_attempts() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = BrokerConfig {
+        drain_timeout: Duration::from_millis(200),
+        ack_timeout: Duration::from_secs(60),
+        ..durable_config(dir.path())
+    };
+    let broker = TestBroker::start_with(config.clone()).await;
+    let ids = publish_ids(&mut broker.producer("jobs").await, &["a", "b", "c", "d"]).await;
+    let mut consumer = broker.consumer("jobs", 2).await;
+    let first = recv(&mut consumer).await;
+    let second = recv(&mut consumer).await;
+    within(consumer.ack(first.id)).await.unwrap();
+    common::eventually("the ack is applied", || {
+        broker.metrics().core.acked_total == 1
+    })
+    .await;
+    // The drain times out on the unacked second message.
+    let report = broker.shutdown().await;
+    assert!(!report.completed);
+    drop(consumer);
+
+    let broker = TestBroker::start_with(config).await;
+    let mut consumer = broker.consumer("jobs", 10).await;
+    let got: Vec<_> = [
+        recv(&mut consumer).await,
+        recv(&mut consumer).await,
+        recv(&mut consumer).await,
+    ]
+    .iter()
+    .map(|m| (m.id, m.payload.clone(), m.attempt))
+    .collect();
+    // "c" took the slot the ack of "a" freed, so it too was delivered once before.
+    assert_eq!(
+        got,
+        [
+            (second.id, "b".into(), 2),
+            (ids[2], "c".into(), 2),
+            (ids[3], "d".into(), 1)
+        ],
+        "in publish order, delivered ones with their next attempt, the acked one gone"
+    );
+    let next = publish_ids(&mut broker.producer("jobs").await, &["e"]).await;
+    assert!(next[0] > ids[3], "ids go on after the highest issued");
+}
+
+#[tokio::test]
+async fn acked_messages_never_come_back_after_a_clean_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = durable_config(dir.path());
+    let broker = TestBroker::start_with(config.clone()).await;
+    let payloads: Vec<String> = (0..300).map(|i| format!("m{i}")).collect();
+    let refs: Vec<&str> = payloads.iter().map(String::as_str).collect();
+    publish_ids(&mut broker.producer("done").await, &refs).await;
+    let mut consumer = broker.consumer("done", 50).await;
+    for _ in 0..300 {
+        let message = recv(&mut consumer).await;
+        consumer.queue_ack(message.id);
+    }
+    within(consumer.close()).await.unwrap();
+    common::eventually("all acks applied", || {
+        broker.metrics().core.acked_total == 300
+    })
+    .await;
+    assert!(broker.shutdown().await.completed);
+
+    let broker = TestBroker::start_with(config).await;
+    assert_eq!(broker.metrics().core.ready, 0, "nothing was recovered");
+    let sentinel = publish_ids(&mut broker.producer("done").await, &["sentinel"]).await;
+    let mut consumer = broker.consumer("done", 50).await;
+    assert_eq!(
+        recv(&mut consumer).await.id,
+        sentinel[0],
+        "the first delivery is the new message"
+    );
+}
+
+#[tokio::test]
+async fn disk_use_stays_bounded_however_much_flows_through() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = durable_config(dir.path());
+    let segment_bytes = config.storage.as_ref().unwrap().segment_bytes;
+    let broker = TestBroker::start_with(config).await;
+    let mut producer = broker.producer("flow").await;
+    let mut consumer = broker.consumer("flow", 200).await;
+    let payload = "p".repeat(200);
+    let mut largest = 0;
+    // 20,000 messages of ~230 bytes on disk: about 70 times a segment.
+    for round in 0..100 {
+        let batch: Vec<&str> = (0..200).map(|_| payload.as_str()).collect();
+        publish_ids(&mut producer, &batch).await;
+        for _ in 0..200 {
+            let message = recv(&mut consumer).await;
+            consumer.queue_ack(message.id);
+        }
+        within(consumer.flush()).await.unwrap();
+        if round % 10 == 9 {
+            largest = largest.max(dir_bytes(dir.path()));
+        }
+    }
+    // At most 200 messages are live at a time; the log stays near two segments.
+    let bound = 2 * 200 * 300 + 4 * segment_bytes;
+    assert!(
+        largest <= bound,
+        "the data dir grew to {largest} bytes (bound {bound})"
+    );
+    assert!(broker.shutdown().await.completed);
+}
+
+#[tokio::test]
+async fn a_corrupt_log_refuses_to_start_naming_the_place_and_repair_skips_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().to_str().unwrap();
+    let config = durable_config(dir.path());
+    let broker = TestBroker::start_with(config).await;
+    publish_ids(&mut broker.producer("q").await, &["one", "two", "three"]).await;
+    broker.shutdown().await;
+    // Damage the second record of the first segment; the third stays intact.
+    let segment = dir.path().join(format!("{:020}.seg", 1));
+    let mut bytes = std::fs::read(&segment).unwrap();
+    let first_record_len = u32::from_le_bytes(bytes[32..36].try_into().unwrap()) as usize + 8;
+    let second = 32 + first_record_len;
+    bytes[second + 20] ^= 0xff;
+    std::fs::write(&segment, &bytes).unwrap();
+
+    let refused = run_ferry(
+        &["broker", "--addr", "127.0.0.1:0", "--data-dir", data_dir],
+        "",
+        &[],
+    )
+    .await;
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains(&format!("offset {second}")) && stderr.contains("--repair"),
+        "{stderr}"
+    );
+
+    let mut repaired = BrokerProcess::start(&["--data-dir", data_dir, "--repair"]);
+    let addr = repaired.addr.to_string();
+    let consumed = run_ferry(
+        &["consumer", "--addr", &addr, "--queue", "q", "--count", "2"],
+        "",
+        &[],
+    )
+    .await;
+    assert_eq!(
+        String::from_utf8_lossy(&consumed.stdout),
+        "one\nthree\n",
+        "only the damaged message is lost"
+    );
+    repaired.signal(nix::sys::signal::Signal::SIGINT);
+    assert!(repaired.wait_exit(common::WAIT).await.success());
+}
+
+#[tokio::test]
+async fn two_brokers_cannot_share_a_data_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().to_str().unwrap();
+    let _first = BrokerProcess::start(&["--data-dir", data_dir]);
+    let second = run_ferry(
+        &["broker", "--addr", "127.0.0.1:0", "--data-dir", data_dir],
+        "",
+        &[],
+    )
+    .await;
+    assert!(!second.status.success());
+    assert!(String::from_utf8_lossy(&second.stderr).contains("in use by another broker"));
+}
+
+#[tokio::test]
+async fn fsync_never_still_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().to_str().unwrap();
+    let mut broker = BrokerProcess::start(&["--data-dir", data_dir, "--fsync", "never"]);
+    let addr = broker.addr.to_string();
+    let produced = run_ferry(&["producer", "--addr", &addr, "kept"], "", &[]).await;
+    assert!(produced.status.success());
+    broker.signal(nix::sys::signal::Signal::SIGKILL);
+    broker.wait_exit(common::WAIT).await;
+    let broker = BrokerProcess::start(&["--data-dir", data_dir, "--fsync", "never"]);
+    let addr = broker.addr.to_string();
+    let consumed = run_ferry(&["consumer", "--addr", &addr, "--count", "1"], "", &[]).await;
+    assert_eq!(String::from_utf8_lossy(&consumed.stdout), "kept\n");
+}
