@@ -127,11 +127,12 @@ pub fn recover(backend: &dyn Backend, repair: bool) -> Result<Recovered, Recover
                 continue;
             }
             Err(HeaderError::Short(len)) if last => {
-                // Created, then the crash came before its header was durable.
-                warn!(%segment, len, "last segment has no complete header: a torn creation; emptying it");
-                backend.truncate_segment(number, 0)?;
+                // Created, then the crash came before its header was durable: it holds
+                // nothing. Removed, so that it is not left behind in the middle.
+                warn!(%segment, len, "last segment has no complete header: a torn creation; removing it");
+                backend.remove_segment(number)?;
+                backend.sync_dir()?;
                 recovered.truncated_bytes += len as u64;
-                recovered.segments.push(number);
                 continue;
             }
             Err(problem) => {

@@ -217,7 +217,14 @@ fn empty_segment_files() {
     backend.put_segment(2, b"");
     let storage = open(&backend).unwrap();
     assert_eq!(recovered_ids(&storage), [1]);
-    assert_eq!(backend.list_segments().unwrap(), [1, 2, 3]);
+    assert_eq!(
+        backend.list_segments().unwrap(),
+        [1, 2],
+        "removed, and its number reused"
+    );
+    drop(storage);
+    // And the next start is not stopped by it.
+    assert_eq!(recovered_ids(&open(&backend).unwrap()), [1]);
 
     // An older one, empty: that data is gone, and the broker will not guess.
     let backend = SimBackend::default();

@@ -70,12 +70,23 @@ impl Writer {
 
     fn write_group(&mut self, group: Vec<Batch>) -> std::io::Result<()> {
         let mut dirty = false;
+        // Consecutive appends go to the file as one write.
+        let mut pending: Vec<u8> = Vec::new();
         for command in group.into_iter().flat_map(|batch| batch.commands) {
-            match command {
-                Command::Append(bytes) => {
-                    self.active.append(&bytes)?;
-                    dirty = true;
+            if let Command::Append(bytes) = command {
+                if pending.is_empty() {
+                    pending = bytes;
+                } else {
+                    pending.extend_from_slice(&bytes);
                 }
+                continue;
+            }
+            if !pending.is_empty() {
+                self.active.append(&std::mem::take(&mut pending))?;
+                dirty = true;
+            }
+            match command {
+                Command::Append(_) => unreachable!("appends were taken above"),
                 Command::Rotate(header) => {
                     self.sync(&mut dirty)?;
                     let mut next = self.backend.create_segment(header.number)?;
@@ -107,6 +118,10 @@ impl Writer {
                     );
                 }
             }
+        }
+        if !pending.is_empty() {
+            self.active.append(&pending)?;
+            dirty = true;
         }
         self.sync(&mut dirty)
     }
