@@ -7,6 +7,7 @@
 //!   sockets into calls on it ([`broker::Server`] is the entry point).
 //! - [`client`]: [`Producer`] and [`Consumer`], used by the CLI and the tests.
 //! - [`storage`]: the durable log under `--data-dir`: segments, group commit, recovery.
+//! - [`transport`]: plain TCP or TLS streams, for the broker and the clients.
 //!
 //! The `ferry` binary (`src/main.rs`) is the command line over all of it.
 
@@ -14,6 +15,7 @@ pub mod broker;
 pub mod client;
 pub mod protocol;
 pub mod storage;
+pub mod transport;
 
 pub use client::{ClientError, Consumer, ConsumerOptions, Producer, ProducerOptions};
 pub use protocol::server_frame::{BrokerError, Message};

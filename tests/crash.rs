@@ -67,6 +67,7 @@ async fn consume(
         queue: "crash".into(),
         prefetch: 20,
         token: None,
+        tls: None,
     };
     let Ok(mut consumer) = Consumer::connect_with(addr.as_str(), &options).await else {
         return;

@@ -150,6 +150,7 @@ async fn unauthorized_when_the_token_is_missing_wrong_or_not_granted() {
     let options = ferry::ProducerOptions {
         queue: "orders".into(),
         token: Some("p-token".into()),
+        tls: None,
     };
     let mut producer = within(ferry::Producer::connect_with(broker.addr, &options))
         .await

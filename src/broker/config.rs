@@ -7,6 +7,7 @@ use super::auth::Access;
 use super::core::CoreConfig;
 use crate::protocol::DEFAULT_MAX_FRAME_BYTES;
 use crate::storage::StorageConfig;
+use crate::transport::ServerTls;
 
 /// Default `--addr`.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:7878";
@@ -35,6 +36,8 @@ pub struct BrokerConfig {
     pub access: Access,
     /// The durable log; `None` keeps messages in memory only.
     pub storage: Option<StorageConfig>,
+    /// TLS for every connection; `None` is plain TCP.
+    pub tls: Option<ServerTls>,
 }
 
 impl Default for BrokerConfig {
@@ -49,6 +52,7 @@ impl Default for BrokerConfig {
             register_timeout: REGISTER_TIMEOUT,
             access: Access::Open,
             storage: None,
+            tls: None,
         }
     }
 }

@@ -21,7 +21,6 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout};
 use tokio_util::codec::Decoder;
@@ -36,6 +35,7 @@ use crate::protocol::client_frame::{FrameType, InboundFrame};
 use crate::protocol::codec::{FrameDecoder, FrameError};
 use crate::protocol::server_frame::ServerFrame;
 use crate::protocol::{ErrorCode, Payload, Role};
+use crate::transport::{Progress, Stream, poll_io};
 
 /// What every connection of a broker shares.
 #[derive(Debug)]
@@ -82,7 +82,7 @@ enum Ending {
 
 pub(crate) struct Connection {
     id: ConnectionId,
-    stream: TcpStream,
+    stream: Stream,
     settings: Arc<ConnectionSettings>,
     metrics: Arc<BrokerMetrics>,
     core: mpsc::Sender<Request>,
@@ -103,7 +103,7 @@ pub(crate) struct Connection {
 impl Connection {
     pub fn new(
         id: ConnectionId,
-        stream: TcpStream,
+        stream: Stream,
         settings: Arc<ConnectionSettings>,
         metrics: Arc<BrokerMetrics>,
         core: mpsc::Sender<Request>,
@@ -132,7 +132,7 @@ impl Connection {
     /// Serves the connection until it ends, then closes it. `close_all` ends it early,
     /// at the end of the broker's drain.
     pub async fn run(mut self, close_all: CancellationToken) {
-        let _ = self.stream.set_nodelay(true);
+        let _ = self.stream.tcp().set_nodelay(true);
         let register_deadline = Instant::now() + self.settings.register_timeout;
         let mut flush_deadline = None;
         let ending = loop {
@@ -146,6 +146,9 @@ impl Connection {
                 self.write_buf.len() >= OUTPUT_BYTES_MAX || self.unanswered.len() >= UNANSWERED_MAX;
             self.set_throttled(backlogged && self.ending.is_none());
             let accepts_input = self.ending.is_none() && !backlogged;
+            if accepts_input {
+                self.read_buf.reserve(READ_CHUNK_BYTES);
+            }
             tokio::select! {
                 biased;
                 () = close_all.cancelled() => break Some(Ending::Shutdown),
@@ -155,21 +158,26 @@ impl Connection {
                         self.on_outbound(more);
                     }
                 }
-                readable = self.stream.readable(), if accepts_input => {
-                    if let Err(e) = readable {
-                        break Some(Ending::Broken(e));
-                    }
-                    if let Err(ending) = self.read_and_handle().await {
-                        break Some(ending);
-                    }
-                    // One read per turn: a client that keeps its socket full would
-                    // otherwise be served until tokio's budget runs out, while the
-                    // consumers that drain the queues wait.
-                    tokio::task::yield_now().await;
-                }
-                writable = self.stream.writable(), if !self.write_buf.is_empty() => {
-                    if let Err(e) = writable {
-                        break Some(Ending::Broken(e));
+                progress = std::future::poll_fn(|cx| {
+                    poll_io(cx, &mut self.stream, &mut self.read_buf, &mut self.write_buf, accepts_input)
+                }) => {
+                    match progress {
+                        Err(e) => break Some(Ending::Broken(e)),
+                        Ok(Progress { read: Some(0), .. }) => {
+                            self.ending = Some(Ending::PeerClosed);
+                            // A consumer's messages go back at once, not when the flush is done.
+                            self.disconnect_from_core().await;
+                        }
+                        Ok(Progress { read: Some(_), .. }) => {
+                            if let Err(ending) = self.handle_input().await {
+                                break Some(ending);
+                            }
+                            // One read per turn: a client that keeps its socket full would
+                            // otherwise be served until tokio's budget runs out, while the
+                            // consumers that drain the queues wait.
+                            tokio::task::yield_now().await;
+                        }
+                        Ok(Progress { read: None, .. }) => {}
                     }
                 }
                 () = tokio::time::sleep_until(register_deadline), if self.role.is_none() && self.ending.is_none() => {
@@ -180,9 +188,6 @@ impl Connection {
                     debug!("client did not take its last frames in time");
                     break self.ending.take();
                 }
-            }
-            if let Err(e) = self.write_some() {
-                break Some(Ending::Broken(e));
             }
         };
         self.set_throttled(false);
@@ -202,20 +207,8 @@ impl Connection {
         }
     }
 
-    /// Reads what the socket has, and handles every whole frame in it.
-    async fn read_and_handle(&mut self) -> Result<(), Ending> {
-        self.read_buf.reserve(READ_CHUNK_BYTES);
-        match read_available(&mut self.stream, &mut self.read_buf).await {
-            Ok(0) => {
-                self.ending = Some(Ending::PeerClosed);
-                // A consumer's messages go back at once, not when the flush is done.
-                self.disconnect_from_core().await;
-                return Ok(());
-            }
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-            Err(e) => return Err(Ending::Broken(e)),
-        }
+    /// Handles every whole frame the last read completed.
+    async fn handle_input(&mut self) -> Result<(), Ending> {
         let mut commands = Vec::new();
         while self.ending.is_none() {
             match self.decoder.decode(&mut self.read_buf) {
@@ -385,21 +378,6 @@ impl Connection {
         self.ending = Some(Ending::Fatal);
     }
 
-    /// Writes as much output as the socket takes without waiting.
-    fn write_some(&mut self) -> io::Result<()> {
-        while !self.write_buf.is_empty() {
-            match self.stream.try_write(&self.write_buf) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => {
-                    let _ = self.write_buf.split_to(n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
-    }
-
     async fn disconnect_from_core(&mut self) {
         if self.role.is_some() && !self.disconnected {
             self.disconnected = true;
@@ -438,7 +416,7 @@ impl Connection {
 /// Closes gracefully after a fatal error frame was written: shut the write side, then
 /// read and discard briefly, so unread client bytes do not turn the close into a reset
 /// that could destroy the error frame before the client reads it.
-pub(crate) async fn close_after_fatal_error(stream: &mut TcpStream) {
+pub(crate) async fn close_after_fatal_error(stream: &mut Stream) {
     if stream.shutdown().await.is_err() {
         return;
     }
@@ -454,19 +432,4 @@ pub(crate) async fn close_after_fatal_error(stream: &mut TcpStream) {
     if discarded > 0 {
         debug!(discarded, "discarded client bytes after a fatal error");
     }
-}
-
-/// Reads what the socket holds without waiting for more (`WouldBlock` if nothing). It
-/// goes through `AsyncRead`, which, unlike `try_read_buf`, marks the socket drained after
-/// a short read: that saves the read returning EAGAIN that would otherwise follow each one.
-async fn read_available(stream: &mut TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
-    std::future::poll_fn(|cx| {
-        match tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *stream), cx, buf) {
-            std::task::Poll::Pending => {
-                std::task::Poll::Ready(Err(io::ErrorKind::WouldBlock.into()))
-            }
-            ready => ready,
-        }
-    })
-    .await
 }

@@ -21,6 +21,7 @@ use super::metrics::BrokerMetrics;
 use crate::protocol::ErrorCode;
 use crate::protocol::server_frame::ServerFrame;
 use crate::storage::{Storage, StorageError};
+use crate::transport::{AcceptError, ServerTls, Stream};
 
 /// Capacity, in batches, of the channel from connections to the core task.
 const CORE_CHANNEL_BATCHES: usize = 1024;
@@ -147,7 +148,7 @@ impl Server {
         let mut next_id = 0u64;
 
         loop {
-            let (stream, peer) = tokio::select! {
+            let (tcp, peer) = tokio::select! {
                 () = shutdown.cancelled() => break,
                 accepted = listener.accept() => match accepted {
                     Ok(accepted) => accepted,
@@ -162,21 +163,24 @@ impl Server {
             let id = ConnectionId(next_id);
             let span =
                 info_span!("conn", id = %id, %peer, role = field::Empty, queue = field::Empty);
+            let tls = config.tls.clone();
             match slots.clone().try_acquire_owned() {
                 Ok(slot) => {
-                    let connection = Connection::new(
-                        id,
-                        stream,
-                        settings.clone(),
-                        metrics.clone(),
-                        core_tx.clone(),
-                    );
+                    let settings = settings.clone();
+                    let core_tx = core_tx.clone();
                     let close_all = close_all.clone();
                     let metrics = metrics.clone();
                     metrics.connection_opened();
                     connections.spawn(
                         async move {
-                            connection.run(close_all).await;
+                            let handshake_timeout = settings.register_timeout;
+                            if let Some(stream) =
+                                open_stream(tcp, tls.as_ref(), handshake_timeout).await
+                            {
+                                Connection::new(id, stream, settings, metrics.clone(), core_tx)
+                                    .run(close_all)
+                                    .await;
+                            }
                             metrics.connection_closed();
                             drop(slot);
                         }
@@ -188,7 +192,13 @@ impl Server {
                     if let Ok(refusal_slot) = refusal_slots.clone().try_acquire_owned() {
                         connections.spawn(
                             async move {
-                                refuse_connection(stream, max).await;
+                                warn!(max_connections = max, "refused: too many connections");
+                                if let Some(mut stream) = open_stream(tcp, tls.as_ref(), REFUSAL_WRITE_TIMEOUT).await {
+                                    let message = format!(
+                                        "the broker already holds its maximum of {max} connections; retry later"
+                                    );
+                                    send_fatal(&mut stream, ErrorCode::TooManyConnections, &message).await;
+                                }
                                 drop(refusal_slot);
                             }
                             .instrument(span),
@@ -225,21 +235,49 @@ impl Server {
     }
 }
 
-/// Tells a connection over the limit why it is refused, then closes it.
-async fn refuse_connection(mut stream: TcpStream, max_connections: usize) {
-    warn!(max_connections, "refused: too many connections");
-    let message = format!(
-        "the broker already holds its maximum of {max_connections} connections; retry later"
-    );
+/// The connection's stream: the socket itself, or TLS over it once the handshake is done.
+/// A plaintext client on a TLS port is told so, in plaintext, and closed.
+async fn open_stream(
+    tcp: TcpStream,
+    tls: Option<&ServerTls>,
+    handshake_timeout: Duration,
+) -> Option<Stream> {
+    let Some(tls) = tls else {
+        return Some(Stream::Plain(tcp));
+    };
+    match tokio::time::timeout(handshake_timeout, tls.accept(tcp)).await {
+        Ok(Ok(stream)) => Some(stream),
+        Ok(Err(AcceptError::NotTls(tcp))) => {
+            info!("refused: a plaintext client on a TLS port");
+            let message = "this broker accepts TLS connections only; connect with TLS (ferry clients: --tls or --tls-ca)";
+            send_fatal(&mut Stream::Plain(tcp), ErrorCode::NotRegistered, message).await;
+            None
+        }
+        Ok(Err(AcceptError::Handshake(e))) => {
+            info!(error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            info!("TLS handshake timed out");
+            None
+        }
+    }
+}
+
+/// Sends a fatal error frame, then closes the connection gracefully.
+async fn send_fatal(stream: &mut Stream, code: ErrorCode, message: &str) {
     let mut frame = BytesMut::new();
     ServerFrame::Error {
-        code: ErrorCode::TooManyConnections,
-        message: &message,
+        code,
+        message,
         id: None,
     }
     .encode(&mut frame);
-    if let Ok(Ok(())) = tokio::time::timeout(REFUSAL_WRITE_TIMEOUT, stream.write_all(&frame)).await
-    {
-        close_after_fatal_error(&mut stream).await;
+    let written = async {
+        stream.write_all(&frame).await?;
+        stream.flush().await
+    };
+    if let Ok(Ok(())) = tokio::time::timeout(REFUSAL_WRITE_TIMEOUT, written).await {
+        close_after_fatal_error(stream).await;
     }
 }

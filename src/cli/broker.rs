@@ -19,6 +19,7 @@ use ferry::broker::config::{
 };
 use ferry::protocol::DEFAULT_MAX_FRAME_BYTES;
 use ferry::storage::{FsyncPolicy, StorageConfig};
+use ferry::transport::ServerTls;
 
 /// Exit status after a second signal cut the drain short (128 + SIGINT).
 const EXIT_INTERRUPTED: u8 = 130;
@@ -47,6 +48,12 @@ pub struct BrokerArgs {
     /// TOML file of [[grant]] entries (token, roles, queues); without it the broker is open.
     #[arg(long)]
     auth_file: Option<PathBuf>,
+    /// PEM certificate chain: serve TLS only (with --tls-key).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Directory for the durable log: confirmed messages survive crashes and restarts.
     /// Without it, messages live in memory only.
     #[arg(long)]
@@ -114,6 +121,10 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<ExitCode> {
             Access::Open
         }
     };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(ServerTls::from_pem_files(cert, key)?),
+        _ => None,
+    };
     let config = BrokerConfig {
         addr: args.addr,
         ack_timeout: args.ack_timeout,
@@ -123,6 +134,7 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<ExitCode> {
         max_connections: args.max_connections as usize,
         register_timeout: REGISTER_TIMEOUT,
         access,
+        tls,
         storage: args.data_dir.clone().map(|dir| StorageConfig {
             dir,
             fsync: args.fsync,
@@ -148,6 +160,7 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<ExitCode> {
         max_memory = %ByteSize(config.max_memory_bytes),
         max_connections = config.max_connections,
         storage = %describe_storage(&config.storage),
+        tls = config.tls.is_some(),
         "broker ready"
     );
     info!("listening on {addr}");

@@ -25,7 +25,10 @@ pub struct ConsumerArgs {
 }
 
 pub async fn run(args: ConsumerArgs) -> anyhow::Result<ExitCode> {
-    let ClientArgs { addr, queue, token } = args.client;
+    let tls = args.client.tls()?;
+    let ClientArgs {
+        addr, queue, token, ..
+    } = args.client;
     let prefetch = match args.count {
         Some(0) => return Ok(ExitCode::SUCCESS),
         Some(count) => args.prefetch.min(u16::try_from(count).unwrap_or(u16::MAX)),
@@ -35,6 +38,7 @@ pub async fn run(args: ConsumerArgs) -> anyhow::Result<ExitCode> {
         queue,
         prefetch,
         token,
+        tls,
     };
     let mut consumer = Consumer::connect_with(addr.as_str(), &options)
         .await

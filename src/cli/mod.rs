@@ -19,4 +19,22 @@ pub struct ClientArgs {
     /// Token for a broker started with --auth-file.
     #[arg(long, env = "FERRY_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Connect with TLS, trusting the system's root certificates.
+    #[arg(long)]
+    pub tls: bool,
+    /// Connect with TLS, trusting the certificates in this PEM file (implies --tls).
+    #[arg(long)]
+    pub tls_ca: Option<std::path::PathBuf>,
+}
+
+impl ClientArgs {
+    /// The TLS settings the flags ask for, if any.
+    pub fn tls(&self) -> anyhow::Result<Option<ferry::transport::ClientTls>> {
+        use ferry::transport::ClientTls;
+        Ok(match (&self.tls_ca, self.tls) {
+            (Some(ca), _) => Some(ClientTls::with_ca_file(ca)?),
+            (None, true) => Some(ClientTls::with_system_roots()?),
+            (None, false) => None,
+        })
+    }
 }

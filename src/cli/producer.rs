@@ -52,8 +52,11 @@ impl<W: Write> Confirms<W> {
 }
 
 pub async fn run(args: ProducerArgs) -> anyhow::Result<ExitCode> {
-    let ClientArgs { addr, queue, token } = args.client;
-    let options = ProducerOptions { queue, token };
+    let tls = args.client.tls()?;
+    let ClientArgs {
+        addr, queue, token, ..
+    } = args.client;
+    let options = ProducerOptions { queue, token, tls };
     let mut producer = Producer::connect_with(addr.as_str(), &options)
         .await
         .with_context(|| format!("cannot register as a producer on queue `{}`", options.queue))?;

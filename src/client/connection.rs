@@ -1,6 +1,7 @@
-//! The socket under a producer or consumer: frames are queued into a write buffer and
-//! flushed in one write; while flushing it also reads, so a client that has much to send
-//! can never deadlock against a broker that waits for it to read its replies.
+//! The connection under a producer or consumer, plain or TLS: frames are queued into a
+//! write buffer and flushed in one write; while flushing it also reads, so a client that
+//! has much to send can never deadlock against a broker that waits for it to read its
+//! replies.
 
 use std::collections::VecDeque;
 use std::fmt::Display;
@@ -8,6 +9,8 @@ use std::fmt::Display;
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, ToSocketAddrs};
+
+use crate::transport::{ClientTls, Stream, host_of, poll_io};
 use tokio_util::codec::Decoder;
 
 use super::error::ClientError;
@@ -22,7 +25,7 @@ const SERVER_FRAME_BYTES_MAX: usize = u32::MAX as usize;
 const READ_CHUNK_BYTES: usize = 64 * 1024;
 
 pub(crate) struct ClientConnection {
-    stream: TcpStream,
+    stream: Stream,
     decoder: FrameDecoder,
     read_buf: BytesMut,
     write_buf: BytesMut,
@@ -30,18 +33,28 @@ pub(crate) struct ClientConnection {
 }
 
 impl ClientConnection {
-    /// Connects and registers; returns once the broker said `ok`.
+    /// Connects (over TLS when `tls` is given) and registers; returns once the broker said
+    /// `ok`.
     pub async fn open<A: ToSocketAddrs + Display>(
         addr: A,
+        tls: Option<&ClientTls>,
         register: &ClientFrame<'_>,
     ) -> Result<Self, ClientError> {
-        let stream = TcpStream::connect(&addr)
-            .await
-            .map_err(|source| ClientError::Connect {
-                addr: addr.to_string(),
-                source,
-            })?;
-        stream.set_nodelay(true)?;
+        let connect_error = |source| ClientError::Connect {
+            addr: addr.to_string(),
+            source,
+        };
+        let tcp = TcpStream::connect(&addr).await.map_err(connect_error)?;
+        tcp.set_nodelay(true)?;
+        let stream = match tls {
+            None => Stream::Plain(tcp),
+            Some(tls) => {
+                let addr_text = addr.to_string();
+                tls.connect(host_of(&addr_text), tcp)
+                    .await
+                    .map_err(connect_error)?
+            }
+        };
         let mut connection = ClientConnection {
             stream,
             decoder: FrameDecoder::new(SERVER_FRAME_BYTES_MAX),
@@ -71,20 +84,21 @@ impl ClientConnection {
     /// Sends everything queued, reading whatever the broker sends meanwhile.
     pub async fn flush(&mut self) -> Result<(), ClientError> {
         while !self.write_buf.is_empty() {
-            let (mut reader, mut writer) = self.stream.split();
             self.read_buf.reserve(READ_CHUNK_BYTES);
-            tokio::select! {
-                written = writer.write_buf(&mut self.write_buf) => {
-                    if written? == 0 {
-                        return Err(ClientError::Closed);
-                    }
-                }
-                read = reader.read_buf(&mut self.read_buf) => {
-                    if read? == 0 {
-                        return Err(ClientError::Closed);
-                    }
-                    decode_frames(&mut self.decoder, &mut self.read_buf, &mut self.inbox)?;
-                }
+            let progress = std::future::poll_fn(|cx| {
+                poll_io(
+                    cx,
+                    &mut self.stream,
+                    &mut self.read_buf,
+                    &mut self.write_buf,
+                    true,
+                )
+            })
+            .await?;
+            match progress.read {
+                Some(0) => return Err(ClientError::Closed),
+                Some(_) => decode_frames(&mut self.decoder, &mut self.read_buf, &mut self.inbox)?,
+                None => {}
             }
         }
         Ok(())

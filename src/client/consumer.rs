@@ -9,6 +9,7 @@ use super::error::ClientError;
 use crate::protocol::client_frame::ClientFrame;
 use crate::protocol::server_frame::{Message, ReceivedFrame};
 use crate::protocol::{DEFAULT_PREFETCH, MessageId, QueueName, Role};
+use crate::transport::ClientTls;
 
 /// How a consumer registers.
 #[derive(Debug, Clone)]
@@ -17,6 +18,8 @@ pub struct ConsumerOptions {
     /// Most unacked deliveries the broker sends this consumer at once (1–65535).
     pub prefetch: u16,
     pub token: Option<String>,
+    /// TLS settings when the broker serves TLS.
+    pub tls: Option<ClientTls>,
 }
 
 impl Default for ConsumerOptions {
@@ -25,6 +28,7 @@ impl Default for ConsumerOptions {
             queue: QueueName::default_queue().to_string(),
             prefetch: DEFAULT_PREFETCH,
             token: None,
+            tls: None,
         }
     }
 }
@@ -66,7 +70,7 @@ impl Consumer {
             prefetch: Some(options.prefetch),
             token: options.token.as_deref(),
         };
-        let connection = ClientConnection::open(addr, &register).await?;
+        let connection = ClientConnection::open(addr, options.tls.as_ref(), &register).await?;
         Ok(Consumer { connection })
     }
 

@@ -11,6 +11,7 @@ use super::error::ClientError;
 use crate::protocol::client_frame::ClientFrame;
 use crate::protocol::server_frame::{BrokerError, ReceivedFrame};
 use crate::protocol::{MessageId, QueueName, Role};
+use crate::transport::ClientTls;
 
 /// Queued publish bytes beyond which [`Producer::send`] callers should flush; used by
 /// [`Producer::publish_all`].
@@ -21,6 +22,8 @@ const SEND_BUFFER_BYTES: usize = 64 * 1024;
 pub struct ProducerOptions {
     pub queue: String,
     pub token: Option<String>,
+    /// TLS settings when the broker serves TLS.
+    pub tls: Option<ClientTls>,
 }
 
 impl Default for ProducerOptions {
@@ -28,6 +31,7 @@ impl Default for ProducerOptions {
         ProducerOptions {
             queue: QueueName::default_queue().to_string(),
             token: None,
+            tls: None,
         }
     }
 }
@@ -70,7 +74,7 @@ impl Producer {
             prefetch: None,
             token: options.token.as_deref(),
         };
-        let connection = ClientConnection::open(addr, &register).await?;
+        let connection = ClientConnection::open(addr, options.tls.as_ref(), &register).await?;
         Ok(Producer {
             connection,
             unconfirmed: 0,

@@ -133,6 +133,7 @@ pub async fn connect_consumer(addr: SocketAddr, queue: &str, prefetch: u16) -> C
         queue: queue.into(),
         prefetch,
         token: None,
+        tls: None,
     };
     within(Consumer::connect_with(addr, &options))
         .await

@@ -162,6 +162,7 @@ async fn run_once(args: &BenchArgs) -> anyhow::Result<Report> {
                 queue: name.clone(),
                 prefetch: args.prefetch,
                 token: None,
+                tls: None,
             };
             consumers.push((
                 name.clone(),
@@ -174,6 +175,7 @@ async fn run_once(args: &BenchArgs) -> anyhow::Result<Report> {
             let options = ProducerOptions {
                 queue: name.clone(),
                 token: None,
+                tls: None,
             };
             producers.push((
                 name.clone(),

@@ -1,0 +1,175 @@
+//! TLS: certificates are generated at run time (rcgen); the broker serves TLS only;
+//! clients that trust its certificate work end to end, a plaintext client is refused in
+//! words it can read, and a client that trusts another CA fails its handshake.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{BrokerProcess, RawClient, TestBroker, recv, run_ferry, test_config, within};
+use ferry::broker::BrokerConfig;
+use ferry::transport::{ClientTls, ServerTls};
+use ferry::{ClientError, Consumer, ConsumerOptions, ErrorCode, Producer, ProducerOptions};
+use serde_json::json;
+
+/// A self-signed certificate for localhost and 127.0.0.1, written as PEM files.
+fn self_signed(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let cert = dir.join(format!("{name}.crt"));
+    let key = dir.join(format!("{name}.key"));
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    (cert, key)
+}
+
+async fn tls_broker(dir: &Path, max_connections: usize) -> (TestBroker, PathBuf) {
+    let (cert, key) = self_signed(dir, "broker");
+    let broker = TestBroker::start_with(BrokerConfig {
+        tls: Some(ServerTls::from_pem_files(&cert, &key).unwrap()),
+        max_connections,
+        ..test_config()
+    })
+    .await;
+    (broker, cert)
+}
+
+#[tokio::test]
+async fn clients_that_trust_the_broker_work_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, cert) = tls_broker(dir.path(), 100).await;
+    let tls = Some(ClientTls::with_ca_file(&cert).unwrap());
+    let producer_options = ProducerOptions {
+        queue: "secure".into(),
+        token: None,
+        tls: tls.clone(),
+    };
+    let consumer_options = ConsumerOptions {
+        queue: "secure".into(),
+        prefetch: 10,
+        token: None,
+        tls,
+    };
+    let mut producer = within(Producer::connect_with(broker.addr, &producer_options))
+        .await
+        .unwrap();
+    let mut consumer = within(Consumer::connect_with(broker.addr, &consumer_options))
+        .await
+        .unwrap();
+    let payloads: Vec<String> = (0..500)
+        .map(|i| format!("secret {i} {}", "x".repeat(i)))
+        .collect();
+    let outcomes = within(producer.publish_all(payloads.iter().map(String::as_str), 64))
+        .await
+        .unwrap();
+    assert!(outcomes.iter().all(Result::is_ok));
+    for payload in &payloads {
+        let message = recv(&mut consumer).await;
+        assert_eq!(&message.payload, payload);
+        consumer.queue_ack(message.id);
+    }
+    within(consumer.flush()).await.unwrap();
+    common::eventually("all acked over TLS", || {
+        broker.metrics().core.acked_total == 500
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_plaintext_client_on_the_tls_port_is_refused_in_plaintext() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, _) = tls_broker(dir.path(), 100).await;
+    let mut plain = RawClient::connect(broker.addr).await;
+    plain
+        .send(json!({"type": "register", "role": "producer"}))
+        .await;
+    let refusal = plain.expect_error("not_registered").await;
+    assert!(
+        refusal["message"].as_str().unwrap().contains("TLS"),
+        "{refusal}"
+    );
+    plain.expect_closed().await;
+    // The library says the same.
+    let err = within(Producer::connect(broker.addr, "q"))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.code(), Some(ErrorCode::NotRegistered));
+}
+
+#[tokio::test]
+async fn a_client_trusting_another_ca_fails_its_handshake() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, _) = tls_broker(dir.path(), 100).await;
+    let (other_ca, _) = self_signed(dir.path(), "other");
+    let options = ProducerOptions {
+        queue: "q".into(),
+        token: None,
+        tls: Some(ClientTls::with_ca_file(&other_ca).unwrap()),
+    };
+    let err = within(Producer::connect_with(broker.addr, &options))
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(err, ClientError::Connect { .. }), "{err}");
+    assert!(
+        err.to_string().to_lowercase().contains("certificate"),
+        "{err}"
+    );
+    // And the broker is unharmed.
+    assert_eq!(broker.metrics().core.published_total, 0);
+}
+
+#[tokio::test]
+async fn the_connection_limit_answers_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, cert) = tls_broker(dir.path(), 1).await;
+    let tls = Some(ClientTls::with_ca_file(&cert).unwrap());
+    let options = ProducerOptions {
+        queue: "q".into(),
+        token: None,
+        tls,
+    };
+    let _first = within(Producer::connect_with(broker.addr, &options))
+        .await
+        .unwrap();
+    let refused = within(Producer::connect_with(broker.addr, &options))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(refused.code(), Some(ErrorCode::TooManyConnections));
+}
+
+#[tokio::test]
+async fn the_cli_speaks_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = self_signed(dir.path(), "cli");
+    let (cert, key) = (
+        cert.to_str().unwrap().to_owned(),
+        key.to_str().unwrap().to_owned(),
+    );
+    let broker = BrokerProcess::start(&["--tls-cert", &cert, "--tls-key", &key]);
+    let addr = broker.addr.to_string();
+    let produced = run_ferry(
+        &["producer", "--addr", &addr, "--tls-ca", &cert, "over tls"],
+        "",
+        &[],
+    )
+    .await;
+    assert!(produced.status.success(), "{produced:?}");
+    let consumed = run_ferry(
+        &[
+            "consumer", "--addr", &addr, "--tls-ca", &cert, "--count", "1",
+        ],
+        "",
+        &[],
+    )
+    .await;
+    assert_eq!(String::from_utf8_lossy(&consumed.stdout), "over tls\n");
+    let plain = run_ferry(&["producer", "--addr", &addr, "not over tls"], "", &[]).await;
+    assert!(!plain.status.success());
+    assert!(
+        String::from_utf8_lossy(&plain.stderr).contains("TLS"),
+        "{plain:?}"
+    );
+}
