@@ -314,3 +314,72 @@ async fn a_consumer_that_vanishes_with_a_reset_returns_its_messages() {
     assert_eq!((message.id, message.attempt), (id, 2));
     broker.assert_serves_a_fresh_pair().await;
 }
+
+/// Valid frames of every kind, mutated: bits flipped, bytes cut, inserted or repeated,
+/// length prefixes changed, frames spliced together.
+fn mutated_stream(rng: &mut TestRng) -> Vec<u8> {
+    let valid = [
+        json!({"type": "register", "role": "producer", "queue": "mutants"}),
+        json!({"type": "register", "role": "consumer", "queue": "mutants", "prefetch": 5}),
+        json!({"type": "publish", "payload": "a mutant payload"}),
+        json!({"type": "ack", "id": 1}),
+        json!({"type": "publish", "payload": "esc \"aped\" \\ \u{e9}"}),
+    ];
+    let mut stream = Vec::new();
+    for _ in 0..(1 + rng.next_u32() % 8) {
+        let mut frame = common::frame(&valid[rng.next_u32() as usize % valid.len()]);
+        match rng.next_u32() % 7 {
+            0 => {
+                let bit = rng.next_u32() as usize % (frame.len() * 8);
+                frame[bit / 8] ^= 1 << (bit % 8);
+            }
+            1 => frame.truncate(rng.next_u32() as usize % frame.len()),
+            2 => {
+                let at = rng.next_u32() as usize % frame.len();
+                frame.insert(at, rng.next_u32() as u8);
+            }
+            3 => {
+                let len = u32::from_be_bytes(frame[..4].try_into().unwrap());
+                let changed = len.wrapping_add(rng.next_u32() % 9).wrapping_sub(4);
+                frame[..4].copy_from_slice(&changed.to_be_bytes());
+            }
+            4 => {
+                let from = rng.next_u32() as usize % frame.len();
+                let copy = frame[from..].to_vec();
+                frame.extend_from_slice(&copy);
+            }
+            _ => {}
+        }
+        stream.extend_from_slice(&frame);
+    }
+    stream
+}
+
+#[tokio::test]
+async fn mutated_frames_never_hurt_the_broker() {
+    let broker = TestBroker::start_with(BrokerConfig {
+        register_timeout: Duration::from_millis(300),
+        ..test_config()
+    })
+    .await;
+    let mut rng = TestRng::deterministic_rng(RngAlgorithm::ChaCha);
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..300 {
+        let bytes = mutated_stream(&mut rng);
+        let addr = broker.addr;
+        clients.spawn(async move {
+            let mut stream = RawClient::connect(addr).await.into_stream();
+            // Whatever the broker makes of it, it answers or closes; a write may fail once
+            // it has closed. Then the client leaves.
+            let _ = stream.write_all(&bytes).await;
+        });
+    }
+    while let Some(joined) = within(clients.join_next()).await {
+        joined.unwrap();
+    }
+    broker.assert_serves_a_fresh_pair().await;
+    eventually("every mutant connection is gone", || {
+        broker.metrics().connections == 0
+    })
+    .await;
+}

@@ -49,8 +49,13 @@ pub(crate) struct ConnectionSettings {
 const OUTPUT_BYTES_MAX: usize = 256 * 1024;
 /// Commands awaiting the core beyond which the connection stops reading.
 const UNANSWERED_MAX: usize = 16_384;
-/// Bytes asked of the socket per read.
+/// Bytes asked of the socket per read by a busy connection.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
+/// Bytes asked per read by a connection whose reads do not fill what it asks for. Idle
+/// connections are most connections; at 64 KiB each, ten thousand of them held 700 MB.
+const QUIET_READ_BYTES: usize = 2 * 1024;
+/// Capacity beyond which an empty buffer is given back when its connection goes quiet.
+const IDLE_BUFFER_BYTES_MAX: usize = 8 * 1024;
 /// How long an ending connection may take to write its last frames.
 const FINAL_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long to flush when the broker closes every connection at the end of shutdown.
@@ -90,6 +95,8 @@ pub(crate) struct Connection {
     outbound_rx: mpsc::UnboundedReceiver<ToConnection>,
     decoder: FrameDecoder,
     read_buf: BytesMut,
+    /// Whether the last read filled the space it was given: the peer has more to send.
+    reads_fill: bool,
     write_buf: BytesMut,
     role: Option<Role>,
     unanswered: VecDeque<Slot>,
@@ -120,6 +127,7 @@ impl Connection {
             outbound_rx,
             decoder,
             read_buf: BytesMut::new(),
+            reads_fill: false,
             write_buf: BytesMut::new(),
             role: None,
             unanswered: VecDeque::new(),
@@ -147,7 +155,7 @@ impl Connection {
             self.set_throttled(backlogged && self.ending.is_none());
             let accepts_input = self.ending.is_none() && !backlogged;
             if accepts_input {
-                self.read_buf.reserve(READ_CHUNK_BYTES);
+                self.size_read_buffer();
             }
             tokio::select! {
                 biased;
@@ -168,7 +176,8 @@ impl Connection {
                             // A consumer's messages go back at once, not when the flush is done.
                             self.disconnect_from_core().await;
                         }
-                        Ok(Progress { read: Some(_), .. }) => {
+                        Ok(Progress { read: Some(n), .. }) => {
+                            self.reads_fill = self.read_buf.capacity() == self.read_buf.len() && n > 0;
                             if let Err(ending) = self.handle_input().await {
                                 break Some(ending);
                             }
@@ -192,6 +201,22 @@ impl Connection {
         };
         self.set_throttled(false);
         self.close(ending).await;
+    }
+
+    /// Gives the next read room to match the connection's pace: a full 64 KiB chunk while
+    /// its reads fill what they get, a small one otherwise; and hands back the big, empty
+    /// read buffer of a connection that has gone quiet. (The write buffer is large only
+    /// for connections with large output, and freeing it between their bursts cost 25%
+    /// more CPU with 16 KiB payloads.)
+    fn size_read_buffer(&mut self) {
+        if self.reads_fill {
+            self.read_buf.reserve(READ_CHUNK_BYTES);
+            return;
+        }
+        if self.read_buf.is_empty() && self.read_buf.capacity() > IDLE_BUFFER_BYTES_MAX {
+            self.read_buf = BytesMut::new();
+        }
+        self.read_buf.reserve(QUIET_READ_BYTES);
     }
 
     fn set_throttled(&mut self, throttled: bool) {

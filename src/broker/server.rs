@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -23,6 +23,8 @@ use crate::protocol::server_frame::ServerFrame;
 use crate::storage::{Storage, StorageError};
 use crate::transport::{AcceptError, ServerTls, Stream};
 
+/// Pending connections the kernel may queue for accept (it caps this at somaxconn).
+const LISTEN_BACKLOG: u32 = 8192;
 /// Capacity, in batches, of the channel from connections to the core task.
 const CORE_CHANNEL_BATCHES: usize = 1024;
 /// How long to wait before accepting again after accept fails (out of file descriptors,
@@ -86,13 +88,10 @@ impl Server {
             }
             None => None,
         };
-        let listener =
-            TcpListener::bind(config.addr)
-                .await
-                .map_err(|source| BrokerError::Bind {
-                    addr: config.addr,
-                    source,
-                })?;
+        let listener = listen(config.addr).map_err(|source| BrokerError::Bind {
+            addr: config.addr,
+            source,
+        })?;
         Ok(Server {
             listener,
             config,
@@ -233,6 +232,20 @@ impl Server {
         }
         Ok(report)
     }
+}
+
+/// Binds a listening socket with a deep accept queue: a burst of connects larger than
+/// tokio's default backlog (1,024) overflowed it, and every dropped connect waited a
+/// second for its SYN to be retried.
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// The connection's stream: the socket itself, or TLS over it once the handshake is done.

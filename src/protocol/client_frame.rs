@@ -173,9 +173,10 @@ impl<'a> InboundFrame<'a> {
         Self::parse_json(body)
     }
 
-    /// The general path only, for the tests that hold the fast path to it.
-    #[cfg(test)]
-    pub(crate) fn parse_json_for_tests(body: &'a [u8]) -> Result<Self, InvalidFrame> {
+    /// The general (serde) path alone, without the canonical fast path: for the tests and
+    /// fuzz targets that hold the fast path to it. Not for other use.
+    #[doc(hidden)]
+    pub fn parse_general(body: &'a [u8]) -> Result<Self, InvalidFrame> {
         Self::parse_json(body)
     }
 
