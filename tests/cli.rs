@@ -256,3 +256,93 @@ async fn bench_without_consumers_leaves_everything_queued() {
     assert_eq!(report["delivered"], 0);
     assert_eq!(report["lost"], 0);
 }
+
+#[tokio::test]
+async fn the_broker_refuses_a_malformed_auth_file_naming_the_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("auth.toml");
+    std::fs::write(
+        &path,
+        "[[grant]]\ntoken = \"t0ken-value\"\nroles = [\"producer\", \"admin\"]\nqueues = [\"q\"]\n",
+    )
+    .unwrap();
+    let out = run_ferry(
+        &[
+            "broker",
+            "--addr",
+            "127.0.0.1:0",
+            "--auth-file",
+            path.to_str().unwrap(),
+        ],
+        "",
+        &[],
+    )
+    .await;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("line 3") && stderr.contains("unknown role `admin`"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("t0ken-value"),
+        "the token was printed: {stderr}"
+    );
+}
+
+#[tokio::test]
+async fn auth_warnings_and_tokens_never_in_the_log() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("auth.toml");
+    std::fs::write(
+        &path,
+        "[[grant]]\ntoken = \"a-very-secret-token\"\nroles = [\"producer\"]\nqueues = [\"q\"]\n",
+    )
+    .unwrap();
+    let auth = path.to_str().unwrap();
+
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let broker = BrokerProcess::start(&["--auth-file", auth]);
+    broker.wait_for_log("readable by other users").await;
+    let addr = broker.addr.to_string();
+    let env = [("FERRY_TOKEN", "a-very-secret-token")];
+    let granted = run_ferry(
+        &["producer", "--addr", &addr, "--queue", "q", "m"],
+        "",
+        &env,
+    )
+    .await;
+    assert!(granted.status.success(), "{granted:?}");
+    let wrong = run_ferry(
+        &[
+            "producer",
+            "--addr",
+            &addr,
+            "--queue",
+            "q",
+            "--token",
+            "a-wrong-secret-token",
+            "m",
+        ],
+        "",
+        &[],
+    )
+    .await;
+    assert!(!wrong.status.success());
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("unauthorized"));
+    broker.wait_for_log("closing the connection").await;
+    let log = broker.log_text();
+    assert!(
+        !log.contains("a-very-secret-token") && !log.contains("a-wrong-secret-token"),
+        "a token was logged:\n{log}"
+    );
+    assert!(!log.contains("open to every client"));
+    drop(broker);
+
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let private = BrokerProcess::start(&["--auth-file", auth]);
+    assert!(!private.log_text().contains("readable by other users"));
+    let open = BrokerProcess::start(&[]);
+    assert_eq!(open.log_text().matches("open to every client").count(), 1);
+}

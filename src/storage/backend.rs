@@ -205,6 +205,16 @@ impl SimBackend {
         );
     }
 
+    fn with_file<T>(&self, number: u64, act: impl FnOnce(&mut SimFile) -> T) -> io::Result<T> {
+        let mut state = self.state();
+        self.check(&state)?;
+        let file = state
+            .files
+            .get_mut(&number)
+            .ok_or(io::ErrorKind::NotFound)?;
+        Ok(act(file))
+    }
+
     fn check(&self, state: &SimState) -> io::Result<()> {
         if state.failing {
             Err(io::Error::other("simulated disk failure"))
@@ -259,26 +269,14 @@ impl Backend for SimBackend {
     }
 
     fn truncate_segment(&self, number: u64, len: u64) -> io::Result<()> {
-        let mut state = self.state();
-        self.check(&state)?;
-        let file = state
-            .files
-            .get_mut(&number)
-            .ok_or(io::ErrorKind::NotFound)?;
-        file.written.truncate(len as usize);
-        file.synced = file.written.clone();
-        Ok(())
+        self.with_file(number, |file| {
+            file.written.truncate(len as usize);
+            file.synced = file.written.clone();
+        })
     }
 
     fn remove_segment(&self, number: u64) -> io::Result<()> {
-        let mut state = self.state();
-        self.check(&state)?;
-        let file = state
-            .files
-            .get_mut(&number)
-            .ok_or(io::ErrorKind::NotFound)?;
-        file.exists = false;
-        Ok(())
+        self.with_file(number, |file| file.exists = false)
     }
 
     fn sync_dir(&self) -> io::Result<()> {
@@ -301,24 +299,14 @@ struct SimSegment {
     number: u64,
 }
 
-impl SimSegment {
-    fn with_file<T>(&self, act: impl FnOnce(&mut SimFile) -> T) -> io::Result<T> {
-        let mut state = self.backend.state();
-        self.backend.check(&state)?;
-        let file = state
-            .files
-            .get_mut(&self.number)
-            .ok_or(io::ErrorKind::NotFound)?;
-        Ok(act(file))
-    }
-}
-
 impl SegmentWriter for SimSegment {
     fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.with_file(|file| file.written.extend_from_slice(bytes))
+        self.backend
+            .with_file(self.number, |file| file.written.extend_from_slice(bytes))
     }
 
     fn sync_data(&mut self) -> io::Result<()> {
-        self.with_file(|file| file.synced = file.written.clone())
+        self.backend
+            .with_file(self.number, |file| file.synced = file.written.clone())
     }
 }

@@ -118,12 +118,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     } else {
         report.print_text();
     }
-    Ok(if report.lost == 0 {
+    Ok(if report.counts.lost == 0 {
         ExitCode::SUCCESS
     } else {
         eprintln!(
             "ferry bench: {} confirmed messages were never delivered",
-            report.lost
+            report.counts.lost
         );
         ExitCode::FAILURE
     })
@@ -304,18 +304,22 @@ fn summarize(
         _ => Duration::ZERO,
     };
     Report::new(report::Inputs {
-        producers: args.producers * args.queues,
-        consumers: args.consumers * args.queues,
-        queues: args.queues,
-        payload_bytes: args.payload_bytes,
-        window: args.window,
-        prefetch: args.prefetch,
-        rate: args.rate,
-        confirmed,
-        refused: all_producers().map(|p| p.refused).sum(),
-        delivered: runs.iter().map(|run| run.tally.unique_received()).sum(),
-        duplicates: runs.iter().map(|run| run.tally.duplicates()).sum(),
-        lost,
+        workload: report::Workload {
+            producers: args.producers * args.queues,
+            consumers: args.consumers * args.queues,
+            queues: args.queues,
+            payload_bytes: args.payload_bytes,
+            window: args.window,
+            prefetch: args.prefetch,
+            rate: args.rate,
+        },
+        counts: report::Counts {
+            confirmed,
+            refused: all_producers().map(|p| p.refused).sum(),
+            delivered: runs.iter().map(|run| run.tally.unique_received()).sum(),
+            duplicates: runs.iter().map(|run| run.tally.duplicates()).sum(),
+            lost,
+        },
         end_to_end: span(last_ack),
         confirm_span: span(last_confirm),
         latency_ns: latency,

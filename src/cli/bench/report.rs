@@ -10,8 +10,9 @@ pub struct BrokerFigures {
     pub peak_rss_bytes: u64,
 }
 
-/// The raw figures of a run.
-pub struct Inputs {
+/// What was run.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Workload {
     pub producers: u32,
     pub consumers: u32,
     pub queues: u32,
@@ -19,11 +20,36 @@ pub struct Inputs {
     pub window: u32,
     pub prefetch: u16,
     pub rate: Option<f64>,
+}
+
+/// What happened to the messages (summed over runs).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Counts {
     pub confirmed: u64,
     pub refused: u64,
     pub delivered: u64,
     pub duplicates: u64,
     pub lost: u64,
+}
+
+impl std::ops::Add for Counts {
+    type Output = Counts;
+
+    fn add(self, other: Counts) -> Counts {
+        Counts {
+            confirmed: self.confirmed + other.confirmed,
+            refused: self.refused + other.refused,
+            delivered: self.delivered + other.delivered,
+            duplicates: self.duplicates + other.duplicates,
+            lost: self.lost + other.lost,
+        }
+    }
+}
+
+/// The raw figures of a run.
+pub struct Inputs {
+    pub workload: Workload,
+    pub counts: Counts,
     /// First publish to last ack.
     pub end_to_end: Duration,
     /// First publish to last confirm.
@@ -41,18 +67,10 @@ pub struct Report {
     pub runs: usize,
     /// End-to-end throughput of each run, in run order.
     pub msgs_per_sec_each_run: Vec<f64>,
-    pub producers: u32,
-    pub consumers: u32,
-    pub queues: u32,
-    pub payload_bytes: usize,
-    pub window: u32,
-    pub prefetch: u16,
-    pub rate: Option<f64>,
-    pub confirmed: u64,
-    pub refused: u64,
-    pub delivered: u64,
-    pub duplicates: u64,
-    pub lost: u64,
+    #[serde(flatten)]
+    pub workload: Workload,
+    #[serde(flatten)]
+    pub counts: Counts,
     pub seconds: f64,
     pub msgs_per_sec: f64,
     pub payload_mb_per_sec: f64,
@@ -88,29 +106,20 @@ impl Report {
             }
         };
         let quantile_us = |q: f64| inputs.latency_ns.value_at_quantile(q) as f64 / 1000.0;
-        let msgs_per_sec = per_second(inputs.delivered as f64, inputs.end_to_end);
+        let counts = inputs.counts;
+        let msgs_per_sec = per_second(counts.delivered as f64, inputs.end_to_end);
         Report {
             runs: 1,
             msgs_per_sec_each_run: vec![msgs_per_sec],
-            producers: inputs.producers,
-            consumers: inputs.consumers,
-            queues: inputs.queues,
-            payload_bytes: inputs.payload_bytes,
-            window: inputs.window,
-            prefetch: inputs.prefetch,
-            rate: inputs.rate,
-            confirmed: inputs.confirmed,
-            refused: inputs.refused,
-            delivered: inputs.delivered,
-            duplicates: inputs.duplicates,
-            lost: inputs.lost,
+            workload: inputs.workload,
+            counts,
             seconds,
             msgs_per_sec,
             payload_mb_per_sec: per_second(
-                (inputs.delivered * inputs.payload_bytes as u64) as f64 / MB,
+                (counts.delivered * inputs.workload.payload_bytes as u64) as f64 / MB,
                 inputs.end_to_end,
             ),
-            confirms_per_sec: per_second(inputs.confirmed as f64, inputs.confirm_span),
+            confirms_per_sec: per_second(counts.confirmed as f64, inputs.confirm_span),
             latency_us: Latency {
                 p50: quantile_us(0.5),
                 p99: quantile_us(0.99),
@@ -120,10 +129,10 @@ impl Report {
             broker_cpu_seconds: inputs.broker.as_ref().map(|b| b.cpu.as_secs_f64()),
             // Without consumers the broker's work is the publishes it confirmed.
             msgs_per_broker_cpu_second: inputs.broker.as_ref().map(|b| {
-                let handled = if inputs.consumers == 0 {
-                    inputs.confirmed
+                let handled = if inputs.workload.consumers == 0 {
+                    counts.confirmed
                 } else {
-                    inputs.delivered
+                    counts.delivered
                 };
                 per_second(handled as f64, b.cpu)
             }),
@@ -146,17 +155,13 @@ impl Report {
                 .all(|r| figure(r).is_some())
                 .then(|| median(reports, &|r| figure(r).unwrap_or(0.0)))
         };
-        let sum =
-            |reports: &[Report], count: &dyn Fn(&Report) -> u64| reports.iter().map(count).sum();
         let r = &reports;
         Report {
             runs: r.len(),
             msgs_per_sec_each_run: r.iter().map(|run| run.msgs_per_sec).collect(),
-            confirmed: sum(r, &|x| x.confirmed),
-            refused: sum(r, &|x| x.refused),
-            delivered: sum(r, &|x| x.delivered),
-            duplicates: sum(r, &|x| x.duplicates),
-            lost: sum(r, &|x| x.lost),
+            counts: r
+                .iter()
+                .fold(Counts::default(), |sum, run| sum + run.counts),
             seconds: median(r, &|x| x.seconds),
             msgs_per_sec: median(r, &|x| x.msgs_per_sec),
             payload_mb_per_sec: median(r, &|x| x.payload_mb_per_sec),
@@ -184,8 +189,8 @@ impl Report {
             self.latency_us.p50,
             self.latency_us.p99,
             self.latency_us.p99_9,
-            self.lost,
-            self.duplicates,
+            self.counts.lost,
+            self.counts.duplicates,
             self.steal_percent
         )
     }
@@ -203,26 +208,22 @@ impl Report {
                 each.join(", ")
             );
         }
-        let rate = self
+        let (w, c) = (&self.workload, &self.counts);
+        let rate = w
             .rate
             .map_or("as fast as possible".to_owned(), |r| format!("{r} msg/s"));
         println!(
             "workload     {} queue(s), {} producer(s), {} consumer(s), {} B payloads, window {}, prefetch {}, {rate}",
-            self.queues,
-            self.producers,
-            self.consumers,
-            self.payload_bytes,
-            self.window,
-            self.prefetch
+            w.queues, w.producers, w.consumers, w.payload_bytes, w.window, w.prefetch
         );
         println!(
             "messages     {} confirmed, {} refused, {} delivered, {} lost, {} duplicated",
-            self.confirmed, self.refused, self.delivered, self.lost, self.duplicates
+            c.confirmed, c.refused, c.delivered, c.lost, c.duplicates
         );
-        if self.consumers == 0 {
+        if w.consumers == 0 {
             println!(
                 "             no consumers: all {} confirmed messages were left queued",
-                self.confirmed
+                c.confirmed
             );
         }
         println!(
