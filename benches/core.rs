@@ -28,6 +28,13 @@ fn loaded(queue: &QueueName, payload: &Payload) -> Core {
     core
 }
 
+/// The same, with every message delivered and in flight.
+fn delivered(queue: &QueueName, payload: &Payload, now: Instant) -> Core {
+    let mut core = loaded(queue, payload);
+    while core.poll_delivery(now).is_some() {}
+    core
+}
+
 fn bench_core(c: &mut Criterion) {
     let queue = QueueName::new("bench").unwrap();
     let payload = Payload::from_text(&"x".repeat(100));
@@ -63,11 +70,7 @@ fn bench_core(c: &mut Criterion) {
 
     group.bench_function("ack 1000", |b| {
         b.iter_batched(
-            || {
-                let mut core = loaded(&queue, &payload);
-                while core.poll_delivery(now).is_some() {}
-                core
-            },
+            || delivered(&queue, &payload, now),
             |mut core| {
                 for id in 1..=BATCH {
                     core.ack(ConsumerId(1), MessageId(id)).unwrap();
@@ -80,11 +83,7 @@ fn bench_core(c: &mut Criterion) {
 
     group.bench_function("requeue 1000 on timeout", |b| {
         b.iter_batched(
-            || {
-                let mut core = loaded(&queue, &payload);
-                while core.poll_delivery(now).is_some() {}
-                core
-            },
+            || delivered(&queue, &payload, now),
             |mut core| {
                 core.handle_timeout(now + Duration::from_secs(6));
                 core
