@@ -173,3 +173,55 @@ async fn the_cli_speaks_tls() {
         "{plain:?}"
     );
 }
+
+#[tokio::test]
+async fn the_bench_runs_over_tls_with_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = self_signed(dir.path(), "bench");
+    let auth = dir.path().join("auth.toml");
+    std::fs::write(
+        &auth,
+        "[[grant]]\ntoken = \"bench-secret-token\"\nroles = [\"producer\", \"consumer\"]\nqueues = [\"bench\"]\n",
+    )
+    .unwrap();
+    let broker_flags = [
+        format!("--broker-arg=--tls-cert={}", cert.display()),
+        format!("--broker-arg=--tls-key={}", key.display()),
+        format!("--broker-arg=--auth-file={}", auth.display()),
+    ];
+    let bench = |token: &'static str| {
+        let mut args: Vec<String> = ["bench", "--json", "-m", "2000", "-w", "64", "-q", "32"]
+            .map(String::from)
+            .to_vec();
+        args.extend(broker_flags.iter().cloned());
+        args.extend(["--tls-ca".into(), cert.display().to_string()]);
+        args.extend(["--token".into(), token.into()]);
+        args
+    };
+
+    let args = bench("bench-secret-token");
+    let output = run_ferry(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        "",
+        &[],
+    )
+    .await;
+    assert!(output.status.success(), "{output:?}");
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["confirmed"], 2000, "{report}");
+    assert_eq!(report["delivered"], 2000, "{report}");
+    assert_eq!(report["lost"], 0, "{report}");
+
+    let args = bench("a-wrong-token-value");
+    let refused = run_ferry(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        "",
+        &[],
+    )
+    .await;
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("unauthorized"),
+        "{refused:?}"
+    );
+}

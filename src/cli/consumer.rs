@@ -25,10 +25,13 @@ pub struct ConsumerArgs {
 }
 
 pub async fn run(args: ConsumerArgs) -> anyhow::Result<ExitCode> {
-    let tls = args.client.tls()?;
+    let tls = args.client.security.tls()?;
     let ClientArgs {
-        addr, queue, token, ..
+        addr,
+        queue,
+        security,
     } = args.client;
+    let token = security.token;
     let prefetch = match args.count {
         Some(0) => return Ok(ExitCode::SUCCESS),
         Some(count) => args.prefetch.min(u16::try_from(count).unwrap_or(u16::MAX)),

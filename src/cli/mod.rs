@@ -7,7 +7,7 @@ pub mod producer;
 
 use ferry::broker::config::DEFAULT_ADDR;
 
-/// The broker address flag shared by the clients.
+/// Where the clients connect, and to which queue.
 #[derive(clap::Args, Debug)]
 pub struct ClientArgs {
     /// Broker address, host:port.
@@ -16,6 +16,14 @@ pub struct ClientArgs {
     /// Queue name: 1-255 characters of [A-Za-z0-9._-].
     #[arg(long, default_value = "default")]
     pub queue: String,
+    #[command(flatten)]
+    pub security: SecurityArgs,
+}
+
+/// How a client proves who it is and protects its connection: shared by the clients and
+/// `ferry bench`.
+#[derive(clap::Args, Debug)]
+pub struct SecurityArgs {
     /// Token for a broker started with --auth-file.
     #[arg(long, env = "FERRY_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -27,7 +35,7 @@ pub struct ClientArgs {
     pub tls_ca: Option<std::path::PathBuf>,
 }
 
-impl ClientArgs {
+impl SecurityArgs {
     /// The TLS settings the flags ask for, if any.
     pub fn tls(&self) -> anyhow::Result<Option<ferry::transport::ClientTls>> {
         use ferry::transport::ClientTls;

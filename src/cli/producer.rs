@@ -52,10 +52,13 @@ impl<W: Write> Confirms<W> {
 }
 
 pub async fn run(args: ProducerArgs) -> anyhow::Result<ExitCode> {
-    let tls = args.client.tls()?;
+    let tls = args.client.security.tls()?;
     let ClientArgs {
-        addr, queue, token, ..
+        addr,
+        queue,
+        security,
     } = args.client;
+    let token = security.token;
     let options = ProducerOptions { queue, token, tls };
     let mut producer = Producer::connect_with(addr.as_str(), &options)
         .await

@@ -18,7 +18,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use ferry::transport::ClientTls;
 use ferry::{Consumer, ConsumerOptions, Producer, ProducerOptions};
+
+use super::SecurityArgs;
 
 use broker_child::{BrokerChild, MachineCpu, own_cpu_time};
 use report::{BrokerFigures, Report};
@@ -81,6 +84,11 @@ pub struct BenchArgs {
     /// Threads of the load generator itself (the broker's are --broker-arg=--threads=N).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     threads: u16,
+    /// For a broker with TLS or --auth-file: the clients' token and TLS trust. A broker
+    /// the bench starts gets its side through --broker-arg (--tls-cert, --tls-key,
+    /// --auth-file).
+    #[command(flatten)]
+    security: SecurityArgs,
 }
 
 impl BenchArgs {
@@ -104,9 +112,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             "ferry bench: this is a debug build; figures mean little (use cargo run --release)"
         );
     }
+    let tls = args.security.tls()?;
     let mut reports = Vec::new();
     for run in 1..=args.runs {
-        let report = run_once(&args).await?;
+        let report = run_once(&args, tls.as_ref()).await?;
         if args.runs > 1 {
             eprintln!("run {run}/{}: {}", args.runs, report.one_line());
         }
@@ -130,7 +139,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// One run of the workload, against a broker of its own unless `--addr` is given.
-async fn run_once(args: &BenchArgs) -> anyhow::Result<Report> {
+async fn run_once(args: &BenchArgs, tls: Option<&ClientTls>) -> anyhow::Result<Report> {
     let connections = (args.producers as u64 + args.consumers as u64) * args.queues as u64;
     raise_open_file_limit(connections)?;
     let broker = match &args.addr {
@@ -161,8 +170,8 @@ async fn run_once(args: &BenchArgs) -> anyhow::Result<Report> {
             let options = ConsumerOptions {
                 queue: name.clone(),
                 prefetch: args.prefetch,
-                token: None,
-                tls: None,
+                token: args.security.token.clone(),
+                tls: tls.cloned(),
             };
             consumers.push((
                 name.clone(),
@@ -174,8 +183,8 @@ async fn run_once(args: &BenchArgs) -> anyhow::Result<Report> {
         for _ in 0..args.producers {
             let options = ProducerOptions {
                 queue: name.clone(),
-                token: None,
-                tls: None,
+                token: args.security.token.clone(),
+                tls: tls.cloned(),
             };
             producers.push((
                 name.clone(),
