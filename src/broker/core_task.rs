@@ -126,7 +126,7 @@ pub(crate) struct CoreTask {
 pub struct StorageFailed(pub String);
 
 /// Estimated log bytes per live message beyond its payload (record framing, id, queue
-/// name): enough precision for deciding when a checkpoint pays off.
+/// name): enough precision for deciding when compaction pays off.
 const LOG_BYTES_PER_MESSAGE: u64 = 48;
 
 impl CoreTask {
@@ -225,21 +225,16 @@ impl CoreTask {
         Ok(report)
     }
 
-    /// Hands out deliveries, logs the turn and submits it, checkpoints when due.
+    /// Hands out deliveries, logs the turn, compacts the log when due, and submits it.
     fn end_turn(&mut self, now: Instant) {
         self.dispatch(now);
         if let Some(journal) = &mut self.journal {
             journal.log_acked(&self.acked);
             journal.log_delivered(&self.delivered);
-            let seq = journal.submit();
-            if let (Some(seq), Some(newest)) = (seq, self.newest_published.take()) {
-                self.publish_batches.push_back((seq, newest));
-            }
             let stats = self.core.stats();
             let live_messages = (stats.ready + stats.in_flight) as u64;
-            if journal.needs_checkpoint(stats.memory_bytes + live_messages * LOG_BYTES_PER_MESSAGE)
+            if journal.wants_compaction(stats.memory_bytes + live_messages * LOG_BYTES_PER_MESSAGE)
             {
-                info!(live_messages, "checkpointing the log");
                 let live = self
                     .core
                     .live_messages()
@@ -249,8 +244,15 @@ impl CoreTask {
                         queue,
                         payload,
                     });
-                journal.checkpoint(self.core.next_id(), live);
-                journal.submit();
+                let copied = journal.compact_oldest(live);
+                debug!(
+                    copied,
+                    "compacting the log: live messages of its oldest segment copied forward"
+                );
+            }
+            let seq = journal.submit();
+            if let (Some(seq), Some(newest)) = (seq, self.newest_published.take()) {
+                self.publish_batches.push_back((seq, newest));
             }
         }
         self.acked.clear();

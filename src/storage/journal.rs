@@ -1,17 +1,26 @@
 //! The core task's side of the log: it encodes records as the core changes, submits
-//! them once per turn as a numbered batch to the writer thread, and watches how far the
-//! log is durable. It also keeps the log's size in check: segments roll over at
-//! `segment_bytes`, and when the log holds more than twice what is live (plus two
-//! segments), a checkpoint rewrites every live message into a fresh segment and removes
-//! all older ones. Removing only whole prefixes of the log keeps recovery a plain replay:
-//! an ack record is never removed while the publish it cancels remains.
+//! them once per turn as a numbered batch to the writer, and watches how far the log is
+//! durable. It also keeps the log's size in check. Segments roll over at
+//! `segment_bytes`. The journal counts, per segment, the live messages whose latest
+//! publish record is in it; once the oldest segments hold none (every publish in them
+//! acked, or copied forward), they are removed, so a queue consumed in order keeps the
+//! log at its unacked messages plus about two segments, with nothing rewritten. When
+//! long-lived messages pin old segments and the log grows past twice its live bytes plus
+//! two segments, compaction copies the live messages of the oldest segment forward: one
+//! segment at a time, each once the previous one is durable, so the stall it causes is
+//! bounded by a segment rather than by everything live. Only whole prefixes of the log
+//! are removed, which keeps recovery a plain replay: an ack record never goes while the
+//! publish it cancels remains.
 
+use std::collections::VecDeque;
 use std::sync::mpsc::Sender;
 use std::thread::JoinHandle;
 
+use rustc_hash::FxHashMap;
 use tokio::sync::watch;
 
 use super::record::{self, SegmentHeader};
+use super::recovery::Recovered;
 use super::writer::{Batch, Command, Durability};
 use crate::protocol::{MessageId, Payload, QueueName};
 
@@ -25,18 +34,37 @@ pub struct Journal {
     durable: watch::Receiver<Durability>,
     /// Sequence number the next submitted batch gets.
     next_seq: u64,
-    active_segment: u64,
-    active_bytes: u64,
+    /// Segments in the log, oldest first; the last is the active one.
+    segments: VecDeque<SegmentUsage>,
+    /// The segment of each live message that compaction copied forward. Every other live
+    /// message is where it was first published, which the segments' id ranges tell: the
+    /// index costs memory only for the few messages that outlive their segment.
+    copied: FxHashMap<MessageId, u64>,
     /// Bytes in all segments, the active one included.
     total_bytes: u64,
     segment_bytes: u64,
     /// One more than the highest id logged, for the next segment header.
     next_id: u64,
+    /// The batch holding the latest compaction's copies. The next compaction waits until
+    /// it is durable, so compaction takes turns with the rest of the traffic instead of
+    /// queueing a whole backlog of copies in front of it.
+    last_compaction: u64,
     /// Keeps other brokers out of the directory while the journal lives.
     _dir_lock: Option<nix::fcntl::Flock<std::fs::File>>,
 }
 
-/// A live message, as a checkpoint rewrites it.
+/// A segment of the log and how much of it is still needed.
+struct SegmentUsage {
+    number: u64,
+    bytes: u64,
+    /// The next id when it was started: messages first published in it have ids from
+    /// here up to the next segment's `first_id`.
+    first_id: u64,
+    /// Live messages whose latest publish record is in it.
+    live: u64,
+}
+
+/// A live message, as compaction copies it forward.
 pub struct LiveMessage<'a> {
     pub id: MessageId,
     pub deliveries: u32,
@@ -45,30 +73,54 @@ pub struct LiveMessage<'a> {
 }
 
 impl Journal {
-    #[allow(clippy::too_many_arguments)]
+    /// A journal writing to `active` (already created with its header), after the log
+    /// that recovery found.
     pub(crate) fn new(
         batches: Sender<Batch>,
         writer: JoinHandle<()>,
         durable: watch::Receiver<Durability>,
-        active_segment: u64,
-        total_bytes: u64,
+        recovered: &Recovered,
+        active: u64,
         segment_bytes: u64,
-        next_id: u64,
     ) -> Journal {
-        Journal {
+        let mut segments: VecDeque<SegmentUsage> = recovered
+            .segments
+            .iter()
+            .map(|segment| SegmentUsage {
+                number: segment.number,
+                bytes: segment.bytes,
+                first_id: segment.first_id,
+                live: 0,
+            })
+            .collect();
+        segments.push_back(SegmentUsage {
+            number: active,
+            bytes: record::HEADER_BYTES as u64,
+            first_id: recovered.next_id,
+            live: 0,
+        });
+        let mut journal = Journal {
             buffer: Vec::new(),
             commands: Vec::new(),
             batches: Some(batches),
             writer: Some(writer),
             durable,
             next_seq: 1,
-            active_segment,
-            active_bytes: record::HEADER_BYTES as u64,
-            total_bytes,
+            total_bytes: segments.iter().map(|s| s.bytes).sum(),
+            segments,
+            copied: FxHashMap::default(),
             segment_bytes,
-            next_id,
+            next_id: recovered.next_id,
+            last_compaction: 0,
             _dir_lock: None,
+        };
+        for message in &recovered.messages {
+            if journal.first_published_in(message.id) != Some(message.segment) {
+                journal.copied.insert(message.id, message.segment);
+            }
+            journal.count_live(message.segment, 1);
         }
+        journal
     }
 
     pub(crate) fn hold_dir_lock(&mut self, lock: nix::fcntl::Flock<std::fs::File>) {
@@ -84,7 +136,19 @@ impl Journal {
     ) {
         self.roll_over_before(record::publish_record_bytes(queue, payload));
         record::encode_publish(&mut self.buffer, id, deliveries, queue, payload);
-        self.next_id = self.next_id.max(id.0 + 1);
+        let active = self.active().number;
+        if id.0 >= self.next_id {
+            // A new message: ids are logged in the order they are issued.
+            self.next_id = id.0 + 1;
+        } else {
+            // A live message copied forward.
+            let from = self.current_segment(id);
+            self.copied.insert(id, active);
+            if let Some(from) = from {
+                self.count_live(from, -1);
+            }
+        }
+        self.count_live(active, 1);
     }
 
     pub fn log_delivered(&mut self, ids: &[MessageId]) {
@@ -98,6 +162,15 @@ impl Journal {
         if !ids.is_empty() {
             self.roll_over_before(record::RECORD_PREFIX_BYTES + 1 + ids.len() * 8);
             record::encode_acked(&mut self.buffer, ids);
+            for id in ids {
+                let segment = self
+                    .copied
+                    .remove(id)
+                    .or_else(|| self.first_published_in(*id));
+                if let Some(segment) = segment {
+                    self.count_live(segment, -1);
+                }
+            }
         }
     }
 
@@ -109,6 +182,7 @@ impl Journal {
     /// Hands everything logged since the last submit to the writer. Returns its sequence
     /// number, or `None` when nothing was logged.
     pub fn submit(&mut self) -> Option<u64> {
+        self.remove_dead_prefix();
         self.seal_buffer();
         if self.commands.is_empty() {
             return None;
@@ -131,30 +205,41 @@ impl Journal {
         &mut self.durable
     }
 
-    /// Whether the log has grown to more than twice its live content plus two segments.
-    pub fn needs_checkpoint(&self, live_bytes: u64) -> bool {
-        self.total_bytes > 2 * live_bytes + 2 * self.segment_bytes
+    /// Whether old segments are pinned by a few live messages (the log holds more than
+    /// twice `live_bytes`, what its live messages take in it, plus two segments), and
+    /// the previous compaction is durable.
+    pub fn wants_compaction(&self, live_bytes: u64) -> bool {
+        let previous_done = matches!(
+            *self.durable.borrow(),
+            Durability::Through(seq) if seq >= self.last_compaction
+        );
+        previous_done
+            && self.segments.len() > 1
+            && self.total_bytes > 2 * live_bytes + 2 * self.segment_bytes
     }
 
-    /// Starts a new segment holding every live message, then removes all older segments
-    /// once that is durable. `next_id` is the id the core will give next.
-    pub fn checkpoint<'a>(&mut self, next_id: u64, live: impl Iterator<Item = LiveMessage<'a>>) {
-        self.next_id = self.next_id.max(next_id);
-        self.start_segment();
-        let checkpoint_segment = self.active_segment;
-        // Everything before the checkpoint is about to go.
-        self.total_bytes = self.active_bytes;
-        for message in live {
-            self.log_publish(
-                message.id,
-                message.deliveries,
-                message.queue,
-                message.payload,
-            );
+    /// Copies forward the live messages whose latest record is in the oldest segment, so
+    /// that the next submit removes it. `live` is every live message (the journal keeps
+    /// where each one is, not its contents). Returns how many were copied.
+    pub fn compact_oldest<'a>(&mut self, live: impl Iterator<Item = LiveMessage<'a>>) -> usize {
+        if self.segments.len() < 2 {
+            return 0;
         }
-        self.seal_buffer();
-        self.commands
-            .push(Command::RemoveBefore(checkpoint_segment));
+        let oldest = self.segments[0].number;
+        self.last_compaction = self.next_seq;
+        let mut copied = 0;
+        for message in live {
+            if self.current_segment(message.id) == Some(oldest) {
+                self.log_publish(
+                    message.id,
+                    message.deliveries,
+                    message.queue,
+                    message.payload,
+                );
+                copied += 1;
+            }
+        }
+        copied
     }
 
     /// Stops the writer after everything submitted is written, and waits for it.
@@ -171,24 +256,77 @@ impl Journal {
 
     fn roll_over_before(&mut self, record_bytes: usize) {
         let record_bytes = record_bytes as u64;
-        if self.active_bytes > record::HEADER_BYTES as u64
-            && self.active_bytes + record_bytes > self.segment_bytes
+        let active = self.active();
+        if active.bytes > record::HEADER_BYTES as u64
+            && active.bytes + record_bytes > self.segment_bytes
         {
             self.start_segment();
         }
-        self.active_bytes += record_bytes;
+        self.segments.back_mut().expect("the active segment").bytes += record_bytes;
         self.total_bytes += record_bytes;
     }
 
     fn start_segment(&mut self) {
         self.seal_buffer();
-        self.active_segment += 1;
+        let number = self.active().number + 1;
         self.commands.push(Command::Rotate(SegmentHeader {
-            number: self.active_segment,
+            number,
             next_id: self.next_id,
         }));
-        self.active_bytes = record::HEADER_BYTES as u64;
+        self.segments.push_back(SegmentUsage {
+            number,
+            bytes: record::HEADER_BYTES as u64,
+            first_id: self.next_id,
+            live: 0,
+        });
         self.total_bytes += record::HEADER_BYTES as u64;
+    }
+
+    fn active(&self) -> &SegmentUsage {
+        self.segments.back().expect("the active segment")
+    }
+
+    /// The segment a message was first published in, from the segments' id ranges.
+    fn first_published_in(&self, id: MessageId) -> Option<u64> {
+        let after = self.segments.partition_point(|s| s.first_id <= id.0);
+        after
+            .checked_sub(1)
+            .map(|index| self.segments[index].number)
+    }
+
+    /// The segment holding a live message's latest publish record.
+    fn current_segment(&self, id: MessageId) -> Option<u64> {
+        self.copied
+            .get(&id)
+            .copied()
+            .or_else(|| self.first_published_in(id))
+    }
+
+    fn count_live(&mut self, number: u64, change: i64) {
+        if let Ok(index) = self.segments.binary_search_by_key(&number, |s| s.number) {
+            let segment = &mut self.segments[index];
+            segment.live = segment
+                .live
+                .checked_add_signed(change)
+                .expect("live counts follow publishes and acks");
+        }
+    }
+
+    /// Removes the oldest segments while nothing live is left in them.
+    fn remove_dead_prefix(&mut self) {
+        let mut removed = false;
+        while self.segments.len() > 1 && self.segments[0].live == 0 {
+            let dead = self.segments.pop_front().expect("more than one segment");
+            self.total_bytes -= dead.bytes;
+            removed = true;
+        }
+        if removed {
+            // After this turn's records: the acks that emptied the segments, and the
+            // copies of what compaction moved out of them, are durable before they go.
+            self.seal_buffer();
+            self.commands
+                .push(Command::RemoveBefore(self.segments[0].number));
+        }
     }
 
     fn seal_buffer(&mut self) {

@@ -23,7 +23,7 @@ use thiserror::Error;
 use tokio::sync::watch;
 
 pub use journal::{Journal, LiveMessage};
-pub use recovery::{Recovered, RecoveredMessage, RecoveryError};
+pub use recovery::{Recovered, RecoveredMessage, RecoveredSegment, RecoveryError};
 pub use writer::Durability;
 
 use backend::{Backend, FileBackend};
@@ -113,8 +113,8 @@ impl Storage {
         let started = std::time::Instant::now();
         let recovered = recovery::recover(backend.as_ref(), config.repair)?;
         let recovery_time = started.elapsed();
-        // Every start writes to a new segment; the old ones stay until a checkpoint.
-        let number = recovered.segments.last().map_or(1, |last| last + 1);
+        // Every start writes to a new segment; the old ones go once nothing in them is live.
+        let number = recovered.segments.last().map_or(1, |last| last.number + 1);
         let header = SegmentHeader {
             number,
             next_id: recovered.next_id,
@@ -146,10 +146,9 @@ impl Storage {
             batches,
             handle,
             durable_rx,
+            &recovered,
             number,
-            recovered.total_bytes + record::HEADER_BYTES as u64,
             config.segment_bytes,
-            recovered.next_id,
         );
         Ok(Storage {
             journal,

@@ -100,7 +100,7 @@ impl SegmentHeader {
 pub enum Record {
     Publish {
         id: MessageId,
-        /// Deliveries so far (a checkpoint carries the count forward).
+        /// Deliveries so far (compaction carries the count forward).
         deliveries: u32,
         queue: QueueName,
         payload: Payload,

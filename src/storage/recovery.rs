@@ -22,6 +22,20 @@ pub struct RecoveredMessage {
     pub payload: Payload,
     /// Deliveries before the restart; the next one is attempt `deliveries + 1`.
     pub deliveries: u32,
+    /// The segment holding its latest publish record: the log needs it to know when a
+    /// segment holds nothing live.
+    pub segment: u64,
+}
+
+/// A segment kept by recovery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecoveredSegment {
+    pub number: u64,
+    /// Its valid bytes, header included.
+    pub bytes: u64,
+    /// The next id when it was started (from its header): messages first published in
+    /// it have ids from here up to the next segment's `first_id`.
+    pub first_id: u64,
 }
 
 /// What recovery found.
@@ -31,9 +45,8 @@ pub struct Recovered {
     pub messages: Vec<RecoveredMessage>,
     /// One more than the highest id ever issued.
     pub next_id: u64,
-    /// Segment numbers present after recovery, ascending.
-    pub segments: Vec<u64>,
-    pub total_bytes: u64,
+    /// Segments present after recovery, ascending.
+    pub segments: Vec<RecoveredSegment>,
     pub records: u64,
     /// Bytes cut from the end of the last segment as a torn write.
     pub truncated_bytes: u64,
@@ -64,13 +77,22 @@ pub enum RecoveryError {
 }
 
 struct Replay {
-    live: FxHashMap<MessageId, (QueueName, Payload, u32)>,
+    live: FxHashMap<MessageId, LiveRecord>,
     next_id: u64,
     records: u64,
 }
 
+/// A live message during replay (its id is the key).
+struct LiveRecord {
+    queue: QueueName,
+    payload: Payload,
+    deliveries: u32,
+    segment: u64,
+}
+
 impl Replay {
-    fn apply(&mut self, record: Record) {
+    /// Applies a record found in `segment`.
+    fn apply(&mut self, record: Record, segment: u64) {
         self.records += 1;
         match record {
             Record::Publish {
@@ -80,12 +102,18 @@ impl Replay {
                 payload,
             } => {
                 self.next_id = self.next_id.max(id.0.saturating_add(1));
-                self.live.insert(id, (queue, payload, deliveries));
+                let message = LiveRecord {
+                    queue,
+                    payload,
+                    deliveries,
+                    segment,
+                };
+                self.live.insert(id, message);
             }
             Record::Delivered(ids) => {
                 for id in ids {
                     if let Some(message) = self.live.get_mut(&id) {
-                        message.2 = message.2.saturating_add(1);
+                        message.deliveries = message.deliveries.saturating_add(1);
                     }
                 }
             }
@@ -149,7 +177,7 @@ pub fn recover(backend: &dyn Backend, repair: bool) -> Result<Recovered, Recover
         while offset < bytes.len() {
             let problem = match record::decode_record(&bytes[offset..]) {
                 Decoded::Record(record, used) => {
-                    replay.apply(record);
+                    replay.apply(record, number);
                     offset += used;
                     continue;
                 }
@@ -180,17 +208,21 @@ pub fn recover(backend: &dyn Backend, repair: bool) -> Result<Recovered, Recover
                 }
             }
         }
-        recovered.total_bytes += offset as u64;
-        recovered.segments.push(number);
+        recovered.segments.push(RecoveredSegment {
+            number,
+            bytes: offset as u64,
+            first_id: header.next_id,
+        });
     }
     let mut messages: Vec<RecoveredMessage> = replay
         .live
         .into_iter()
-        .map(|(id, (queue, payload, deliveries))| RecoveredMessage {
+        .map(|(id, message)| RecoveredMessage {
             id,
-            queue,
-            payload,
-            deliveries,
+            queue: message.queue,
+            payload: message.payload,
+            deliveries: message.deliveries,
+            segment: message.segment,
         })
         .collect();
     messages.sort_unstable_by_key(|m| m.id);

@@ -114,7 +114,7 @@ impl Writer {
                     }
                     info!(
                         removed = old.len(),
-                        "checkpoint complete; older segments removed"
+                        "log segments removed: every message in them is acked or copied forward"
                     );
                 }
             }

@@ -254,8 +254,8 @@ impl Core {
         self.next_id = self.next_id.max(next_id);
     }
 
-    /// Every message not yet acked, ready or in flight, with its deliveries so far, for a
-    /// storage checkpoint. In no particular order.
+    /// Every message not yet acked, ready or in flight, with its deliveries so far, for
+    /// log compaction. In no particular order.
     pub fn live_messages(&self) -> impl Iterator<Item = (MessageId, u32, &QueueName, &Payload)> {
         let ready = self.queues.iter().flat_map(|(name, queue)| {
             queue
