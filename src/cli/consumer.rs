@@ -9,7 +9,7 @@ use anyhow::Context;
 use ferry::protocol::DEFAULT_PREFETCH;
 use ferry::{Consumer, ConsumerOptions};
 
-use super::ClientArgs;
+use super::{ClientArgs, ClientTarget};
 
 #[derive(clap::Args, Debug)]
 pub struct ConsumerArgs {
@@ -25,13 +25,12 @@ pub struct ConsumerArgs {
 }
 
 pub async fn run(args: ConsumerArgs) -> anyhow::Result<ExitCode> {
-    let tls = args.client.security.tls()?;
-    let ClientArgs {
+    let ClientTarget {
         addr,
         queue,
-        security,
-    } = args.client;
-    let token = security.token;
+        token,
+        tls,
+    } = args.client.resolve()?;
     let prefetch = match args.count {
         Some(0) => return Ok(ExitCode::SUCCESS),
         Some(count) => args.prefetch.min(u16::try_from(count).unwrap_or(u16::MAX)),

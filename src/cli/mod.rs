@@ -35,6 +35,26 @@ pub struct SecurityArgs {
     pub tls_ca: Option<std::path::PathBuf>,
 }
 
+/// The client flags, resolved: where to connect, which queue, and as whom.
+pub struct ClientTarget {
+    pub addr: String,
+    pub queue: String,
+    pub token: Option<String>,
+    pub tls: Option<ferry::transport::ClientTls>,
+}
+
+impl ClientArgs {
+    /// Resolves the flags, reading the TLS trust they name.
+    pub fn resolve(self) -> anyhow::Result<ClientTarget> {
+        Ok(ClientTarget {
+            tls: self.security.tls()?,
+            token: self.security.token,
+            addr: self.addr,
+            queue: self.queue,
+        })
+    }
+}
+
 impl SecurityArgs {
     /// The TLS settings the flags ask for, if any.
     pub fn tls(&self) -> anyhow::Result<Option<ferry::transport::ClientTls>> {

@@ -9,7 +9,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 
 use ferry::{ClientError, MessageId, Producer, ProducerOptions};
 
-use super::ClientArgs;
+use super::{ClientArgs, ClientTarget};
 
 /// Publishes awaiting confirms at once when reading a pipe or file.
 const WINDOW: usize = 1000;
@@ -52,13 +52,12 @@ impl<W: Write> Confirms<W> {
 }
 
 pub async fn run(args: ProducerArgs) -> anyhow::Result<ExitCode> {
-    let tls = args.client.security.tls()?;
-    let ClientArgs {
+    let ClientTarget {
         addr,
         queue,
-        security,
-    } = args.client;
-    let token = security.token;
+        token,
+        tls,
+    } = args.client.resolve()?;
     let options = ProducerOptions { queue, token, tls };
     let mut producer = Producer::connect_with(addr.as_str(), &options)
         .await
