@@ -123,6 +123,74 @@ async fn disk_use_stays_bounded_however_much_flows_through() {
 }
 
 #[tokio::test]
+async fn messages_that_outlive_their_segments_are_compacted_forward_with_their_attempts() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = BrokerConfig {
+        drain_timeout: Duration::from_millis(200),
+        ack_timeout: Duration::from_secs(60),
+        ..durable_config(dir.path())
+    };
+    let segment_bytes = config.storage.as_ref().unwrap().segment_bytes;
+    let broker = TestBroker::start_with(config.clone()).await;
+    // 50 messages nobody acks; the first 10 are delivered once and handed back.
+    let stuck_payloads: Vec<String> = (0..50).map(|i| format!("stuck {i}")).collect();
+    let refs: Vec<&str> = stuck_payloads.iter().map(String::as_str).collect();
+    let stuck = publish_ids(&mut broker.producer("stuck").await, &refs).await;
+    let mut taker = broker.consumer("stuck", 10).await;
+    for _ in 0..10 {
+        recv(&mut taker).await;
+    }
+    drop(taker);
+    common::eventually("the taken messages are back", || {
+        let core = broker.metrics().core;
+        core.ready == 50 && core.in_flight == 0
+    })
+    .await;
+
+    // Far more than a segment holds flows through another queue. The stuck messages pin
+    // the first segment, and every later one behind it, until compaction moves them on.
+    let mut producer = broker.producer("flow").await;
+    let mut consumer = broker.consumer("flow", 200).await;
+    let payload = "p".repeat(200);
+    let mut largest = 0;
+    for round in 0..100 {
+        let batch: Vec<&str> = (0..200).map(|_| payload.as_str()).collect();
+        publish_ids(&mut producer, &batch).await;
+        for _ in 0..200 {
+            let message = recv(&mut consumer).await;
+            consumer.queue_ack(message.id);
+        }
+        within(consumer.flush()).await.unwrap();
+        if round % 10 == 9 {
+            largest = largest.max(dir_bytes(dir.path()));
+        }
+    }
+    // 20,000 messages of ~230 bytes went through (about 70 segments).
+    let bound = 2 * (50 + 200) * 300 + 4 * segment_bytes;
+    assert!(
+        largest <= bound,
+        "the data dir grew to {largest} bytes (bound {bound})"
+    );
+    drop(consumer);
+    broker.shutdown().await;
+
+    let broker = TestBroker::start_with(config).await;
+    let mut consumer = broker.consumer("stuck", 100).await;
+    let mut got = Vec::new();
+    for _ in 0..50 {
+        let message = recv(&mut consumer).await;
+        got.push((message.id, message.payload, message.attempt));
+    }
+    let expected: Vec<_> = stuck
+        .iter()
+        .zip(&stuck_payloads)
+        .enumerate()
+        .map(|(n, (id, payload))| (*id, payload.clone(), if n < 10 { 2 } else { 1 }))
+        .collect();
+    assert_eq!(got, expected, "in publish order, with their attempts");
+}
+
+#[tokio::test]
 async fn a_corrupt_log_refuses_to_start_naming_the_place_and_repair_skips_it() {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().to_str().unwrap();
