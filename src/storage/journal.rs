@@ -229,6 +229,11 @@ impl Journal {
         self.last_compaction = self.next_seq;
         let mut copied = 0;
         for message in live {
+            // Stop as soon as the oldest segment is empty: its messages are the oldest, so
+            // they tend to come first in the queues.
+            if self.segments[0].live == 0 {
+                break;
+            }
             if self.current_segment(message.id) == Some(oldest) {
                 self.log_publish(
                     message.id,
