@@ -88,17 +88,14 @@ async fn acked_messages_never_come_back_after_a_clean_restart() {
     );
 }
 
-#[tokio::test]
-async fn disk_use_stays_bounded_however_much_flows_through() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = durable_config(dir.path());
-    let segment_bytes = config.storage.as_ref().unwrap().segment_bytes;
-    let broker = TestBroker::start_with(config).await;
+/// Publishes and acks 20,000 messages of ~230 bytes on disk (about 70 times a test
+/// segment) through queue `flow`, 200 at a time; returns the largest size the data dir
+/// reached.
+async fn flow_through(broker: &TestBroker, dir: &std::path::Path) -> u64 {
     let mut producer = broker.producer("flow").await;
     let mut consumer = broker.consumer("flow", 200).await;
     let payload = "p".repeat(200);
     let mut largest = 0;
-    // 20,000 messages of ~230 bytes on disk: about 70 times a segment.
     for round in 0..100 {
         let batch: Vec<&str> = (0..200).map(|_| payload.as_str()).collect();
         publish_ids(&mut producer, &batch).await;
@@ -108,9 +105,20 @@ async fn disk_use_stays_bounded_however_much_flows_through() {
         }
         within(consumer.flush()).await.unwrap();
         if round % 10 == 9 {
-            largest = largest.max(dir_bytes(dir.path()));
+            largest = largest.max(dir_bytes(dir));
         }
     }
+    within(consumer.close()).await.unwrap();
+    largest
+}
+
+#[tokio::test]
+async fn disk_use_stays_bounded_however_much_flows_through() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = durable_config(dir.path());
+    let segment_bytes = config.storage.as_ref().unwrap().segment_bytes;
+    let broker = TestBroker::start_with(config).await;
+    let largest = flow_through(&broker, dir.path()).await;
     // At most 200 messages are live at a time, consumed in order: each segment goes once
     // its messages are acked, so the log holds them plus the active segment and the one
     // being emptied (and one more while a removal is on its way to the writer).
@@ -149,29 +157,12 @@ async fn messages_that_outlive_their_segments_are_compacted_forward_with_their_a
 
     // Far more than a segment holds flows through another queue. The stuck messages pin
     // the first segment, and every later one behind it, until compaction moves them on.
-    let mut producer = broker.producer("flow").await;
-    let mut consumer = broker.consumer("flow", 200).await;
-    let payload = "p".repeat(200);
-    let mut largest = 0;
-    for round in 0..100 {
-        let batch: Vec<&str> = (0..200).map(|_| payload.as_str()).collect();
-        publish_ids(&mut producer, &batch).await;
-        for _ in 0..200 {
-            let message = recv(&mut consumer).await;
-            consumer.queue_ack(message.id);
-        }
-        within(consumer.flush()).await.unwrap();
-        if round % 10 == 9 {
-            largest = largest.max(dir_bytes(dir.path()));
-        }
-    }
-    // 20,000 messages of ~230 bytes went through (about 70 segments).
+    let largest = flow_through(&broker, dir.path()).await;
     let bound = 2 * (50 + 200) * 300 + 4 * segment_bytes;
     assert!(
         largest <= bound,
         "the data dir grew to {largest} bytes (bound {bound})"
     );
-    drop(consumer);
     broker.shutdown().await;
 
     let broker = TestBroker::start_with(config).await;
