@@ -263,11 +263,15 @@ impl CoreTask {
     fn release_durable(&mut self, durability: Durability) -> Result<(), StorageFailed> {
         match durability {
             Durability::Through(seq) => {
+                let mut newest_durable = None;
                 while let Some(&(batch, newest)) = self.publish_batches.front() {
                     if batch > seq {
                         break;
                     }
                     self.publish_batches.pop_front();
+                    newest_durable = Some(newest);
+                }
+                if let Some(newest) = newest_durable {
                     self.core.make_deliverable(MessageId(newest.0 + 1));
                 }
                 for (conn, replies) in self.held.release_through(seq) {

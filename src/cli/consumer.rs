@@ -6,10 +6,10 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 
+use ferry::Consumer;
 use ferry::protocol::DEFAULT_PREFETCH;
-use ferry::{Consumer, ConsumerOptions};
 
-use super::{ClientArgs, ClientTarget};
+use super::ClientArgs;
 
 #[derive(clap::Args, Debug)]
 pub struct ConsumerArgs {
@@ -25,24 +25,13 @@ pub struct ConsumerArgs {
 }
 
 pub async fn run(args: ConsumerArgs) -> anyhow::Result<ExitCode> {
-    let ClientTarget {
-        addr,
-        queue,
-        token,
-        tls,
-    } = args.client.resolve()?;
     let prefetch = match args.count {
         Some(0) => return Ok(ExitCode::SUCCESS),
         Some(count) => args.prefetch.min(u16::try_from(count).unwrap_or(u16::MAX)),
         None => args.prefetch,
     };
-    let options = ConsumerOptions {
-        queue,
-        prefetch,
-        token,
-        tls,
-    };
-    let mut consumer = Consumer::connect_with(addr.as_str(), &options)
+    let options = args.client.consumer_options(prefetch)?;
+    let mut consumer = Consumer::connect_with(args.client.addr.as_str(), &options)
         .await
         .with_context(|| format!("cannot register as a consumer on queue `{}`", options.queue))?;
     let mut stdout = std::io::stdout().lock();

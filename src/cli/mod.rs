@@ -6,6 +6,7 @@ pub mod consumer;
 pub mod producer;
 
 use ferry::broker::config::DEFAULT_ADDR;
+use ferry::{ConsumerOptions, ProducerOptions};
 
 /// Where the clients connect, and to which queue.
 #[derive(clap::Args, Debug)]
@@ -35,22 +36,23 @@ pub struct SecurityArgs {
     pub tls_ca: Option<std::path::PathBuf>,
 }
 
-/// The client flags, resolved: where to connect, which queue, and as whom.
-pub struct ClientTarget {
-    pub addr: String,
-    pub queue: String,
-    pub token: Option<String>,
-    pub tls: Option<ferry::transport::ClientTls>,
-}
-
 impl ClientArgs {
-    /// Resolves the flags, reading the TLS trust they name.
-    pub fn resolve(self) -> anyhow::Result<ClientTarget> {
-        Ok(ClientTarget {
+    /// How `ferry producer` registers, from the flags (reading the TLS trust they name).
+    pub fn producer_options(&self) -> anyhow::Result<ProducerOptions> {
+        Ok(ProducerOptions {
+            queue: self.queue.clone(),
+            token: self.security.token.clone(),
             tls: self.security.tls()?,
-            token: self.security.token,
-            addr: self.addr,
-            queue: self.queue,
+        })
+    }
+
+    /// How `ferry consumer` registers with this prefetch, from the flags.
+    pub fn consumer_options(&self, prefetch: u16) -> anyhow::Result<ConsumerOptions> {
+        Ok(ConsumerOptions {
+            queue: self.queue.clone(),
+            prefetch,
+            token: self.security.token.clone(),
+            tls: self.security.tls()?,
         })
     }
 }

@@ -7,9 +7,9 @@ use std::process::ExitCode;
 use anyhow::Context;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use ferry::{ClientError, MessageId, Producer, ProducerOptions};
+use ferry::{ClientError, MessageId, Producer};
 
-use super::{ClientArgs, ClientTarget};
+use super::ClientArgs;
 
 /// Publishes awaiting confirms at once when reading a pipe or file.
 const WINDOW: usize = 1000;
@@ -52,14 +52,8 @@ impl<W: Write> Confirms<W> {
 }
 
 pub async fn run(args: ProducerArgs) -> anyhow::Result<ExitCode> {
-    let ClientTarget {
-        addr,
-        queue,
-        token,
-        tls,
-    } = args.client.resolve()?;
-    let options = ProducerOptions { queue, token, tls };
-    let mut producer = Producer::connect_with(addr.as_str(), &options)
+    let options = args.client.producer_options()?;
+    let mut producer = Producer::connect_with(args.client.addr.as_str(), &options)
         .await
         .with_context(|| format!("cannot register as a producer on queue `{}`", options.queue))?;
     let stdin_is_terminal = std::io::stdin().is_terminal();

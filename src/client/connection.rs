@@ -9,14 +9,13 @@ use std::fmt::Display;
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, ToSocketAddrs};
-
-use crate::transport::{ClientTls, Stream, host_of, poll_io};
 use tokio_util::codec::Decoder;
 
 use super::error::ClientError;
 use crate::protocol::client_frame::ClientFrame;
 use crate::protocol::codec::FrameDecoder;
 use crate::protocol::server_frame::ReceivedFrame;
+use crate::transport::{ClientTls, Stream, host_of, poll_io};
 
 /// Frames from the broker may exceed the broker's limit for client frames (a delivery of
 /// a maximum-size payload carries its envelope too); the client accepts anything a u32

@@ -115,10 +115,13 @@ impl Journal {
             _dir_lock: None,
         };
         for message in &recovered.messages {
-            if journal.first_published_in(message.id) != Some(message.segment) {
+            let index = journal.index_of(message.segment);
+            if journal.first_published_in(message.id) != index {
                 journal.copied.insert(message.id, message.segment);
             }
-            journal.count_live(message.segment, 1);
+            if let Some(index) = index {
+                journal.count_live(index, 1);
+            }
         }
         journal
     }
@@ -136,19 +139,17 @@ impl Journal {
     ) {
         self.roll_over_before(record::publish_record_bytes(queue, payload));
         record::encode_publish(&mut self.buffer, id, deliveries, queue, payload);
-        let active = self.active().number;
         if id.0 >= self.next_id {
             // A new message: ids are logged in the order they are issued.
             self.next_id = id.0 + 1;
         } else {
             // A live message copied forward.
-            let from = self.current_segment(id);
-            self.copied.insert(id, active);
-            if let Some(from) = from {
+            if let Some(from) = self.current_segment(id) {
                 self.count_live(from, -1);
             }
+            self.copied.insert(id, self.active().number);
         }
-        self.count_live(active, 1);
+        self.count_live(self.segments.len() - 1, 1);
     }
 
     pub fn log_delivered(&mut self, ids: &[MessageId]) {
@@ -163,10 +164,10 @@ impl Journal {
             self.roll_over_before(record::RECORD_PREFIX_BYTES + 1 + ids.len() * 8);
             record::encode_acked(&mut self.buffer, ids);
             for id in ids {
-                let segment = self
-                    .copied
-                    .remove(id)
-                    .or_else(|| self.first_published_in(*id));
+                let segment = match self.copied.remove(id) {
+                    Some(number) => self.index_of(number),
+                    None => self.first_published_in(*id),
+                };
                 if let Some(segment) = segment {
                     self.count_live(segment, -1);
                 }
@@ -225,7 +226,6 @@ impl Journal {
         if self.segments.len() < 2 {
             return 0;
         }
-        let oldest = self.segments[0].number;
         self.last_compaction = self.next_seq;
         let mut copied = 0;
         for message in live {
@@ -234,7 +234,7 @@ impl Journal {
             if self.segments[0].live == 0 {
                 break;
             }
-            if self.current_segment(message.id) == Some(oldest) {
+            if self.current_segment(message.id) == Some(0) {
                 self.log_publish(
                     message.id,
                     message.deliveries,
@@ -291,30 +291,34 @@ impl Journal {
         self.segments.back().expect("the active segment")
     }
 
-    /// The segment a message was first published in, from the segments' id ranges.
-    fn first_published_in(&self, id: MessageId) -> Option<u64> {
+    /// Where in `segments` the segment with this number is.
+    fn index_of(&self, number: u64) -> Option<usize> {
+        self.segments
+            .binary_search_by_key(&number, |s| s.number)
+            .ok()
+    }
+
+    /// Where in `segments` the segment a message was first published in is, from the
+    /// segments' id ranges.
+    fn first_published_in(&self, id: MessageId) -> Option<usize> {
         let after = self.segments.partition_point(|s| s.first_id <= id.0);
-        after
-            .checked_sub(1)
-            .map(|index| self.segments[index].number)
+        after.checked_sub(1)
     }
 
-    /// The segment holding a live message's latest publish record.
-    fn current_segment(&self, id: MessageId) -> Option<u64> {
-        self.copied
-            .get(&id)
-            .copied()
-            .or_else(|| self.first_published_in(id))
-    }
-
-    fn count_live(&mut self, number: u64, change: i64) {
-        if let Ok(index) = self.segments.binary_search_by_key(&number, |s| s.number) {
-            let segment = &mut self.segments[index];
-            segment.live = segment
-                .live
-                .checked_add_signed(change)
-                .expect("live counts follow publishes and acks");
+    /// Where in `segments` the segment holding a live message's latest publish record is.
+    fn current_segment(&self, id: MessageId) -> Option<usize> {
+        match self.copied.get(&id) {
+            Some(&number) => self.index_of(number),
+            None => self.first_published_in(id),
         }
+    }
+
+    fn count_live(&mut self, index: usize, change: i64) {
+        let segment = &mut self.segments[index];
+        segment.live = segment
+            .live
+            .checked_add_signed(change)
+            .expect("live counts follow publishes and acks");
     }
 
     /// Removes the oldest segments while nothing live is left in them.

@@ -18,12 +18,12 @@ mod tests;
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
 
 // Maps keyed by ids the broker itself assigns use the fast Fx hash; a client cannot choose
 // those keys, so it cannot craft collisions. Queue names, which clients choose, keep the
 // standard keyed hash.
 use rustc_hash::FxHashMap;
-use std::time::{Duration, Instant};
 
 use thiserror::Error;
 

@@ -45,12 +45,12 @@ impl QueueTally {
     /// A producer has sent its last message and read its last confirm.
     pub fn producer_finished(&self) {
         self.producers_running.fetch_sub(1, SeqCst);
-        self.check_complete();
+        self.check_complete(self.unique_received());
     }
 
     /// Records a delivery; false if it was a duplicate.
     pub fn received(&self, producer: usize, index: u64) -> bool {
-        let fresh = {
+        let (fresh, unique) = {
             let mut received = self.received.lock().unwrap_or_else(|e| e.into_inner());
             let bitmap = &mut received.bitmaps[producer];
             let (word, bit) = ((index / 64) as usize, index % 64);
@@ -64,9 +64,9 @@ impl QueueTally {
             } else {
                 received.duplicates += 1;
             }
-            fresh
+            (fresh, received.unique)
         };
-        self.check_complete();
+        self.check_complete(unique);
         fresh
     }
 
@@ -104,10 +104,10 @@ impl QueueTally {
             .sum()
     }
 
-    fn check_complete(&self) {
-        if self.producers_running.load(SeqCst) == 0
-            && self.unique_received() >= self.confirmed.load(SeqCst)
-        {
+    /// Completes the queue if every producer is done and `unique` deliveries cover what
+    /// was confirmed.
+    fn check_complete(&self, unique: u64) {
+        if self.producers_running.load(SeqCst) == 0 && unique >= self.confirmed.load(SeqCst) {
             self.complete.cancel();
         }
     }

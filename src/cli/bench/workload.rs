@@ -106,12 +106,10 @@ pub async fn produce(
             None => Some(producer.confirm().await),
         };
         let Some(first) = first else { continue };
-        let mut confirms = vec![first];
-        while let Some(more) = producer.try_confirm() {
-            confirms.push(more);
-        }
         let mut confirmed_now = 0;
-        for confirm in confirms {
+        // The first confirm, then every other one already read with it.
+        let mut next = Some(first);
+        while let Some(confirm) = next.take().or_else(|| producer.try_confirm()) {
             let index = awaiting
                 .pop_front()
                 .expect("a confirm answers a sent publish");
