@@ -3,7 +3,7 @@
 //! Run with `cargo bench --bench codec`.
 
 use bytes::BytesMut;
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{Bencher, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use ferry::protocol::client_frame::{ClientFrame, InboundFrame};
 use ferry::protocol::codec::FrameDecoder;
 use ferry::protocol::server_frame::{ReceivedFrame, ServerFrame};
@@ -17,6 +17,28 @@ fn encoded(frame: &ClientFrame<'_>) -> Vec<u8> {
     buf[4..].to_vec()
 }
 
+/// Times `encode` appending to a buffer that is reused, as a connection's is.
+fn bench_encode(b: &mut Bencher<'_>, capacity: usize, mut encode: impl FnMut(&mut BytesMut)) {
+    let mut buf = BytesMut::with_capacity(capacity);
+    b.iter(|| {
+        buf.clear();
+        encode(&mut buf);
+        black_box(&buf);
+    })
+}
+
+/// Times the broker parsing a publish body and taking its payload.
+fn bench_decode_publish(b: &mut Bencher<'_>, body: &[u8]) {
+    b.iter(|| {
+        black_box(
+            InboundFrame::parse(body)
+                .unwrap()
+                .publish_payload()
+                .unwrap(),
+        )
+    })
+}
+
 fn client_frames(c: &mut Criterion) {
     let mut group = c.benchmark_group("client frames");
     for size in [100usize, 16 * 1024] {
@@ -26,11 +48,8 @@ fn client_frames(c: &mut Criterion) {
             BenchmarkId::new("encode publish", size),
             &payload,
             |b, payload| {
-                let mut buf = BytesMut::with_capacity(size + 64);
-                b.iter(|| {
-                    buf.clear();
-                    ClientFrame::Publish { payload }.encode(&mut buf);
-                    black_box(&buf);
+                bench_encode(b, size + 64, |buf| {
+                    ClientFrame::Publish { payload }.encode(buf)
                 })
             },
         );
@@ -38,31 +57,13 @@ fn client_frames(c: &mut Criterion) {
         group.bench_with_input(
             BenchmarkId::new("decode publish, canonical", size),
             &canonical,
-            |b, body| {
-                b.iter(|| {
-                    black_box(
-                        InboundFrame::parse(body)
-                            .unwrap()
-                            .publish_payload()
-                            .unwrap(),
-                    )
-                })
-            },
+            |b, body| bench_decode_publish(b, body),
         );
         let general = format!(r#"{{"payload": "{payload}", "type": "publish"}}"#).into_bytes();
         group.bench_with_input(
             BenchmarkId::new("decode publish, other spelling", size),
             &general,
-            |b, body| {
-                b.iter(|| {
-                    black_box(
-                        InboundFrame::parse(body)
-                            .unwrap()
-                            .publish_payload()
-                            .unwrap(),
-                    )
-                })
-            },
+            |b, body| bench_decode_publish(b, body),
         );
     }
     group.throughput(Throughput::Elements(1));
@@ -70,14 +71,11 @@ fn client_frames(c: &mut Criterion) {
         id: MessageId(123_456_789),
     });
     group.bench_function("encode ack", |b| {
-        let mut buf = BytesMut::with_capacity(64);
-        b.iter(|| {
-            buf.clear();
+        bench_encode(b, 64, |buf| {
             ClientFrame::Ack {
                 id: MessageId(123_456_789),
             }
-            .encode(&mut buf);
-            black_box(&buf);
+            .encode(buf)
         })
     });
     group.bench_function("decode ack", |b| {
@@ -108,14 +106,7 @@ fn server_frames(c: &mut Criterion) {
         group.bench_with_input(
             BenchmarkId::new("encode message", size),
             &delivery,
-            |b, delivery| {
-                let mut buf = BytesMut::with_capacity(size + 64);
-                b.iter(|| {
-                    buf.clear();
-                    delivery.encode(&mut buf);
-                    black_box(&buf);
-                })
-            },
+            |b, delivery| bench_encode(b, size + 64, |buf| delivery.encode(buf)),
         );
         let mut buf = BytesMut::new();
         delivery.encode(&mut buf);
@@ -128,11 +119,8 @@ fn server_frames(c: &mut Criterion) {
     }
     group.throughput(Throughput::Elements(1));
     group.bench_function("encode ok with id", |b| {
-        let mut buf = BytesMut::with_capacity(64);
-        b.iter(|| {
-            buf.clear();
-            ServerFrame::Published(MessageId(123_456_789)).encode(&mut buf);
-            black_box(&buf);
+        bench_encode(b, 64, |buf| {
+            ServerFrame::Published(MessageId(123_456_789)).encode(buf)
         })
     });
     group.bench_function("decode ok with id", |b| {
@@ -144,12 +132,7 @@ fn server_frames(c: &mut Criterion) {
         id: Some(MessageId(7)),
     };
     group.bench_function("encode error", |b| {
-        let mut buf = BytesMut::with_capacity(128);
-        b.iter(|| {
-            buf.clear();
-            error.encode(&mut buf);
-            black_box(&buf);
-        })
+        bench_encode(b, 128, |buf| error.encode(buf))
     });
     group.finish();
 }

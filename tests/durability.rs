@@ -10,14 +10,20 @@ use common::{
 };
 use ferry::broker::BrokerConfig;
 
+/// A durable config in which a delivered message stays in flight for the whole test (its
+/// ack timeout never passes), and the drain gives up quickly on it.
+fn patient_config(dir: &std::path::Path) -> BrokerConfig {
+    BrokerConfig {
+        drain_timeout: Duration::from_millis(200),
+        ack_timeout: Duration::from_secs(60),
+        ..durable_config(dir)
+    }
+}
+
 #[tokio::test]
 async fn confirmed_messages_survive_a_restart_in_order_with_their_attempts() {
     let dir = tempfile::tempdir().unwrap();
-    let config = BrokerConfig {
-        drain_timeout: Duration::from_millis(200),
-        ack_timeout: Duration::from_secs(60),
-        ..durable_config(dir.path())
-    };
+    let config = patient_config(dir.path());
     let broker = TestBroker::start_with(config.clone()).await;
     let ids = publish_ids(&mut broker.producer("jobs").await, &["a", "b", "c", "d"]).await;
     let mut consumer = broker.consumer("jobs", 2).await;
@@ -133,11 +139,7 @@ async fn disk_use_stays_bounded_however_much_flows_through() {
 #[tokio::test]
 async fn messages_that_outlive_their_segments_are_compacted_forward_with_their_attempts() {
     let dir = tempfile::tempdir().unwrap();
-    let config = BrokerConfig {
-        drain_timeout: Duration::from_millis(200),
-        ack_timeout: Duration::from_secs(60),
-        ..durable_config(dir.path())
-    };
+    let config = patient_config(dir.path());
     let segment_bytes = config.storage.as_ref().unwrap().segment_bytes;
     let broker = TestBroker::start_with(config.clone()).await;
     // 50 messages nobody acks; the first 10 are delivered once and handed back.

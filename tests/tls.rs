@@ -41,14 +41,14 @@ async fn clients_that_trust_the_broker_work_end_to_end() {
     let tls = Some(ClientTls::with_ca_file(&cert).unwrap());
     let producer_options = ProducerOptions {
         queue: "secure".into(),
-        token: None,
         tls: tls.clone(),
+        ..ProducerOptions::default()
     };
     let consumer_options = ConsumerOptions {
         queue: "secure".into(),
         prefetch: 10,
-        token: None,
         tls,
+        ..ConsumerOptions::default()
     };
     let mut producer = within(Producer::connect_with(broker.addr, &producer_options))
         .await
@@ -104,8 +104,8 @@ async fn a_client_trusting_another_ca_fails_its_handshake() {
     let (other_ca, _) = self_signed(dir.path(), "other");
     let options = ProducerOptions {
         queue: "q".into(),
-        token: None,
         tls: Some(ClientTls::with_ca_file(&other_ca).unwrap()),
+        ..ProducerOptions::default()
     };
     let err = within(Producer::connect_with(broker.addr, &options))
         .await
@@ -127,8 +127,8 @@ async fn the_connection_limit_answers_over_tls() {
     let tls = Some(ClientTls::with_ca_file(&cert).unwrap());
     let options = ProducerOptions {
         queue: "q".into(),
-        token: None,
         tls,
+        ..ProducerOptions::default()
     };
     let _first = within(Producer::connect_with(broker.addr, &options))
         .await
