@@ -6,6 +6,8 @@
 //! was lost or altered after it was written: the broker refuses to start and says where,
 //! unless `--repair` tells it to skip the damaged bytes (loudly, naming them).
 
+use std::collections::HashSet;
+
 use rustc_hash::FxHashMap;
 use thiserror::Error;
 use tracing::{error, warn};
@@ -78,6 +80,9 @@ pub enum RecoveryError {
 
 struct Replay {
     live: FxHashMap<MessageId, LiveRecord>,
+    /// One shared name per queue: every record decodes its own, and a million live
+    /// messages would otherwise hold a million copies until they are restored.
+    queues: HashSet<QueueName>,
     next_id: u64,
     records: u64,
 }
@@ -102,6 +107,13 @@ impl Replay {
                 payload,
             } => {
                 self.next_id = self.next_id.max(id.0.saturating_add(1));
+                let queue = match self.queues.get(&queue) {
+                    Some(shared) => shared.clone(),
+                    None => {
+                        self.queues.insert(queue.clone());
+                        queue
+                    }
+                };
                 let message = LiveRecord {
                     queue,
                     payload,
@@ -135,6 +147,7 @@ pub fn recover(backend: &dyn Backend, repair: bool) -> Result<Recovered, Recover
     let numbers = backend.list_segments()?;
     let mut replay = Replay {
         live: FxHashMap::default(),
+        queues: HashSet::new(),
         next_id: 1,
         records: 0,
     };
