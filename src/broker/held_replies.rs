@@ -35,9 +35,7 @@ impl HeldReplies {
             .front()
             .is_some_and(|(seq, _, _)| *seq <= durable)
         {
-            let Some((_, conn, replies)) = self.queue.pop_front() else {
-                break;
-            };
+            let (_, conn, replies) = self.queue.pop_front().expect("the front was just seen");
             if let Some(count) = self.held_per_connection.get_mut(&conn) {
                 *count -= 1;
                 if *count == 0 {
