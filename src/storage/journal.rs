@@ -13,7 +13,7 @@
 //! publish it cancels remains.
 
 use std::collections::VecDeque;
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::{Receiver, Sender};
 use std::thread::JoinHandle;
 
 use rustc_hash::FxHashMap;
@@ -30,6 +30,8 @@ pub struct Journal {
     /// Commands of the current turn, not yet submitted.
     commands: Vec<Command>,
     batches: Option<Sender<Batch>>,
+    /// Buffers the writer has written and handed back, for the next turns' records.
+    spare_buffers: Receiver<Vec<u8>>,
     writer: Option<JoinHandle<()>>,
     durable: watch::Receiver<Durability>,
     /// Sequence number the next submitted batch gets.
@@ -77,6 +79,7 @@ impl Journal {
     /// that recovery found.
     pub(crate) fn new(
         batches: Sender<Batch>,
+        spare_buffers: Receiver<Vec<u8>>,
         writer: JoinHandle<()>,
         durable: watch::Receiver<Durability>,
         recovered: &Recovered,
@@ -103,6 +106,7 @@ impl Journal {
             buffer: Vec::new(),
             commands: Vec::new(),
             batches: Some(batches),
+            spare_buffers,
             writer: Some(writer),
             durable,
             next_seq: 1,
@@ -340,8 +344,9 @@ impl Journal {
 
     fn seal_buffer(&mut self) {
         if !self.buffer.is_empty() {
+            let next = self.spare_buffers.try_recv().unwrap_or_default();
             self.commands
-                .push(Command::Append(std::mem::take(&mut self.buffer)));
+                .push(Command::Append(std::mem::replace(&mut self.buffer, next)));
         }
     }
 }

@@ -131,12 +131,15 @@ impl Storage {
         }
         let (batches, receiver) = std::sync::mpsc::channel();
         let (durable_tx, durable_rx) = watch::channel(writer::Durability::Through(0));
+        let (spare_buffers, spare_receiver) = std::sync::mpsc::sync_channel(writer::SPARE_BUFFERS);
         let writer = writer::Writer {
             backend,
             active,
             fsync: config.fsync,
             batches: receiver,
             durable: durable_tx,
+            spare_buffers,
+            pending: Vec::new(),
         };
         let handle = std::thread::Builder::new()
             .name("ferry-log-writer".into())
@@ -144,6 +147,7 @@ impl Storage {
             .map_err(StorageError::NewSegment)?;
         let journal = Journal::new(
             batches,
+            spare_receiver,
             handle,
             durable_rx,
             &recovered,

@@ -5,9 +5,13 @@
 //!
 //! After a failed write or sync it announces the failure and stops: the log never
 //! carries on over a write it cannot vouch for (redb's `PreviousIo`).
+//!
+//! Record buffers go back to the journal once written, so that in a steady stream the
+//! log allocates nothing per turn: fresh buffers cost more than their copying, because
+//! each growth step faults in newly zeroed pages.
 
 use std::sync::Arc;
-use std::sync::mpsc::Receiver;
+use std::sync::mpsc::{Receiver, SyncSender};
 
 use tokio::sync::watch;
 use tracing::{error, info};
@@ -47,7 +51,20 @@ pub(crate) struct Writer {
     pub fsync: FsyncPolicy,
     pub batches: Receiver<Batch>,
     pub durable: watch::Sender<Durability>,
+    /// Where written record buffers go back to the journal, emptied; holds at most
+    /// [`SPARE_BUFFERS`], and a buffer that finds it full is dropped.
+    pub spare_buffers: SyncSender<Vec<u8>>,
+    /// The bytes of consecutive appends, written as one; kept between groups.
+    pub pending: Vec<u8>,
 }
+
+/// Buffers larger than this (a compaction's, say) are dropped rather than kept for reuse,
+/// so one burst does not pin its memory for the life of the broker.
+const LARGEST_SPARE_BUFFER: usize = 1 << 20;
+
+/// Spare buffers kept for the journal: a few turns' worth, as many as a group commonly
+/// holds.
+pub(crate) const SPARE_BUFFERS: usize = 8;
 
 impl Writer {
     /// Runs until the journal is dropped or a write fails.
@@ -70,21 +87,17 @@ impl Writer {
 
     fn write_group(&mut self, group: Vec<Batch>) -> std::io::Result<()> {
         let mut dirty = false;
-        // Consecutive appends go to the file as one write.
-        let mut pending: Vec<u8> = Vec::new();
         for command in group.into_iter().flat_map(|batch| batch.commands) {
-            if let Command::Append(bytes) = command {
-                if pending.is_empty() {
-                    pending = bytes;
-                } else {
-                    pending.extend_from_slice(&bytes);
+            if let Command::Append(mut bytes) = command {
+                // Consecutive appends go to the file as one write.
+                self.pending.extend_from_slice(&bytes);
+                if bytes.capacity() <= LARGEST_SPARE_BUFFER {
+                    bytes.clear();
+                    let _ = self.spare_buffers.try_send(bytes);
                 }
                 continue;
             }
-            if !pending.is_empty() {
-                self.active.append(&std::mem::take(&mut pending))?;
-                dirty = true;
-            }
+            self.write_pending(&mut dirty)?;
             match command {
                 Command::Append(_) => unreachable!("appends were taken above"),
                 Command::Rotate(header) => {
@@ -119,11 +132,18 @@ impl Writer {
                 }
             }
         }
-        if !pending.is_empty() {
-            self.active.append(&pending)?;
-            dirty = true;
-        }
+        self.write_pending(&mut dirty)?;
         self.sync(&mut dirty)
+    }
+
+    fn write_pending(&mut self, dirty: &mut bool) -> std::io::Result<()> {
+        if !self.pending.is_empty() {
+            self.active.append(&self.pending)?;
+            self.pending.clear();
+            self.pending.shrink_to(LARGEST_SPARE_BUFFER);
+            *dirty = true;
+        }
+        Ok(())
     }
 
     fn sync(&mut self, dirty: &mut bool) -> std::io::Result<()> {
