@@ -118,6 +118,41 @@ async fn flow_through(broker: &TestBroker, dir: &std::path::Path) -> u64 {
     largest
 }
 
+/// A refusal needs nothing logged, but it waits behind its producer's earlier confirms,
+/// which wait for the log; it must be answered even when no record follows it.
+#[tokio::test]
+async fn refusals_behind_unsynced_confirms_are_answered_without_further_traffic() {
+    let dir = tempfile::tempdir().unwrap();
+    let big = "x".repeat(500_000);
+    let broker = TestBroker::start_with(BrokerConfig {
+        // Room for the big payload (its JSON literal) and not a byte more than 8 others.
+        max_memory_bytes: big.len() as u64 + 2 + 8,
+        ..durable_config(dir.path())
+    })
+    .await;
+    let mut producer = broker.producer("full").await;
+    // Half a megabyte takes a while to sync; the refusals, one write each, reach the
+    // broker in later turns while its confirm still waits for that sync.
+    producer.send(&big);
+    within(producer.flush()).await.unwrap();
+    const REFUSED: usize = 100;
+    for _ in 0..REFUSED {
+        producer.send("refused");
+        within(producer.flush()).await.unwrap();
+    }
+    within(producer.confirm())
+        .await
+        .expect("the big publish is confirmed");
+    for _ in 0..REFUSED {
+        match within(producer.confirm()).await {
+            Err(ferry::ClientError::Refused(refusal)) => {
+                assert_eq!(refusal.code, ferry::ErrorCode::QueueFull);
+            }
+            other => panic!("expected queue_full, got {other:?}"),
+        }
+    }
+}
+
 #[tokio::test]
 async fn disk_use_stays_bounded_however_much_flows_through() {
     let dir = tempfile::tempdir().unwrap();

@@ -289,7 +289,8 @@ impl CoreTask {
         let Some(mut journal) = self.journal.take() else {
             return Ok(());
         };
-        let last = journal.submit().unwrap_or(journal.pending_seq() - 1);
+        journal.await_pending();
+        let last = journal.submit().expect("an awaited batch is submitted");
         loop {
             let durability = journal.durability().borrow_and_update().clone();
             match durability {
@@ -357,12 +358,14 @@ impl CoreTask {
             return;
         }
         // A confirm waits until its record is durable, and a connection's later replies
-        // wait behind its earlier ones.
+        // wait behind its earlier ones. The batch is marked awaited because replies that
+        // wait only for their turn (a refusal) log nothing, and a batch with nothing in it
+        // would otherwise never be submitted, nor they released.
         let needs_log = self.journal.is_some()
             && (replies.iter().any(|r| matches!(r, Reply::Published(_)))
                 || self.held.holds_for(conn));
-        match &self.journal {
-            Some(journal) if needs_log => self.held.hold(journal.pending_seq(), conn, replies),
+        match &mut self.journal {
+            Some(journal) if needs_log => self.held.hold(journal.await_pending(), conn, replies),
             _ => self.send(conn, ToConnection::Replies(replies)),
         }
     }

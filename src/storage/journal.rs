@@ -36,6 +36,9 @@ pub struct Journal {
     durable: watch::Receiver<Durability>,
     /// Sequence number the next submitted batch gets.
     next_seq: u64,
+    /// Something waits for the next batch to be durable, so it is submitted even if no
+    /// record is logged for it.
+    next_awaited: bool,
     /// Segments in the log, oldest first; the last is the active one.
     segments: VecDeque<SegmentUsage>,
     /// The segment of each live message that compaction copied forward. Every other live
@@ -110,6 +113,7 @@ impl Journal {
             writer: Some(writer),
             durable,
             next_seq: 1,
+            next_awaited: false,
             total_bytes: segments.iter().map(|s| s.bytes).sum(),
             segments,
             copied: FxHashMap::default(),
@@ -184,14 +188,23 @@ impl Journal {
         self.next_seq
     }
 
+    /// Marks the next batch as awaited (replies wait for it) and returns its sequence
+    /// number. An awaited batch is submitted at the next [`Journal::submit`] even when
+    /// nothing was logged for it, so that what waits for it is released.
+    pub fn await_pending(&mut self) -> u64 {
+        self.next_awaited = true;
+        self.next_seq
+    }
+
     /// Hands everything logged since the last submit to the writer. Returns its sequence
-    /// number, or `None` when nothing was logged.
+    /// number, or `None` when nothing was logged and nothing awaits the batch.
     pub fn submit(&mut self) -> Option<u64> {
         self.remove_dead_prefix();
         self.seal_buffer();
-        if self.commands.is_empty() {
+        if self.commands.is_empty() && !self.next_awaited {
             return None;
         }
+        self.next_awaited = false;
         let seq = self.next_seq;
         self.next_seq += 1;
         let batch = Batch {
