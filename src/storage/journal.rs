@@ -147,6 +147,8 @@ impl Journal {
     ) {
         self.roll_over_before(record::publish_record_bytes(queue, payload));
         record::encode_publish(&mut self.buffer, id, deliveries, queue, payload);
+        // Its confirm and its delivery, or the next compaction, wait for it.
+        self.next_awaited = true;
         if id.0 >= self.next_id {
             // A new message: ids are logged in the order they are issued.
             self.next_id = id.0 + 1;
@@ -204,12 +206,13 @@ impl Journal {
         if self.commands.is_empty() && !self.next_awaited {
             return None;
         }
-        self.next_awaited = false;
+        let awaited = std::mem::take(&mut self.next_awaited);
         let seq = self.next_seq;
         self.next_seq += 1;
         let batch = Batch {
             seq,
             commands: std::mem::take(&mut self.commands),
+            awaited,
         };
         // If the writer has stopped, it has announced why on the durability channel.
         if let Some(batches) = &self.batches {

@@ -140,6 +140,7 @@ impl Storage {
             durable: durable_tx,
             spare_buffers,
             pending: Vec::new(),
+            dirty: false,
         };
         let handle = std::thread::Builder::new()
             .name("ferry-log-writer".into())

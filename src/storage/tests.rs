@@ -103,6 +103,33 @@ fn publishes_deliveries_and_acks_survive_a_clean_close() {
     assert_eq!(recovered.next_id, 5);
 }
 
+/// A batch of acks alone is not awaited by anything, so its sync may wait for the next
+/// publish; with no publish following, it must still be synced soon on its own.
+#[test]
+fn acks_that_nothing_waits_for_still_reach_stable_storage() {
+    let backend = SimBackend::default();
+    let mut storage = open(&backend).unwrap();
+    for (id, text) in [(1, "a"), (2, "b")] {
+        storage
+            .journal
+            .log_publish(MessageId(id), 0, &q("q"), &Payload::from_text(text));
+    }
+    let published = storage.journal.submit().unwrap();
+    wait_durable(&mut storage.journal, published);
+    storage.journal.log_delivered(&[MessageId(1)]);
+    storage.journal.log_acked(&[MessageId(1)]);
+    let acked = storage.journal.submit().expect("the acks are a batch");
+    wait_durable(&mut storage.journal, acked);
+    backend.crash(|_, _| 0);
+    drop(storage);
+    let storage = open(&backend).unwrap();
+    assert_eq!(
+        recovered_ids(&storage),
+        [2],
+        "the synced ack removed message 1"
+    );
+}
+
 #[test]
 fn ids_go_on_after_the_highest_ever_issued_even_when_everything_was_acked() {
     let backend = SimBackend::default();

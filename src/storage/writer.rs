@@ -2,6 +2,8 @@
 //! submitted since its last write, writes them with one write per segment, syncs once
 //! (group commit), and then announces the highest batch now durable. A lone batch is
 //! written the moment it arrives; batches that arrive during a sync share the next one.
+//! Batches that nothing waits for (acks and deliveries only) are written but their sync
+//! waits, up to [`LAZY_SYNC_DELAY`], for the next batch something does wait for.
 //!
 //! After a failed write or sync it announces the failure and stops: the log never
 //! carries on over a write it cannot vouch for (redb's `PreviousIo`).
@@ -11,7 +13,8 @@
 //! each growth step faults in newly zeroed pages.
 
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, SyncSender};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tracing::{error, info};
@@ -34,7 +37,16 @@ pub(crate) enum Command {
 pub(crate) struct Batch {
     pub seq: u64,
     pub commands: Vec<Command>,
+    /// Something waits for this batch to be durable (a confirm, a delivery, a held reply,
+    /// the shutdown). A batch nothing waits for (only acks and deliveries recorded) is
+    /// written at once but may wait up to [`LAZY_SYNC_DELAY`] for its sync, so that it
+    /// shares the sync of the next awaited batch instead of taking one of its own.
+    pub awaited: bool,
 }
+
+/// How long a written batch that nothing waits for may stay unsynced: well inside the
+/// 100 ms within which acks must reach stable storage.
+pub(crate) const LAZY_SYNC_DELAY: Duration = Duration::from_millis(20);
 
 /// How far the log is durable.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,6 +68,8 @@ pub(crate) struct Writer {
     pub spare_buffers: SyncSender<Vec<u8>>,
     /// The bytes of consecutive appends, written as one; kept between groups.
     pub pending: Vec<u8>,
+    /// Whether the active segment has writes not yet synced.
+    pub dirty: bool,
 }
 
 /// Buffers larger than this (a compaction's, say) are dropped rather than kept for reuse,
@@ -69,24 +83,72 @@ pub(crate) const SPARE_BUFFERS: usize = 8;
 impl Writer {
     /// Runs until the journal is dropped or a write fails.
     pub fn run(mut self) {
-        while let Ok(first) = self.batches.recv() {
-            let mut last_seq = first.seq;
-            let mut group = vec![first];
-            while let Ok(more) = self.batches.try_recv() {
-                last_seq = more.seq;
-                group.push(more);
+        // The newest batch written but not yet synced, and when it must be synced.
+        let mut unsynced: Option<(u64, Instant)> = None;
+        loop {
+            let received = match unsynced {
+                None => self
+                    .batches
+                    .recv()
+                    .map_err(|_| RecvTimeoutError::Disconnected),
+                Some((_, sync_by)) => self
+                    .batches
+                    .recv_timeout(sync_by.saturating_duration_since(Instant::now())),
+            };
+            let step = match (received, unsynced) {
+                (Ok(first), _) => self.take_group(first, unsynced),
+                (Err(RecvTimeoutError::Timeout), Some((seq, _))) => self.make_durable(seq),
+                // The journal is gone (a timeout needs something unsynced).
+                (Err(_), _) => break,
+            };
+            match step {
+                Ok(next) => unsynced = next,
+                Err(e) => return self.fail(&e),
             }
-            if let Err(e) = self.write_group(group) {
-                error!(error = %e, "the log cannot be written; no further publish will be confirmed");
-                let _ = self.durable.send(Durability::Failed(e.to_string()));
-                return;
-            }
-            let _ = self.durable.send(Durability::Through(last_seq));
+        }
+        if let Some((seq, _)) = unsynced
+            && let Err(e) = self.make_durable(seq)
+        {
+            self.fail(&e);
         }
     }
 
+    /// Writes `first` and every batch queued behind it; syncs them at once if anything
+    /// waits for one of them, else leaves the sync for later. Returns what is left unsynced.
+    fn take_group(
+        &mut self,
+        first: Batch,
+        unsynced: Option<(u64, Instant)>,
+    ) -> std::io::Result<Option<(u64, Instant)>> {
+        let mut group = vec![first];
+        while let Ok(more) = self.batches.try_recv() {
+            group.push(more);
+        }
+        let last_seq = group.last().map_or(0, |batch| batch.seq);
+        let awaited = group.iter().any(|batch| batch.awaited);
+        self.write_group(group)?;
+        if awaited || self.fsync == FsyncPolicy::Never {
+            return self.make_durable(last_seq);
+        }
+        let sync_by = unsynced.map_or_else(|| Instant::now() + LAZY_SYNC_DELAY, |(_, by)| by);
+        Ok(Some((last_seq, sync_by)))
+    }
+
+    /// Syncs what is written and announces everything through `seq` durable.
+    fn make_durable(&mut self, seq: u64) -> std::io::Result<Option<(u64, Instant)>> {
+        self.sync()?;
+        let _ = self.durable.send(Durability::Through(seq));
+        Ok(None)
+    }
+
+    fn fail(&self, e: &std::io::Error) {
+        error!(error = %e, "the log cannot be written; no further publish will be confirmed");
+        let _ = self.durable.send(Durability::Failed(e.to_string()));
+    }
+
+    /// Writes a group's commands in order; rotations and removals sync what precedes
+    /// them.
     fn write_group(&mut self, group: Vec<Batch>) -> std::io::Result<()> {
-        let mut dirty = false;
         for command in group.into_iter().flat_map(|batch| batch.commands) {
             if let Command::Append(mut bytes) = command {
                 // Consecutive appends go to the file as one write.
@@ -97,11 +159,11 @@ impl Writer {
                 }
                 continue;
             }
-            self.write_pending(&mut dirty)?;
+            self.write_pending()?;
             match command {
                 Command::Append(_) => unreachable!("appends were taken above"),
                 Command::Rotate(header) => {
-                    self.sync(&mut dirty)?;
+                    self.sync()?;
                     let mut next = self.backend.create_segment(header.number)?;
                     next.append(&header.encode())?;
                     if self.fsync == FsyncPolicy::Always {
@@ -112,7 +174,7 @@ impl Writer {
                 }
                 Command::RemoveBefore(number) => {
                     // What replaces the old segments must be durable before they go.
-                    self.sync(&mut dirty)?;
+                    self.sync()?;
                     let old: Vec<u64> = self
                         .backend
                         .list_segments()?
@@ -132,25 +194,24 @@ impl Writer {
                 }
             }
         }
-        self.write_pending(&mut dirty)?;
-        self.sync(&mut dirty)
+        self.write_pending()
     }
 
-    fn write_pending(&mut self, dirty: &mut bool) -> std::io::Result<()> {
+    fn write_pending(&mut self) -> std::io::Result<()> {
         if !self.pending.is_empty() {
             self.active.append(&self.pending)?;
             self.pending.clear();
             self.pending.shrink_to(LARGEST_SPARE_BUFFER);
-            *dirty = true;
+            self.dirty = true;
         }
         Ok(())
     }
 
-    fn sync(&mut self, dirty: &mut bool) -> std::io::Result<()> {
-        if *dirty && self.fsync == FsyncPolicy::Always {
+    fn sync(&mut self) -> std::io::Result<()> {
+        if self.dirty && self.fsync == FsyncPolicy::Always {
             self.active.sync_data()?;
         }
-        *dirty = false;
+        self.dirty = false;
         Ok(())
     }
 }
