@@ -360,7 +360,12 @@ impl Journal {
 
     fn seal_buffer(&mut self) {
         if !self.buffer.is_empty() {
-            let next = self.spare_buffers.try_recv().unwrap_or_default();
+            // Sized like the last one when no spare is back yet: growing a buffer from
+            // empty costs a page fault per step.
+            let next = self
+                .spare_buffers
+                .try_recv()
+                .unwrap_or_else(|_| Vec::with_capacity(self.buffer.capacity()));
             self.commands
                 .push(Command::Append(std::mem::replace(&mut self.buffer, next)));
         }

@@ -76,9 +76,8 @@ pub(crate) struct Writer {
 /// so one burst does not pin its memory for the life of the broker.
 const LARGEST_SPARE_BUFFER: usize = 1 << 20;
 
-/// Spare buffers kept for the journal: a few turns' worth, as many as a group commonly
-/// holds.
-pub(crate) const SPARE_BUFFERS: usize = 8;
+/// Spare buffers kept for the journal: more than the turns a group commonly holds.
+pub(crate) const SPARE_BUFFERS: usize = 32;
 
 impl Writer {
     /// Runs until the journal is dropped or a write fails.
