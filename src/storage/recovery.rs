@@ -78,8 +78,20 @@ pub enum RecoveryError {
     },
 }
 
+/// The state the log describes, built record by record.
+///
+/// Live messages are kept in a vector in id order rather than in a map: new messages are
+/// published in id order, so they append, and an ack marks its slot instead of removing
+/// it (the marked slots are swept out once they outnumber the live ones). The result is
+/// the sorted list recovery returns, without a map beside it: at a million live messages
+/// that halves what replay holds besides the payloads.
 struct Replay {
-    live: FxHashMap<MessageId, LiveRecord>,
+    /// Ascending ids.
+    in_order: Vec<Slot>,
+    acked_slots: usize,
+    /// Live messages published after a higher id: compaction copies whose original
+    /// segment is gone. Few, merged in at the end.
+    out_of_order: FxHashMap<MessageId, Slot>,
     /// One shared name per queue: every record decodes its own, and a million live
     /// messages would otherwise hold a million copies until they are restored.
     queues: HashSet<QueueName>,
@@ -87,13 +99,30 @@ struct Replay {
     records: u64,
 }
 
-/// A live message during replay (its id is the key).
-struct LiveRecord {
+/// A message during replay; `acked` marks a slot to sweep.
+struct Slot {
+    id: MessageId,
     queue: QueueName,
     payload: Payload,
     deliveries: u32,
+    acked: bool,
     segment: u64,
 }
+
+impl Slot {
+    fn into_message(self) -> RecoveredMessage {
+        RecoveredMessage {
+            id: self.id,
+            queue: self.queue,
+            payload: self.payload,
+            deliveries: self.deliveries,
+            segment: self.segment,
+        }
+    }
+}
+
+/// Marked slots are swept once there are more of them than this and than live ones.
+const SWEEP_AFTER_ACKED: usize = 4096;
 
 impl Replay {
     /// Applies a record found in `segment`.
@@ -114,27 +143,88 @@ impl Replay {
                         queue
                     }
                 };
-                let message = LiveRecord {
+                self.publish(Slot {
+                    id,
                     queue,
                     payload,
                     deliveries,
+                    acked: false,
                     segment,
-                };
-                self.live.insert(id, message);
+                });
             }
             Record::Delivered(ids) => {
                 for id in ids {
-                    if let Some(message) = self.live.get_mut(&id) {
-                        message.deliveries = message.deliveries.saturating_add(1);
+                    if let Some(slot) = self.live_mut(id) {
+                        slot.deliveries = slot.deliveries.saturating_add(1);
                     }
                 }
             }
             Record::Acked(ids) => {
                 for id in ids {
-                    self.live.remove(&id);
+                    self.ack(id);
                 }
             }
         }
+    }
+
+    /// A publish record: a new message, or a later copy of one (which replaces it).
+    fn publish(&mut self, slot: Slot) {
+        if self.in_order.last().is_none_or(|last| last.id < slot.id) {
+            self.in_order.push(slot);
+            return;
+        }
+        match self.in_order.binary_search_by_key(&slot.id, |s| s.id) {
+            Ok(at) => {
+                if self.in_order[at].acked {
+                    self.acked_slots -= 1;
+                }
+                self.in_order[at] = slot;
+            }
+            Err(_) => {
+                self.out_of_order.insert(slot.id, slot);
+            }
+        }
+    }
+
+    fn live_mut(&mut self, id: MessageId) -> Option<&mut Slot> {
+        match self.in_order.binary_search_by_key(&id, |s| s.id) {
+            Ok(at) => Some(&mut self.in_order[at]).filter(|slot| !slot.acked),
+            Err(_) => self.out_of_order.get_mut(&id),
+        }
+    }
+
+    fn ack(&mut self, id: MessageId) {
+        match self.in_order.binary_search_by_key(&id, |s| s.id) {
+            Ok(at) if !self.in_order[at].acked => {
+                self.in_order[at].acked = true;
+                self.acked_slots += 1;
+                let live = self.in_order.len() - self.acked_slots;
+                if self.acked_slots > SWEEP_AFTER_ACKED.max(live) {
+                    self.in_order.retain(|slot| !slot.acked);
+                    self.acked_slots = 0;
+                }
+            }
+            Ok(_) => {}
+            Err(_) => {
+                self.out_of_order.remove(&id);
+            }
+        }
+    }
+
+    /// The live messages in id order.
+    fn into_messages(self) -> Vec<RecoveredMessage> {
+        // Same size as a slot: collected in place, without a second vector.
+        let mut messages: Vec<RecoveredMessage> = self
+            .in_order
+            .into_iter()
+            .filter(|slot| !slot.acked)
+            .map(Slot::into_message)
+            .collect();
+        if !self.out_of_order.is_empty() {
+            messages.extend(self.out_of_order.into_values().map(Slot::into_message));
+            messages.sort_unstable_by_key(|m| m.id);
+        }
+        messages
     }
 }
 
@@ -146,7 +236,9 @@ impl Replay {
 pub fn recover(backend: &dyn Backend, repair: bool) -> Result<Recovered, RecoveryError> {
     let numbers = backend.list_segments()?;
     let mut replay = Replay {
-        live: FxHashMap::default(),
+        in_order: Vec::new(),
+        acked_slots: 0,
+        out_of_order: FxHashMap::default(),
         queues: HashSet::new(),
         next_id: 1,
         records: 0,
@@ -227,21 +319,9 @@ pub fn recover(backend: &dyn Backend, repair: bool) -> Result<Recovered, Recover
             first_id: header.next_id,
         });
     }
-    let mut messages: Vec<RecoveredMessage> = replay
-        .live
-        .into_iter()
-        .map(|(id, message)| RecoveredMessage {
-            id,
-            queue: message.queue,
-            payload: message.payload,
-            deliveries: message.deliveries,
-            segment: message.segment,
-        })
-        .collect();
-    messages.sort_unstable_by_key(|m| m.id);
-    recovered.messages = messages;
     recovered.next_id = replay.next_id;
     recovered.records = replay.records;
+    recovered.messages = replay.into_messages();
     Ok(recovered)
 }
 

@@ -130,6 +130,58 @@ fn acks_that_nothing_waits_for_still_reach_stable_storage() {
     );
 }
 
+/// Replay keeps live messages in id order and marks acks instead of removing: this walks
+/// the paths that order does not cover by itself. Thousands of acks (so marked slots are
+/// swept out mid-replay), a compaction copy that replaces its still-present original, and
+/// copies whose original segment is gone, which arrive after higher ids.
+#[test]
+fn replay_handles_sweeps_copies_and_copies_of_removed_segments() {
+    let ids = |range: std::ops::RangeInclusive<u64>| range.map(MessageId).collect::<Vec<_>>();
+    let backend = SimBackend::default();
+    // Segment 1 (ids 1-9) is gone; segment 2 starts at id 10.
+    backend.put_segment(
+        2,
+        &segment(2, 10, |b| {
+            for id in 10..=10_009 {
+                publish(b, id, &format!("m{id}"));
+            }
+            record::encode_delivered(b, &ids(10..=10_009));
+            record::encode_acked(b, &ids(10..=9_009));
+            // Copies: of id 9_500 (its original is here), and of ids 3 and 7 (theirs was
+            // in segment 1), the latter delivered and acked afterwards.
+            record::encode_publish(b, MessageId(9_500), 1, &q("q"), &Payload::from_text("copy"));
+            record::encode_publish(b, MessageId(3), 2, &q("old"), &Payload::from_text("three"));
+            record::encode_publish(b, MessageId(7), 0, &q("old"), &Payload::from_text("seven"));
+            record::encode_delivered(b, &[MessageId(3), MessageId(9_500)]);
+            record::encode_acked(b, &[MessageId(7), MessageId(9_010)]);
+        }),
+    );
+    let storage = open(&backend).unwrap();
+    let messages = &storage.recovered.messages;
+    let got: Vec<u64> = messages.iter().map(|m| m.id.0).collect();
+    let want: Vec<u64> = std::iter::once(3).chain(9_011..=10_009).collect();
+    assert_eq!(got, want, "acked ones gone, the copy of 3 in id order");
+    let three = &messages[0];
+    assert_eq!(
+        (three.queue.as_str(), three.deliveries, three.segment),
+        ("old", 3, 2)
+    );
+    assert_eq!(three.payload, Payload::from_text("three"));
+    let copied = messages.iter().find(|m| m.id.0 == 9_500).unwrap();
+    assert_eq!(
+        (copied.payload.clone(), copied.deliveries),
+        (Payload::from_text("copy"), 2),
+        "the copy replaced its original"
+    );
+    assert!(
+        messages
+            .iter()
+            .filter(|m| m.id.0 > 9_010 && m.id.0 != 9_500)
+            .all(|m| m.deliveries == 1)
+    );
+    assert_eq!(storage.recovered.next_id, 10_010);
+}
+
 #[test]
 fn ids_go_on_after_the_highest_ever_issued_even_when_everything_was_acked() {
     let backend = SimBackend::default();
