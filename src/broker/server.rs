@@ -16,7 +16,7 @@ use tracing::{Instrument, error, field, info, info_span, warn};
 
 use super::config::BrokerConfig;
 use super::connection::{Connection, ConnectionSettings, close_after_fatal_error};
-use super::core_task::{ConnectionId, CoreTask, ShutdownReport, StorageFailed};
+use super::core_task::{ConnectionId, CoreTask, Request, ShutdownReport, StorageFailed};
 use super::metrics::BrokerMetrics;
 use crate::protocol::ErrorCode;
 use crate::protocol::server_frame::ServerFrame;
@@ -52,17 +52,19 @@ pub enum BrokerError {
     Storage(#[from] StorageFailed),
 }
 
-/// A bound, not yet running, broker.
+/// A bound, not yet running, broker: its log recovered into its core, its socket bound.
 pub struct Server {
     listener: TcpListener,
     config: BrokerConfig,
     metrics: Arc<BrokerMetrics>,
-    storage: Option<Storage>,
+    core_task: CoreTask,
+    core_tx: mpsc::Sender<Request>,
 }
 
 impl Server {
-    /// Opens and recovers the durable log, if configured, then binds the listening socket:
-    /// a broker listens only once it knows every message it holds.
+    /// Opens and recovers the durable log, if configured, restores its messages into the
+    /// core, then binds the listening socket: a broker listens only once it holds every
+    /// message. Whatever recovery allocated on the way is freed when this returns.
     ///
     /// # Errors
     /// [`BrokerError::OpenStorage`] when the log cannot be opened or is damaged;
@@ -88,6 +90,15 @@ impl Server {
             }
             None => None,
         };
+        let metrics = Arc::<BrokerMetrics>::default();
+        let (core_tx, core_rx) = mpsc::channel(CORE_CHANNEL_BATCHES);
+        let core_task = CoreTask::new(
+            config.core(),
+            config.drain_timeout,
+            core_rx,
+            metrics.clone(),
+            storage,
+        );
         let listener = listen(config.addr).map_err(|source| BrokerError::Bind {
             addr: config.addr,
             source,
@@ -95,8 +106,9 @@ impl Server {
         Ok(Server {
             listener,
             config,
-            metrics: Arc::default(),
-            storage,
+            metrics,
+            core_task,
+            core_tx,
         })
     }
 
@@ -122,19 +134,10 @@ impl Server {
             listener,
             config,
             metrics,
-            storage,
+            core_task,
+            core_tx,
         } = self;
-        let (core_tx, core_rx) = mpsc::channel(CORE_CHANNEL_BATCHES);
-        let core_task = tokio::spawn(
-            CoreTask::new(
-                config.core(),
-                config.drain_timeout,
-                core_rx,
-                metrics.clone(),
-                storage,
-            )
-            .run(shutdown.clone()),
-        );
+        let core_task = tokio::spawn(core_task.run(shutdown.clone()));
         let settings = Arc::new(ConnectionSettings {
             max_frame_bytes: config.max_frame_bytes,
             register_timeout: config.register_timeout,

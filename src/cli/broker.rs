@@ -150,6 +150,9 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<ExitCode> {
     let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
 
     let server = Server::bind(config.clone()).await?;
+    if config.storage.is_some() {
+        crate::release_freed_memory();
+    }
     let addr = server
         .local_addr()
         .context("cannot read the bound address")?;
