@@ -111,7 +111,7 @@ impl Storage {
         config: &StorageConfig,
     ) -> Result<Storage, StorageError> {
         let started = std::time::Instant::now();
-        let recovered = recovery::recover(backend.as_ref(), config.repair)?;
+        let mut recovered = recovery::recover(backend.as_ref(), config.repair)?;
         let recovery_time = started.elapsed();
         // Every start writes to a new segment; the old ones go once nothing in them is live.
         let number = recovered.segments.last().map_or(1, |last| last.number + 1);
@@ -129,6 +129,8 @@ impl Storage {
             active.sync_data().map_err(StorageError::NewSegment)?;
             backend.sync_dir().map_err(StorageError::NewSegment)?;
         }
+        remove_empty_segments(backend.as_ref(), &mut recovered, config.fsync)
+            .map_err(StorageError::NewSegment)?;
         let (batches, receiver) = std::sync::mpsc::channel();
         let (durable_tx, durable_rx) = watch::channel(writer::Durability::Through(0));
         let (spare_buffers, spare_receiver) = std::sync::mpsc::sync_channel(writer::SPARE_BUFFERS);
@@ -161,6 +163,33 @@ impl Storage {
             recovery_time,
         })
     }
+}
+
+/// Removes recovered segments that hold no record: those that earlier starts began and
+/// nothing was written to before the next. Without this, every restart behind segments
+/// pinned by live messages would leave one more file. Nothing is lost with them: they
+/// hold no message, and the new active segment, already durable, carries the next id.
+fn remove_empty_segments(
+    backend: &dyn Backend,
+    recovered: &mut Recovered,
+    fsync: FsyncPolicy,
+) -> std::io::Result<()> {
+    let header_bytes = record::HEADER_BYTES as u64;
+    let (empty, kept): (Vec<RecoveredSegment>, Vec<RecoveredSegment>) =
+        std::mem::take(&mut recovered.segments)
+            .into_iter()
+            .partition(|segment| segment.bytes <= header_bytes);
+    recovered.segments = kept;
+    if empty.is_empty() {
+        return Ok(());
+    }
+    for segment in &empty {
+        backend.remove_segment(segment.number)?;
+    }
+    if fsync == FsyncPolicy::Always {
+        backend.sync_dir()?;
+    }
+    Ok(())
 }
 
 fn lock_dir(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, StorageError> {

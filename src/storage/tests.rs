@@ -182,6 +182,31 @@ fn replay_handles_sweeps_copies_and_copies_of_removed_segments() {
     assert_eq!(storage.recovered.next_id, 10_010);
 }
 
+/// Every start begins a new segment. One that got no record before the next start holds
+/// nothing, so the start after removes it, even behind segments pinned by live messages.
+#[test]
+fn restarts_without_traffic_leave_no_empty_segments_behind() {
+    let backend = SimBackend::default();
+    let mut storage = open(&backend).unwrap();
+    storage
+        .journal
+        .log_publish(MessageId(1), 0, &q("q"), &Payload::from_text("pinned"));
+    let seq = storage.journal.submit().unwrap();
+    wait_durable(&mut storage.journal, seq);
+    storage.journal.close();
+    for _ in 0..5 {
+        open(&backend).unwrap().journal.close();
+    }
+    let storage = open(&backend).unwrap();
+    assert_eq!(recovered_ids(&storage), [1]);
+    assert_eq!(
+        backend.list_segments().unwrap(),
+        [1, 7],
+        "the segment with the live message, and the active one"
+    );
+    assert_eq!(storage.recovered.next_id, 2);
+}
+
 #[test]
 fn ids_go_on_after_the_highest_ever_issued_even_when_everything_was_acked() {
     let backend = SimBackend::default();
@@ -199,13 +224,18 @@ fn ids_go_on_after_the_highest_ever_issued_even_when_everything_was_acked() {
     let seq = storage.journal.submit().expect("the removal is a batch");
     wait_durable(&mut storage.journal, seq);
     storage.journal.close();
-    let storage = open(&backend).unwrap();
-    assert_eq!(backend.list_segments().unwrap(), [2, 3]);
-    assert!(storage.recovered.messages.is_empty());
-    assert_eq!(
-        storage.recovered.next_id, 42,
-        "the segment header carries the next id"
-    );
+    // Segment 2 got no record, so the next start removes it too; every start's new
+    // segment header carries the next id on.
+    for _ in 0..2 {
+        let storage = open(&backend).unwrap();
+        assert!(storage.recovered.messages.is_empty());
+        assert_eq!(
+            storage.recovered.next_id, 42,
+            "the segment header carries the next id"
+        );
+        storage.journal.close();
+    }
+    assert_eq!(backend.list_segments().unwrap(), [4]);
 }
 
 #[test]
