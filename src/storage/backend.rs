@@ -12,7 +12,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 pub trait Backend: Send + Sync {
     /// Numbers of the segments present, ascending.
     fn list_segments(&self) -> io::Result<Vec<u64>>;
-    fn read_segment(&self, number: u64) -> io::Result<Vec<u8>>;
+    /// Opens a segment for reading from its start.
+    fn open_segment(&self, number: u64) -> io::Result<Box<dyn io::Read + Send>>;
     /// Creates a new, empty segment. Its name is durable only after [`Backend::sync_dir`].
     fn create_segment(&self, number: u64) -> io::Result<Box<dyn SegmentWriter>>;
     /// Cuts a segment to `len` bytes, durably.
@@ -62,8 +63,8 @@ impl Backend for FileBackend {
         Ok(numbers)
     }
 
-    fn read_segment(&self, number: u64) -> io::Result<Vec<u8>> {
-        std::fs::read(self.path(number))
+    fn open_segment(&self, number: u64) -> io::Result<Box<dyn io::Read + Send>> {
+        Ok(Box::new(File::open(self.path(number))?))
     }
 
     fn create_segment(&self, number: u64) -> io::Result<Box<dyn SegmentWriter>> {
@@ -205,6 +206,18 @@ impl SimBackend {
         );
     }
 
+    /// The bytes written to a segment, synced or not.
+    pub fn written(&self, number: u64) -> io::Result<Vec<u8>> {
+        let state = self.state();
+        self.check(&state)?;
+        state
+            .files
+            .get(&number)
+            .filter(|f| f.exists)
+            .map(|f| f.written.clone())
+            .ok_or_else(|| io::ErrorKind::NotFound.into())
+    }
+
     fn with_file<T>(&self, number: u64, act: impl FnOnce(&mut SimFile) -> T) -> io::Result<T> {
         let mut state = self.state();
         self.check(&state)?;
@@ -238,15 +251,8 @@ impl Backend for SimBackend {
             .collect())
     }
 
-    fn read_segment(&self, number: u64) -> io::Result<Vec<u8>> {
-        let state = self.state();
-        self.check(&state)?;
-        state
-            .files
-            .get(&number)
-            .filter(|f| f.exists)
-            .map(|f| f.written.clone())
-            .ok_or_else(|| io::ErrorKind::NotFound.into())
+    fn open_segment(&self, number: u64) -> io::Result<Box<dyn io::Read + Send>> {
+        Ok(Box::new(io::Cursor::new(self.written(number)?)))
     }
 
     fn create_segment(&self, number: u64) -> io::Result<Box<dyn SegmentWriter>> {

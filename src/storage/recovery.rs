@@ -7,6 +7,7 @@
 //! unless `--repair` tells it to skip the damaged bytes (loudly, naming them).
 
 use std::collections::HashSet;
+use std::io::Read;
 
 use rustc_hash::FxHashMap;
 use thiserror::Error;
@@ -228,12 +229,26 @@ impl Replay {
     }
 }
 
+/// How much of a segment recovery reads at a time. Reading a segment whole would hold up
+/// to `--segment-size` bytes beside everything replay has built.
+const READ_CHUNK_BYTES: usize = 1 << 20;
+
 /// Replays the log in `backend`, truncating a torn tail.
 ///
 /// # Errors
 /// [`RecoveryError`] when a segment cannot be read, or is damaged anywhere but at the
 /// end of the log (unless `repair`).
 pub fn recover(backend: &dyn Backend, repair: bool) -> Result<Recovered, RecoveryError> {
+    recover_in_chunks(backend, repair, READ_CHUNK_BYTES)
+}
+
+/// [`recover`], reading segments `chunk` bytes at a time (tests use tiny chunks, so that
+/// records and headers straddle them).
+pub(crate) fn recover_in_chunks(
+    backend: &dyn Backend,
+    repair: bool,
+    chunk: usize,
+) -> Result<Recovered, RecoveryError> {
     let numbers = backend.list_segments()?;
     let mut replay = Replay {
         in_order: Vec::new(),
@@ -246,9 +261,10 @@ pub fn recover(backend: &dyn Backend, repair: bool) -> Result<Recovered, Recover
     let mut recovered = Recovered::default();
     for (index, &number) in numbers.iter().enumerate() {
         let last = index + 1 == numbers.len();
-        let bytes = backend.read_segment(number)?;
+        let mut window = SegmentWindow::open(backend, number, chunk)?;
         let segment = backend.describe(number);
-        let header = match SegmentHeader::decode(&bytes) {
+        while window.end() < record::HEADER_BYTES && window.read_more(0)? {}
+        let header = match SegmentHeader::decode(window.from(0)) {
             Ok(header) if header.number == number => header,
             Ok(header) => {
                 let problem = HeaderError::BadChecksum;
@@ -256,7 +272,7 @@ pub fn recover(backend: &dyn Backend, repair: bool) -> Result<Recovered, Recover
                 if !repair {
                     return Err(RecoveryError::Header { segment, problem });
                 }
-                recovered.skipped_bytes += bytes.len() as u64;
+                recovered.skipped_bytes += window.length()? as u64;
                 continue;
             }
             Err(HeaderError::Short(len)) if last => {
@@ -272,31 +288,41 @@ pub fn recover(backend: &dyn Backend, repair: bool) -> Result<Recovered, Recover
                 if !repair {
                     return Err(RecoveryError::Header { segment, problem });
                 }
-                error!(%segment, %problem, bytes = bytes.len(), "--repair: skipping the whole segment");
-                recovered.skipped_bytes += bytes.len() as u64;
+                let bytes = window.length()?;
+                error!(%segment, %problem, bytes, "--repair: skipping the whole segment");
+                recovered.skipped_bytes += bytes as u64;
                 continue;
             }
         };
         replay.next_id = replay.next_id.max(header.next_id);
         let mut offset = record::HEADER_BYTES;
-        while offset < bytes.len() {
-            let problem = match record::decode_record(&bytes[offset..]) {
+        loop {
+            if offset >= window.end() {
+                if window.read_more(offset)? {
+                    continue;
+                }
+                break;
+            }
+            let problem = match record::decode_record(window.from(offset)) {
                 Decoded::Record(record, used) => {
                     replay.apply(record, number);
                     offset += used;
                     continue;
                 }
+                Decoded::Incomplete if window.read_more(offset)? => continue,
                 Decoded::Incomplete => "a record cut short",
                 Decoded::Corrupt(problem) => problem,
             };
-            let next_valid = next_valid_record(&bytes, offset + 1);
+            // Damage is judged by what follows it, up to the end of the segment.
+            let end = window.length()?;
+            let next_valid = next_valid_record(window.from(offset), 1).map(|at| offset + at);
             match next_valid {
                 None if last => {
-                    let cut = bytes.len() - offset;
+                    let cut = end - offset;
                     warn!(%segment, offset, cut, problem, "torn write at the end of the log: truncating it");
                     backend.truncate_segment(number, offset as u64)?;
                     recovered.truncated_bytes += cut as u64;
-                    offset = bytes.len();
+                    offset = end;
                 }
                 _ if !repair => {
                     return Err(RecoveryError::Corrupt {
@@ -306,7 +332,7 @@ pub fn recover(backend: &dyn Backend, repair: bool) -> Result<Recovered, Recover
                     });
                 }
                 next => {
-                    let resume = next.unwrap_or(bytes.len());
+                    let resume = next.unwrap_or(end);
                     error!(%segment, offset, skipped = resume - offset, problem, "--repair: skipping damaged bytes; the messages in them are lost");
                     recovered.skipped_bytes += (resume - offset) as u64;
                     offset = resume;
@@ -323,6 +349,70 @@ pub fn recover(backend: &dyn Backend, repair: bool) -> Result<Recovered, Recover
     recovered.records = replay.records;
     recovered.messages = replay.into_messages();
     Ok(recovered)
+}
+
+/// A segment read a chunk at a time, holding the bytes from `start` on.
+struct SegmentWindow {
+    reader: Box<dyn Read + Send>,
+    bytes: Vec<u8>,
+    /// The file offset of `bytes[0]`.
+    start: usize,
+    at_end: bool,
+    chunk: usize,
+}
+
+impl SegmentWindow {
+    fn open(backend: &dyn Backend, number: u64, chunk: usize) -> std::io::Result<Self> {
+        Ok(SegmentWindow {
+            reader: backend.open_segment(number)?,
+            bytes: Vec::new(),
+            start: 0,
+            at_end: false,
+            chunk: chunk.max(1),
+        })
+    }
+
+    /// The bytes read so far from file offset `offset` (at least `start`) on.
+    fn from(&self, offset: usize) -> &[u8] {
+        &self.bytes[offset - self.start..]
+    }
+
+    /// The file offset one past the last byte read so far.
+    fn end(&self) -> usize {
+        self.start + self.bytes.len()
+    }
+
+    /// Reads up to another chunk, first letting go of the bytes before `keep_from`.
+    /// Returns false when the segment has no more bytes.
+    fn read_more(&mut self, keep_from: usize) -> std::io::Result<bool> {
+        if self.at_end {
+            return Ok(false);
+        }
+        self.bytes.drain(..keep_from - self.start);
+        self.start = keep_from;
+        let had = self.bytes.len();
+        self.bytes.resize(had + self.chunk, 0);
+        let mut filled = had;
+        while filled < self.bytes.len() {
+            match self.reader.read(&mut self.bytes[filled..]) {
+                Ok(0) => {
+                    self.at_end = true;
+                    break;
+                }
+                Ok(read) => filled += read,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.bytes.truncate(filled);
+        Ok(filled > had)
+    }
+
+    /// Reads the rest of the segment, keeping what is held, and returns its length.
+    fn length(&mut self) -> std::io::Result<usize> {
+        while self.read_more(self.start)? {}
+        Ok(self.end())
+    }
 }
 
 /// The offset of the first valid record at or after `from`, if any.
