@@ -62,6 +62,20 @@ fn recovered_ids(storage: &Storage) -> Vec<u64> {
     storage.recovered.messages.iter().map(|m| m.id.0).collect()
 }
 
+/// Submits what the journal has logged and waits until it is durable.
+fn submit_durably(journal: &mut Journal) {
+    let seq = journal.submit().expect("something to submit");
+    wait_durable(journal, seq);
+}
+
+/// One broker life on `backend`: open the log, `log` records, make them durable, close.
+fn run_once(backend: &SimBackend, log: impl FnOnce(&mut Journal)) {
+    let mut storage = open(backend).unwrap();
+    log(&mut storage.journal);
+    submit_durably(&mut storage.journal);
+    storage.journal.close();
+}
+
 #[test]
 fn an_empty_directory_starts_at_id_one() {
     let backend = SimBackend::default();
@@ -74,22 +88,19 @@ fn an_empty_directory_starts_at_id_one() {
 #[test]
 fn publishes_deliveries_and_acks_survive_a_clean_close() {
     let backend = SimBackend::default();
-    let mut storage = open(&backend).unwrap();
-    let journal = &mut storage.journal;
-    for (id, queue) in [(1, "a"), (2, "b"), (3, "a"), (4, "a")] {
-        journal.log_publish(
-            MessageId(id),
-            0,
-            &q(queue),
-            &Payload::from_text(&format!("m{id}")),
-        );
-    }
-    journal.log_delivered(&[MessageId(2), MessageId(3)]);
-    journal.log_delivered(&[MessageId(3)]);
-    journal.log_acked(&[MessageId(1)]);
-    let seq = journal.submit().unwrap();
-    wait_durable(journal, seq);
-    storage.journal.close();
+    run_once(&backend, |journal| {
+        for (id, queue) in [(1, "a"), (2, "b"), (3, "a"), (4, "a")] {
+            journal.log_publish(
+                MessageId(id),
+                0,
+                &q(queue),
+                &Payload::from_text(&format!("m{id}")),
+            );
+        }
+        journal.log_delivered(&[MessageId(2), MessageId(3)]);
+        journal.log_delivered(&[MessageId(3)]);
+        journal.log_acked(&[MessageId(1)]);
+    });
 
     let storage = open(&backend).unwrap();
     let recovered = &storage.recovered;
@@ -114,12 +125,10 @@ fn acks_that_nothing_waits_for_still_reach_stable_storage() {
             .journal
             .log_publish(MessageId(id), 0, &q("q"), &Payload::from_text(text));
     }
-    let published = storage.journal.submit().unwrap();
-    wait_durable(&mut storage.journal, published);
+    submit_durably(&mut storage.journal);
     storage.journal.log_delivered(&[MessageId(1)]);
     storage.journal.log_acked(&[MessageId(1)]);
-    let acked = storage.journal.submit().expect("the acks are a batch");
-    wait_durable(&mut storage.journal, acked);
+    submit_durably(&mut storage.journal);
     backend.crash(|_, _| 0);
     drop(storage);
     let storage = open(&backend).unwrap();
@@ -187,13 +196,9 @@ fn replay_handles_sweeps_copies_and_copies_of_removed_segments() {
 #[test]
 fn restarts_without_traffic_leave_no_empty_segments_behind() {
     let backend = SimBackend::default();
-    let mut storage = open(&backend).unwrap();
-    storage
-        .journal
-        .log_publish(MessageId(1), 0, &q("q"), &Payload::from_text("pinned"));
-    let seq = storage.journal.submit().unwrap();
-    wait_durable(&mut storage.journal, seq);
-    storage.journal.close();
+    run_once(&backend, |journal| {
+        journal.log_publish(MessageId(1), 0, &q("q"), &Payload::from_text("pinned"));
+    });
     for _ in 0..5 {
         open(&backend).unwrap().journal.close();
     }
@@ -210,20 +215,13 @@ fn restarts_without_traffic_leave_no_empty_segments_behind() {
 #[test]
 fn ids_go_on_after_the_highest_ever_issued_even_when_everything_was_acked() {
     let backend = SimBackend::default();
-    let mut storage = open(&backend).unwrap();
-    storage
-        .journal
-        .log_publish(MessageId(41), 0, &q("q"), &Payload::from_text("x"));
-    storage.journal.log_acked(&[MessageId(41)]);
-    let seq = storage.journal.submit().unwrap();
-    wait_durable(&mut storage.journal, seq);
-    storage.journal.close();
-    // After a restart, segment 1 holds nothing live: the first submit removes it, and
-    // with it every record of id 41.
-    let mut storage = open(&backend).unwrap();
-    let seq = storage.journal.submit().expect("the removal is a batch");
-    wait_durable(&mut storage.journal, seq);
-    storage.journal.close();
+    run_once(&backend, |journal| {
+        journal.log_publish(MessageId(41), 0, &q("q"), &Payload::from_text("x"));
+        journal.log_acked(&[MessageId(41)]);
+    });
+    // After a restart, segment 1 holds nothing live: the first submit (a batch with the
+    // removal only) removes it, and with it every record of id 41.
+    run_once(&backend, |_| {});
     // Segment 2 got no record, so the next start removes it too; every start's new
     // segment header carries the next id on.
     for _ in 0..2 {
@@ -372,8 +370,7 @@ fn a_failing_disk_stops_confirming() {
     storage
         .journal
         .log_publish(MessageId(1), 0, &q("q"), &Payload::from_text("x"));
-    let seq = storage.journal.submit().unwrap();
-    wait_durable(&mut storage.journal, seq);
+    submit_durably(&mut storage.journal);
     backend.fail_from_now_on();
     storage
         .journal
