@@ -390,22 +390,14 @@ impl SegmentWindow {
         }
         self.bytes.drain(..keep_from - self.start);
         self.start = keep_from;
-        let had = self.bytes.len();
-        self.bytes.resize(had + self.chunk, 0);
-        let mut filled = had;
-        while filled < self.bytes.len() {
-            match self.reader.read(&mut self.bytes[filled..]) {
-                Ok(0) => {
-                    self.at_end = true;
-                    break;
-                }
-                Ok(read) => filled += read,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
+        // Grows the buffer only as bytes arrive: a small segment costs a small buffer.
+        let read = (&mut self.reader)
+            .take(self.chunk as u64)
+            .read_to_end(&mut self.bytes)?;
+        if read < self.chunk {
+            self.at_end = true;
         }
-        self.bytes.truncate(filled);
-        Ok(filled > had)
+        Ok(read > 0)
     }
 
     /// Reads the rest of the segment, keeping what is held, and returns its length.
