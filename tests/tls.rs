@@ -189,19 +189,14 @@ async fn the_bench_runs_over_tls_with_a_token() {
         format!("--broker-arg=--tls-key={}", key.display()),
         format!("--broker-arg=--auth-file={}", auth.display()),
     ];
-    let bench = |token: &'static str| {
-        let mut args: Vec<String> = ["bench", "--json", "-m", "2000", "-w", "64", "-q", "32"]
-            .map(String::from)
-            .to_vec();
-        args.extend(broker_flags.iter().cloned());
-        args.extend(["--tls-ca".into(), cert.display().to_string()]);
-        args.extend(["--token".into(), token.into()]);
-        args
-    };
+    let cert_path = cert.display().to_string();
+    let mut args = vec![
+        "bench", "--json", "-m", "2000", "-w", "64", "-q", "32", "--tls-ca", &cert_path,
+    ];
+    args.extend(broker_flags.iter().map(String::as_str));
 
-    let args = bench("bench-secret-token");
     let output = run_ferry(
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        &[&args[..], &["--token", "bench-secret-token"]].concat(),
         "",
         &[],
     )
@@ -212,9 +207,8 @@ async fn the_bench_runs_over_tls_with_a_token() {
     assert_eq!(report["delivered"], 2000, "{report}");
     assert_eq!(report["lost"], 0, "{report}");
 
-    let args = bench("a-wrong-token-value");
     let refused = run_ferry(
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        &[&args[..], &["--token", "a-wrong-token-value"]].concat(),
         "",
         &[],
     )

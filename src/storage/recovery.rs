@@ -174,7 +174,7 @@ impl Replay {
             self.in_order.push(slot);
             return;
         }
-        match self.in_order.binary_search_by_key(&slot.id, |s| s.id) {
+        match self.find(slot.id) {
             Ok(at) => {
                 if self.in_order[at].acked {
                     self.acked_slots -= 1;
@@ -187,15 +187,20 @@ impl Replay {
         }
     }
 
+    /// Where `id` is in `in_order`, or where it would go.
+    fn find(&self, id: MessageId) -> Result<usize, usize> {
+        self.in_order.binary_search_by_key(&id, |slot| slot.id)
+    }
+
     fn live_mut(&mut self, id: MessageId) -> Option<&mut Slot> {
-        match self.in_order.binary_search_by_key(&id, |s| s.id) {
+        match self.find(id) {
             Ok(at) => Some(&mut self.in_order[at]).filter(|slot| !slot.acked),
             Err(_) => self.out_of_order.get_mut(&id),
         }
     }
 
     fn ack(&mut self, id: MessageId) {
-        match self.in_order.binary_search_by_key(&id, |s| s.id) {
+        match self.find(id) {
             Ok(at) if !self.in_order[at].acked => {
                 self.in_order[at].acked = true;
                 self.acked_slots += 1;

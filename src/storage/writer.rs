@@ -96,7 +96,9 @@ impl Writer {
             };
             let step = match (received, unsynced) {
                 (Ok(first), _) => self.take_group(first, unsynced),
-                (Err(RecvTimeoutError::Timeout), Some((seq, _))) => self.make_durable(seq),
+                (Err(RecvTimeoutError::Timeout), Some((seq, _))) => {
+                    self.make_durable(seq).map(|()| None)
+                }
                 // The journal is gone (a timeout needs something unsynced).
                 (Err(_), _) => break,
             };
@@ -127,17 +129,18 @@ impl Writer {
         let awaited = group.iter().any(|batch| batch.awaited);
         self.write_group(group)?;
         if awaited || self.fsync == FsyncPolicy::Never {
-            return self.make_durable(last_seq);
+            self.make_durable(last_seq)?;
+            return Ok(None);
         }
         let sync_by = unsynced.map_or_else(|| Instant::now() + LAZY_SYNC_DELAY, |(_, by)| by);
         Ok(Some((last_seq, sync_by)))
     }
 
     /// Syncs what is written and announces everything through `seq` durable.
-    fn make_durable(&mut self, seq: u64) -> std::io::Result<Option<(u64, Instant)>> {
+    fn make_durable(&mut self, seq: u64) -> std::io::Result<()> {
         self.sync()?;
         let _ = self.durable.send(Durability::Through(seq));
-        Ok(None)
+        Ok(())
     }
 
     fn fail(&self, e: &std::io::Error) {
