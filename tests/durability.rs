@@ -94,6 +94,25 @@ async fn acked_messages_never_come_back_after_a_clean_restart() {
     );
 }
 
+/// Deliveries and acks are held back from the writer for the next batch that something
+/// waits for; when none follows, the broker must still log them on its own, soon.
+#[tokio::test]
+async fn an_ack_reaches_the_log_without_further_traffic() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start_with(patient_config(dir.path())).await;
+    publish_ids(&mut broker.producer("quiet").await, &["only"]).await;
+    let confirmed = dir_bytes(dir.path());
+    let mut consumer = broker.consumer("quiet", 1).await;
+    let message = recv(&mut consumer).await;
+    within(consumer.ack(message.id)).await.unwrap();
+    // A delivery record and an ack record, one id each.
+    let expected = confirmed + 2 * (ferry::storage::record::RECORD_PREFIX_BYTES + 1 + 8) as u64;
+    common::eventually("the delivery and the ack are in the log", || {
+        dir_bytes(dir.path()) == expected
+    })
+    .await;
+}
+
 /// Publishes and acks 20,000 messages of ~230 bytes on disk (about 70 times a test
 /// segment) through queue `flow`, 200 at a time; returns the largest size the data dir
 /// reached.
