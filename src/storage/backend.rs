@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, IoSlice, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -27,7 +27,10 @@ pub trait Backend: Send + Sync {
 
 /// A segment open for appending.
 pub trait SegmentWriter: Send {
-    fn append(&mut self, bytes: &[u8]) -> io::Result<()>;
+    /// Appends the chunks in order, as one write where the platform allows: the writer
+    /// hands over the record buffers of a whole group without first copying them into
+    /// one.
+    fn append(&mut self, chunks: &[&[u8]]) -> io::Result<()>;
     /// Makes everything appended durable (fdatasync).
     fn sync_data(&mut self) -> io::Result<()>;
 }
@@ -99,8 +102,19 @@ struct FileSegment {
 }
 
 impl SegmentWriter for FileSegment {
-    fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.file.write_all(bytes)
+    fn append(&mut self, chunks: &[&[u8]]) -> io::Result<()> {
+        // `Write::write_all_vectored` is not stable yet: the same loop, by hand.
+        let mut slices: Vec<IoSlice<'_>> = chunks.iter().map(|c| IoSlice::new(c)).collect();
+        let mut remaining = &mut slices[..];
+        while !remaining.is_empty() {
+            match self.file.write_vectored(remaining) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(written) => IoSlice::advance_slices(&mut remaining, written),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     fn sync_data(&mut self) -> io::Result<()> {
@@ -306,9 +320,12 @@ struct SimSegment {
 }
 
 impl SegmentWriter for SimSegment {
-    fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.backend
-            .with_file(self.number, |file| file.written.extend_from_slice(bytes))
+    fn append(&mut self, chunks: &[&[u8]]) -> io::Result<()> {
+        self.backend.with_file(self.number, |file| {
+            for chunk in chunks {
+                file.written.extend_from_slice(chunk);
+            }
+        })
     }
 
     fn sync_data(&mut self) -> io::Result<()> {

@@ -123,7 +123,7 @@ impl Storage {
             .create_segment(number)
             .map_err(StorageError::NewSegment)?;
         active
-            .append(&header.encode())
+            .append(&[&header.encode()])
             .map_err(StorageError::NewSegment)?;
         if config.fsync == FsyncPolicy::Always {
             active.sync_data().map_err(StorageError::NewSegment)?;

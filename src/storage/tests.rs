@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 
-use super::backend::{Backend, SimBackend};
+use super::backend::{Backend, FileBackend, SimBackend};
 use super::journal::HOLD_UNAWAITED;
 use super::record::{self, SegmentHeader};
 use super::*;
@@ -159,6 +159,29 @@ fn held_back_acks_reach_stable_storage_with_a_publish_or_on_time() {
         [3, 4],
         "both acks were durable without a submit of their own"
     );
+}
+
+/// The writer appends a whole group's record buffers with one vectored write. A write
+/// takes at most `IOV_MAX` (1,024 on Linux) buffers and may write less than asked, so
+/// the rest must follow, in order.
+#[test]
+fn file_segments_append_every_chunk_in_order_however_many() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = FileBackend::new(dir.path());
+    let chunks: Vec<Vec<u8>> = (0..3_000u32)
+        .map(|i| i.to_le_bytes()[..(i % 5) as usize].to_vec())
+        .collect();
+    let slices: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();
+    let mut segment = backend.create_segment(1).unwrap();
+    segment.append(&slices).unwrap();
+    segment.append(&[b"end"]).unwrap();
+    segment.sync_data().unwrap();
+    let mut read = Vec::new();
+    std::io::Read::read_to_end(&mut backend.open_segment(1).unwrap(), &mut read).unwrap();
+    let mut expected = chunks.concat();
+    expected.extend_from_slice(b"end");
+    assert_eq!(read.len(), expected.len());
+    assert!(read == expected, "the chunks came back out of order");
 }
 
 /// Replay keeps live messages in id order and marks acks instead of removing: this walks

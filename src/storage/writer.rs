@@ -1,16 +1,17 @@
 //! The thread that owns the active segment: it takes every batch the core task has
-//! submitted since its last write, writes them with one write per segment, syncs once
-//! (group commit), and then announces the highest batch now durable. A lone batch is
-//! written the moment it arrives; batches that arrive during a sync share the next one.
-//! (Records that nothing waits for are held back by the journal, not here: a batch that
-//! reaches the writer is synced at once.)
+//! submitted since its last write, writes them with one vectored write per segment (the
+//! record buffers as they are, never copied into one), syncs once (group commit), and
+//! then announces the highest batch now durable. A lone batch is written the moment it
+//! arrives; batches that arrive during a sync share the next one. (Records that nothing
+//! waits for are held back by the journal, not here: a batch that reaches the writer is
+//! synced at once.)
 //!
 //! After a failed write or sync it announces the failure and stops: the log never
 //! carries on over a write it cannot vouch for (redb's `PreviousIo`).
 //!
 //! Record buffers go back to the journal once written, so that in a steady stream the
-//! log allocates nothing per turn: fresh buffers cost more than their copying, because
-//! each growth step faults in newly zeroed pages.
+//! log allocates nothing per turn: a fresh buffer faults in newly zeroed pages at each
+//! growth step.
 
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender};
@@ -56,8 +57,8 @@ pub(crate) struct Writer {
     /// Where written record buffers go back to the journal, emptied; holds at most
     /// [`SPARE_BUFFERS`], and a buffer that finds it full is dropped.
     pub spare_buffers: SyncSender<Vec<u8>>,
-    /// The bytes of consecutive appends, written as one; kept between groups.
-    pub pending: Vec<u8>,
+    /// Record buffers of consecutive appends, written together by one vectored write.
+    pub pending: Vec<Vec<u8>>,
     /// Whether the active segment has writes not yet synced.
     pub dirty: bool,
 }
@@ -101,13 +102,8 @@ impl Writer {
     /// them.
     fn write_group(&mut self, group: Vec<Batch>) -> std::io::Result<()> {
         for command in group.into_iter().flat_map(|batch| batch.commands) {
-            if let Command::Append(mut bytes) = command {
-                // Consecutive appends go to the file as one write.
-                self.pending.extend_from_slice(&bytes);
-                if bytes.capacity() <= LARGEST_SPARE_BUFFER {
-                    bytes.clear();
-                    let _ = self.spare_buffers.try_send(bytes);
-                }
+            if let Command::Append(bytes) = command {
+                self.pending.push(bytes);
                 continue;
             }
             self.write_pending()?;
@@ -116,7 +112,7 @@ impl Writer {
                 Command::Rotate(header) => {
                     self.sync()?;
                     let mut next = self.backend.create_segment(header.number)?;
-                    next.append(&header.encode())?;
+                    next.append(&[&header.encode()])?;
                     if self.fsync == FsyncPolicy::Always {
                         next.sync_data()?;
                         self.backend.sync_dir()?;
@@ -148,12 +144,19 @@ impl Writer {
         self.write_pending()
     }
 
+    /// Writes the pending record buffers, then hands them back to the journal.
     fn write_pending(&mut self) -> std::io::Result<()> {
-        if !self.pending.is_empty() {
-            self.active.append(&self.pending)?;
-            self.pending.clear();
-            self.pending.shrink_to(LARGEST_SPARE_BUFFER);
-            self.dirty = true;
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let chunks: Vec<&[u8]> = self.pending.iter().map(Vec::as_slice).collect();
+        self.active.append(&chunks)?;
+        self.dirty = true;
+        for mut buffer in self.pending.drain(..) {
+            if buffer.capacity() <= LARGEST_SPARE_BUFFER {
+                buffer.clear();
+                let _ = self.spare_buffers.try_send(buffer);
+            }
         }
         Ok(())
     }
