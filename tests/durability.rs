@@ -94,8 +94,8 @@ async fn acked_messages_never_come_back_after_a_clean_restart() {
     );
 }
 
-/// Deliveries and acks are held back from the writer for the next batch that something
-/// waits for; when none follows, the broker must still log them on its own, soon.
+/// Nothing waits for a delivery or an ack to be durable, so no reply drives them to the
+/// log; with no other traffic following, the broker must still log them on its own.
 #[tokio::test]
 async fn an_ack_reaches_the_log_without_further_traffic() {
     let dir = tempfile::tempdir().unwrap();

@@ -186,7 +186,6 @@ impl CoreTask {
         let mut drain_deadline: Option<Instant> = None;
         let report = loop {
             let ack_deadline = self.core.poll_timeout();
-            let log_deadline = self.journal.as_ref().and_then(Journal::hold_deadline);
             tokio::select! {
                 biased;
                 () = shutdown.cancelled(), if drain_deadline.is_none() => {
@@ -213,8 +212,6 @@ impl CoreTask {
                     }
                 }
                 () = sleep_until(ack_deadline) => self.core.handle_timeout(Instant::now()),
-                // Held-back log records are due: the end of this turn submits them.
-                () = sleep_until(log_deadline) => {}
             }
             self.end_turn(Instant::now());
             if drain_deadline.is_some() && self.core.is_drained() && self.held.is_empty() {
@@ -253,7 +250,7 @@ impl CoreTask {
                     "compacting the log: live messages of its oldest segment copied forward"
                 );
             }
-            let seq = journal.submit(now);
+            let seq = journal.submit();
             if let (Some(seq), Some(newest)) = (seq, self.newest_published.take()) {
                 self.publish_batches.push_back((seq, newest));
             }
@@ -293,9 +290,7 @@ impl CoreTask {
             return Ok(());
         };
         journal.await_pending();
-        let last = journal
-            .submit(Instant::now())
-            .expect("an awaited batch is submitted");
+        let last = journal.submit().expect("an awaited batch is submitted");
         loop {
             let durability = journal.durability().borrow_and_update().clone();
             match durability {

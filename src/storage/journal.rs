@@ -1,10 +1,6 @@
 //! The core task's side of the log: it encodes records as the core changes, submits
 //! them once per turn as a numbered batch to the writer, and watches how far the log is
-//! durable. Records that nothing waits for (acks, delivery counts) are held back for up
-//! to [`HOLD_UNAWAITED`] and go with the next batch that something waits for: each batch
-//! costs the writer a wake-up, a write and a sync, and a consumer's acks would otherwise
-//! take one of their own between every two groups of publishes. It also keeps the log's
-//! size in check. Segments roll over at
+//! durable. It also keeps the log's size in check. Segments roll over at
 //! `segment_bytes`. The journal counts, per segment, the live messages whose latest
 //! publish record is in it; once the oldest segments hold none (every publish in them
 //! acked, or copied forward), they are removed, so a queue consumed in order keeps the
@@ -19,7 +15,6 @@
 use std::collections::VecDeque;
 use std::sync::mpsc::{Receiver, Sender};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
 
 use rustc_hash::FxHashMap;
 use tokio::sync::watch;
@@ -28,11 +23,6 @@ use super::record::{self, SegmentHeader};
 use super::recovery::Recovered;
 use super::writer::{Batch, Command, Durability};
 use crate::protocol::{MessageId, Payload, QueueName};
-
-/// Longest that records nothing waits for (acks, delivery counts) are held back from the
-/// writer: well inside the 100 ms within which acks must reach stable storage, and long
-/// enough that a consumer keeping up with producers rarely waits this long.
-pub const HOLD_UNAWAITED: Duration = Duration::from_millis(20);
 
 pub struct Journal {
     /// Records of the current turn, not yet a command.
@@ -49,8 +39,6 @@ pub struct Journal {
     /// Something waits for the next batch to be durable, so it is submitted even if no
     /// record is logged for it.
     next_awaited: bool,
-    /// Since when records that nothing waits for have been held back.
-    holding_since: Option<Instant>,
     /// Segments in the log, oldest first; the last is the active one.
     segments: VecDeque<SegmentUsage>,
     /// The segment of each live message that compaction copied forward. Every other live
@@ -126,7 +114,6 @@ impl Journal {
             durable,
             next_seq: 1,
             next_awaited: false,
-            holding_since: None,
             total_bytes: segments.iter().map(|s| s.bytes).sum(),
             segments,
             copied: FxHashMap::default(),
@@ -211,42 +198,27 @@ impl Journal {
         self.next_seq
     }
 
-    /// Hands everything logged since the last submit to the writer, as of `now`. Returns
-    /// its sequence number, or `None` when nothing was handed over: nothing was logged
-    /// and nothing awaits the batch, or what was logged is held back (nothing waits for
-    /// it, and it has been held for less than [`HOLD_UNAWAITED`]). Held records keep the
-    /// pending sequence number: they become durable with the batch that carries them.
-    pub fn submit(&mut self, now: Instant) -> Option<u64> {
+    /// Hands everything logged since the last submit to the writer. Returns its sequence
+    /// number, or `None` when nothing was logged and nothing awaits the batch.
+    pub fn submit(&mut self) -> Option<u64> {
         self.remove_dead_prefix();
-        if !self.next_awaited {
-            if self.buffer.is_empty() && self.commands.is_empty() {
-                return None;
-            }
-            let since = *self.holding_since.get_or_insert(now);
-            if now < since + HOLD_UNAWAITED {
-                return None;
-            }
-        }
-        self.holding_since = None;
-        self.next_awaited = false;
         self.seal_buffer();
+        if self.commands.is_empty() && !self.next_awaited {
+            return None;
+        }
+        let awaited = std::mem::take(&mut self.next_awaited);
         let seq = self.next_seq;
         self.next_seq += 1;
         let batch = Batch {
             seq,
             commands: std::mem::take(&mut self.commands),
+            awaited,
         };
         // If the writer has stopped, it has announced why on the durability channel.
         if let Some(batches) = &self.batches {
             let _ = batches.send(batch);
         }
         Some(seq)
-    }
-
-    /// When held-back records are due, so that [`Journal::submit`] must be called even if
-    /// nothing else happens.
-    pub fn hold_deadline(&self) -> Option<Instant> {
-        self.holding_since.map(|since| since + HOLD_UNAWAITED)
     }
 
     /// How far the log is durable; changes are announced to the receiver's waiters.

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use proptest::prelude::*;
 
 use super::backend::{Backend, FileBackend, SimBackend};
-use super::journal::HOLD_UNAWAITED;
 use super::record::{self, SegmentHeader};
 use super::*;
 use crate::protocol::{MessageId, Payload, QueueName};
@@ -63,10 +62,9 @@ fn recovered_ids(storage: &Storage) -> Vec<u64> {
     storage.recovered.messages.iter().map(|m| m.id.0).collect()
 }
 
-/// Submits what the journal has logged, held back or not, and waits until it is durable.
+/// Submits what the journal has logged and waits until it is durable.
 fn submit_durably(journal: &mut Journal) {
-    journal.await_pending();
-    let seq = journal.submit(Instant::now()).expect("an awaited batch");
+    let seq = journal.submit().expect("something to submit");
     wait_durable(journal, seq);
 }
 
@@ -116,48 +114,28 @@ fn publishes_deliveries_and_acks_survive_a_clean_close() {
     assert_eq!(recovered.next_id, 5);
 }
 
-/// Acks (and delivery counts) are awaited by nothing, so the journal holds them back for
-/// the next batch that something waits for; with none following, they still go to the
-/// log, and are synced, once held for [`HOLD_UNAWAITED`].
+/// A batch of acks alone is not awaited by anything, so its sync may wait for the next
+/// publish; with no publish following, it must still be synced soon on its own.
 #[test]
-fn held_back_acks_reach_stable_storage_with_a_publish_or_on_time() {
+fn acks_that_nothing_waits_for_still_reach_stable_storage() {
     let backend = SimBackend::default();
     let mut storage = open(&backend).unwrap();
-    let journal = &mut storage.journal;
-    for (id, text) in [(1, "a"), (2, "b"), (3, "c")] {
-        journal.log_publish(MessageId(id), 0, &q("q"), &Payload::from_text(text));
+    for (id, text) in [(1, "a"), (2, "b")] {
+        storage
+            .journal
+            .log_publish(MessageId(id), 0, &q("q"), &Payload::from_text(text));
     }
-    submit_durably(journal);
-    let t0 = Instant::now();
-
-    journal.log_delivered(&[MessageId(1)]);
-    journal.log_acked(&[MessageId(1)]);
-    let pending = journal.pending_seq();
-    assert_eq!(journal.submit(t0), None, "held back");
-    assert_eq!(journal.hold_deadline(), Some(t0 + HOLD_UNAWAITED));
-    assert_eq!(
-        journal.submit(t0 + HOLD_UNAWAITED - Duration::from_millis(1)),
-        None
-    );
-    let seq = journal.submit(t0 + HOLD_UNAWAITED).expect("due");
-    assert_eq!(seq, pending, "held records keep their sequence number");
-    assert_eq!(journal.hold_deadline(), None);
-    wait_durable(journal, seq);
-
-    // Held acks ride with the next publish's batch.
-    journal.log_acked(&[MessageId(2)]);
-    assert_eq!(journal.submit(t0), None);
-    journal.log_publish(MessageId(4), 0, &q("q"), &Payload::from_text("d"));
-    let seq = journal.submit(t0).expect("a publish is awaited");
-    wait_durable(journal, seq);
-
+    submit_durably(&mut storage.journal);
+    storage.journal.log_delivered(&[MessageId(1)]);
+    storage.journal.log_acked(&[MessageId(1)]);
+    submit_durably(&mut storage.journal);
     backend.crash(|_, _| 0);
     drop(storage);
     let storage = open(&backend).unwrap();
     assert_eq!(
         recovered_ids(&storage),
-        [3, 4],
-        "both acks were durable without a submit of their own"
+        [2],
+        "the synced ack removed message 1"
     );
 }
 
@@ -420,7 +398,7 @@ fn a_failing_disk_stops_confirming() {
     storage
         .journal
         .log_publish(MessageId(2), 0, &q("q"), &Payload::from_text("y"));
-    storage.journal.submit(Instant::now());
+    storage.journal.submit();
     let deadline = Instant::now() + Duration::from_secs(10);
     while !matches!(
         &*storage.journal.durability().borrow(),
@@ -433,7 +411,7 @@ fn a_failing_disk_stops_confirming() {
     storage
         .journal
         .log_publish(MessageId(3), 0, &q("q"), &Payload::from_text("z"));
-    storage.journal.submit(Instant::now());
+    storage.journal.submit();
     assert!(matches!(
         &*storage.journal.durability().borrow(),
         Durability::Failed(_)
@@ -482,7 +460,7 @@ fn run_log_size_test(keep_every: u64, bound: impl Fn(u64, u64) -> u64) -> bool {
                 "the next compaction waits for this one to be durable"
             );
         }
-        let seq = storage.journal.submit(Instant::now());
+        let seq = storage.journal.submit();
         // A compaction waits for the previous one to be durable; a broker's turns see
         // that within a sync, so the test waits for it too. It also measures where the
         // writer has caught up: removed segments are gone before their batch is
@@ -566,9 +544,6 @@ fn run_crash_test(steps: &[Step]) -> Result<(), TestCaseError> {
         ..Model::default()
     };
     let queues = [q("a"), q("b")];
-    // Simulated time: a few submits in a row hold acks back long enough to be due.
-    const TURN: Duration = Duration::from_millis(7);
-    let mut clock = Instant::now();
     for step in steps {
         let batch = storage.journal.pending_seq();
         match *step {
@@ -598,12 +573,10 @@ fn run_crash_test(steps: &[Step]) -> Result<(), TestCaseError> {
             }
             Step::Deliver(_) | Step::Ack(_) => {}
             Step::Submit => {
-                clock += TURN;
-                storage.journal.submit(clock);
+                storage.journal.submit();
             }
             Step::WaitDurable => {
-                clock += TURN;
-                if let Some(seq) = storage.journal.submit(clock) {
+                if let Some(seq) = storage.journal.submit() {
                     wait_durable(&mut storage.journal, seq);
                 }
             }

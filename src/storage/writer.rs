@@ -2,9 +2,9 @@
 //! submitted since its last write, writes them with one vectored write per segment (the
 //! record buffers as they are, never copied into one), syncs once (group commit), and
 //! then announces the highest batch now durable. A lone batch is written the moment it
-//! arrives; batches that arrive during a sync share the next one. (Records that nothing
-//! waits for are held back by the journal, not here: a batch that reaches the writer is
-//! synced at once.)
+//! arrives; batches that arrive during a sync share the next one. Batches that nothing
+//! waits for (acks and deliveries only) are written but their sync waits, up to
+//! [`LAZY_SYNC_DELAY`], for the next batch something does wait for.
 //!
 //! After a failed write or sync it announces the failure and stops: the log never
 //! carries on over a write it cannot vouch for (redb's `PreviousIo`).
@@ -14,7 +14,8 @@
 //! growth step.
 
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, SyncSender};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tracing::{error, info};
@@ -37,7 +38,16 @@ pub(crate) enum Command {
 pub(crate) struct Batch {
     pub seq: u64,
     pub commands: Vec<Command>,
+    /// Something waits for this batch to be durable (a confirm, a delivery, a held reply,
+    /// the shutdown). A batch nothing waits for (only acks and deliveries recorded) is
+    /// written at once but may wait up to [`LAZY_SYNC_DELAY`] for its sync, so that it
+    /// shares the sync of the next awaited batch instead of taking one of its own.
+    pub awaited: bool,
 }
+
+/// How long a written batch that nothing waits for may stay unsynced: well inside the
+/// 100 ms within which acks must reach stable storage.
+pub(crate) const LAZY_SYNC_DELAY: Duration = Duration::from_millis(20);
 
 /// How far the log is durable.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,23 +83,64 @@ pub(crate) const SPARE_BUFFERS: usize = 32;
 impl Writer {
     /// Runs until the journal is dropped or a write fails.
     pub fn run(mut self) {
-        while let Ok(first) = self.batches.recv() {
-            if let Err(e) = self.commit_group(first) {
-                return self.fail(&e);
+        // The newest batch written but not yet synced, and when it must be synced.
+        let mut unsynced: Option<(u64, Instant)> = None;
+        loop {
+            let received = match unsynced {
+                None => self
+                    .batches
+                    .recv()
+                    .map_err(|_| RecvTimeoutError::Disconnected),
+                Some((_, sync_by)) => self
+                    .batches
+                    .recv_timeout(sync_by.saturating_duration_since(Instant::now())),
+            };
+            let step = match (received, unsynced) {
+                (Ok(first), _) => self.take_group(first, unsynced),
+                (Err(RecvTimeoutError::Timeout), Some((seq, _))) => {
+                    self.make_durable(seq).map(|()| None)
+                }
+                // The journal is gone (a timeout needs something unsynced).
+                (Err(_), _) => break,
+            };
+            match step {
+                Ok(next) => unsynced = next,
+                Err(e) => return self.fail(&e),
             }
+        }
+        if let Some((seq, _)) = unsynced
+            && let Err(e) = self.make_durable(seq)
+        {
+            self.fail(&e);
         }
     }
 
-    /// Writes `first` and every batch queued behind it, and syncs them once.
-    fn commit_group(&mut self, first: Batch) -> std::io::Result<()> {
+    /// Writes `first` and every batch queued behind it; syncs them at once if anything
+    /// waits for one of them, else leaves the sync for later. Returns what is left unsynced.
+    fn take_group(
+        &mut self,
+        first: Batch,
+        unsynced: Option<(u64, Instant)>,
+    ) -> std::io::Result<Option<(u64, Instant)>> {
         let mut group = vec![first];
         while let Ok(more) = self.batches.try_recv() {
             group.push(more);
         }
         let last_seq = group.last().map_or(0, |batch| batch.seq);
+        let awaited = group.iter().any(|batch| batch.awaited);
         self.write_group(group)?;
+        if awaited || self.fsync == FsyncPolicy::Never {
+            self.make_durable(last_seq)?;
+            return Ok(None);
+        }
+        let sync_by = unsynced.map_or_else(|| Instant::now() + LAZY_SYNC_DELAY, |(_, by)| by);
+        Ok(Some((last_seq, sync_by)))
+    }
+
+    /// Syncs what is written and announces everything through `seq` durable.
+    fn make_durable(&mut self, seq: u64) -> std::io::Result<()> {
         self.sync()?;
-        let _ = self.durable.send(Durability::Through(last_seq));
+        let _ = self.durable.send(Durability::Through(seq));
         Ok(())
     }
 
