@@ -6,6 +6,12 @@ mod cli;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
 /// Hands the memory freed so far back to the operating system. mimalloc returns freed
 /// memory lazily, as later allocations come; a broker that has just recovered a large log
 /// and then waits for clients would keep recovery's peak (~320 MB instead of ~170 MB for
@@ -14,12 +20,6 @@ fn release_freed_memory() {
     // SAFETY: mi_collect only tidies mimalloc's own heaps and may be called at any time.
     unsafe { libmimalloc_sys::mi_collect(true) };
 }
-
-use std::io::IsTerminal;
-use std::process::ExitCode;
-
-use clap::{Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
 #[command(

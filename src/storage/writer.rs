@@ -47,7 +47,7 @@ pub(crate) struct Batch {
 
 /// How long a written batch that nothing waits for may stay unsynced: well inside the
 /// 100 ms within which acks must reach stable storage.
-pub(crate) const LAZY_SYNC_DELAY: Duration = Duration::from_millis(20);
+const LAZY_SYNC_DELAY: Duration = Duration::from_millis(20);
 
 /// How far the log is durable.
 #[derive(Debug, Clone, PartialEq, Eq)]
