@@ -2,7 +2,8 @@
 //!
 //! - [`record`]: the byte format of segments and records, with CRC32C.
 //! - [`backend`]: the file operations, for real files or a crash simulator.
-//! - `writer`: the thread that writes, syncs (group commit) and removes segments.
+//! - `writer`: the thread that writes and syncs (group commit).
+//! - `remover`: the thread that deletes segments the log no longer needs.
 //! - [`journal`]: what the core task calls: log records, submit a turn, watch durability.
 //! - [`recovery`]: the replay at start, with torn-tail truncation and corruption checks.
 
@@ -10,6 +11,7 @@ pub mod backend;
 pub mod journal;
 pub mod record;
 pub mod recovery;
+mod remover;
 mod writer;
 
 #[cfg(test)]
@@ -21,6 +23,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 use tokio::sync::watch;
+use tracing::info;
 
 pub use journal::{Journal, LiveMessage};
 pub use recovery::{Recovered, RecoveredMessage, RecoveredSegment, RecoveryError};
@@ -97,7 +100,15 @@ impl Storage {
         };
         std::fs::create_dir_all(&config.dir).map_err(dir_error)?;
         let lock = lock_dir(&config.dir)?;
-        let mut storage = Self::open_with(Arc::new(FileBackend::new(&config.dir)), config)?;
+        let backend = FileBackend::new(&config.dir);
+        let interrupted = backend.remove_interrupted_removals().map_err(dir_error)?;
+        if interrupted > 0 {
+            info!(
+                files = interrupted,
+                "removed what was left of log segments whose removal a crash interrupted"
+            );
+        }
+        let mut storage = Self::open_with(Arc::new(backend), config)?;
         storage.journal.hold_dir_lock(lock);
         Ok(storage)
     }
@@ -134,6 +145,8 @@ impl Storage {
         let (batches, receiver) = std::sync::mpsc::channel();
         let (durable_tx, durable_rx) = watch::channel(writer::Durability::Through(0));
         let (spare_buffers, spare_receiver) = std::sync::mpsc::sync_channel(writer::SPARE_BUFFERS);
+        let remover = remover::Remover::spawn(backend.clone(), config.fsync)
+            .map_err(StorageError::NewSegment)?;
         let writer = writer::Writer {
             backend,
             active,
@@ -143,6 +156,7 @@ impl Storage {
             spare_buffers,
             pending: Vec::new(),
             dirty: false,
+            remover,
         };
         let handle = std::thread::Builder::new()
             .name("ferry-log-writer".into())

@@ -4,7 +4,8 @@
 //! then announces the highest batch now durable. A lone batch is written the moment it
 //! arrives; batches that arrive during a sync share the next one. Batches that nothing
 //! waits for (acks and deliveries only) are written but their sync waits, up to
-//! [`LAZY_SYNC_DELAY`], for the next batch something does wait for.
+//! [`LAZY_SYNC_DELAY`], for the next batch something does wait for. Segments the log no
+//! longer needs go to the remover thread once what replaces them is durable.
 //!
 //! After a failed write or sync it announces the failure and stops: the log never
 //! carries on over a write it cannot vouch for (redb's `PreviousIo`).
@@ -18,11 +19,12 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
-use tracing::{error, info};
+use tracing::error;
 
 use super::FsyncPolicy;
 use super::backend::{Backend, SegmentWriter};
 use super::record::SegmentHeader;
+use super::remover::Remover;
 
 /// One step for the writer, in log order.
 pub(crate) enum Command {
@@ -30,7 +32,7 @@ pub(crate) enum Command {
     /// Seal the active segment and start this one.
     Rotate(SegmentHeader),
     /// Remove every segment numbered below this one, once everything before this command
-    /// is durable.
+    /// is durable (the remover thread does the removing).
     RemoveBefore(u64),
 }
 
@@ -71,6 +73,8 @@ pub(crate) struct Writer {
     pub pending: Vec<Vec<u8>>,
     /// Whether the active segment has writes not yet synced.
     pub dirty: bool,
+    /// Deletes the segments the log no longer needs, off this thread.
+    pub remover: Remover,
 }
 
 /// Buffers larger than this (a compaction's, say) are dropped rather than kept for reuse,
@@ -150,7 +154,7 @@ impl Writer {
     }
 
     /// Writes a group's commands in order; rotations and removals sync what precedes
-    /// them.
+    /// them. Removals then go to the remover thread, so the next group need not wait.
     fn write_group(&mut self, group: Vec<Batch>) -> std::io::Result<()> {
         for command in group.into_iter().flat_map(|batch| batch.commands) {
             if let Command::Append(bytes) = command {
@@ -173,22 +177,7 @@ impl Writer {
                 Command::RemoveBefore(number) => {
                     // What replaces the old segments must be durable before they go.
                     self.sync()?;
-                    let old: Vec<u64> = self
-                        .backend
-                        .list_segments()?
-                        .into_iter()
-                        .filter(|n| *n < number)
-                        .collect();
-                    for segment in &old {
-                        self.backend.remove_segment(*segment)?;
-                    }
-                    if self.fsync == FsyncPolicy::Always {
-                        self.backend.sync_dir()?;
-                    }
-                    info!(
-                        removed = old.len(),
-                        "log segments removed: every message in them is acked or copied forward"
-                    );
+                    self.remover.remove_before(number);
                 }
             }
         }
