@@ -1,16 +1,20 @@
 //! TLS: certificates are generated at run time (rcgen); the broker serves TLS only;
 //! clients that trust its certificate work end to end, a plaintext client is refused in
-//! words it can read, and a client that trusts another CA fails its handshake.
+//! words it can read, a client that trusts another CA fails its handshake, and the
+//! handshake counts against the register timeout.
 
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use common::{BrokerProcess, RawClient, TestBroker, recv, run_ferry, test_config, within};
 use ferry::broker::BrokerConfig;
 use ferry::transport::{ClientTls, ServerTls};
 use ferry::{ClientError, Consumer, ConsumerOptions, ErrorCode, Producer, ProducerOptions};
-use serde_json::json;
+use serde_json::{Value, json};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
 
 /// A self-signed certificate for localhost and 127.0.0.1, written as PEM files.
 fn self_signed(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
@@ -217,5 +221,38 @@ async fn the_bench_runs_over_tls_with_a_token() {
     assert!(
         String::from_utf8_lossy(&refused.stderr).contains("unauthorized"),
         "{refused:?}"
+    );
+}
+
+/// "No register within 10 s of connecting": a TLS handshake spends that time too, so a
+/// client that handshakes late has only what is left of it, not a fresh timeout.
+#[tokio::test]
+async fn the_register_timeout_counts_from_the_connect_not_from_the_handshake() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = self_signed(dir.path(), "broker");
+    let timeout = Duration::from_secs(2);
+    let broker = TestBroker::start_with(BrokerConfig {
+        tls: Some(ServerTls::from_pem_files(&cert, &key).unwrap()),
+        register_timeout: timeout,
+        ..test_config()
+    })
+    .await;
+    let connected = Instant::now();
+    let tcp = TcpStream::connect(broker.addr).await.unwrap();
+    // A slow client: three quarters of the timeout pass before its handshake starts.
+    tokio::time::sleep(timeout * 3 / 4).await;
+    let client = ClientTls::with_ca_file(&cert).unwrap();
+    let mut stream = within(client.connect("127.0.0.1", tcp)).await.unwrap();
+    let mut length = [0u8; 4];
+    within(stream.read_exact(&mut length)).await.unwrap();
+    let mut body = vec![0u8; u32::from_be_bytes(length) as usize];
+    within(stream.read_exact(&mut body)).await.unwrap();
+    let frame: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(frame["code"], "register_timeout", "{frame}");
+    // A timeout started after the handshake would come 1.75 timeouts after the connect.
+    let waited = connected.elapsed();
+    assert!(
+        waited < timeout * 3 / 2,
+        "register_timeout came {waited:?} after the connect; the timeout is {timeout:?}"
     );
 }

@@ -138,10 +138,10 @@ impl Connection {
     }
 
     /// Serves the connection until it ends, then closes it. `close_all` ends it early,
-    /// at the end of the broker's drain.
-    pub async fn run(mut self, close_all: CancellationToken) {
+    /// at the end of the broker's drain; a connection still unregistered at
+    /// `register_deadline` gets `register_timeout`.
+    pub async fn run(mut self, close_all: CancellationToken, register_deadline: Instant) {
         let _ = self.stream.tcp().set_nodelay(true);
-        let register_deadline = Instant::now() + self.settings.register_timeout;
         let mut flush_deadline = None;
         let ending = loop {
             if self.ending.is_some() {

@@ -10,6 +10,7 @@ use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, field, info, info_span, warn};
@@ -168,6 +169,9 @@ impl Server {
             let tls = config.tls.clone();
             match slots.clone().try_acquire_owned() {
                 Ok(slot) => {
+                    // "Within 10 s of connecting": a TLS handshake spends that time, it
+                    // does not get its own.
+                    let register_deadline = Instant::now() + settings.register_timeout;
                     let settings = settings.clone();
                     let core_tx = core_tx.clone();
                     let close_all = close_all.clone();
@@ -175,12 +179,11 @@ impl Server {
                     metrics.connection_opened();
                     connections.spawn(
                         async move {
-                            let handshake_timeout = settings.register_timeout;
                             if let Some(stream) =
-                                open_stream(tcp, tls.as_ref(), handshake_timeout).await
+                                open_stream(tcp, tls.as_ref(), settings.register_timeout).await
                             {
                                 Connection::new(id, stream, settings, metrics.clone(), core_tx)
-                                    .run(close_all)
+                                    .run(close_all, register_deadline)
                                     .await;
                             }
                             metrics.connection_closed();
