@@ -23,6 +23,8 @@ pub const FORMAT_VERSION: u32 = 1;
 pub const HEADER_BYTES: usize = 32;
 /// Length and CRC in front of every record.
 pub const RECORD_PREFIX_BYTES: usize = 8;
+/// The length, first in the prefix; never zero in a valid record.
+pub const RECORD_LENGTH_BYTES: usize = 4;
 /// Largest record body a reader accepts: more than any payload can need (frames are
 /// limited to 4 GiB), small enough that a corrupt length cannot make it allocate wildly.
 pub const RECORD_BYTES_MAX: usize = 1 << 30;
@@ -191,15 +193,16 @@ pub fn decode_record(bytes: &[u8]) -> Decoded {
     let Some(prefix) = bytes.first_chunk::<RECORD_PREFIX_BYTES>() else {
         return Decoded::Incomplete;
     };
-    let len = u32::from_le_bytes(prefix[..4].try_into().expect("4 bytes")) as usize;
+    let len =
+        u32::from_le_bytes(prefix[..RECORD_LENGTH_BYTES].try_into().expect("4 bytes")) as usize;
     if len == 0 || len > RECORD_BYTES_MAX {
         return Decoded::Corrupt("record length out of range");
     }
     let Some(rest) = bytes.get(RECORD_PREFIX_BYTES..RECORD_PREFIX_BYTES + len) else {
         return Decoded::Incomplete;
     };
-    let stored_crc = u32::from_le_bytes(prefix[4..].try_into().expect("4 bytes"));
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&prefix[..4]), rest);
+    let stored_crc = u32::from_le_bytes(prefix[RECORD_LENGTH_BYTES..].try_into().expect("4 bytes"));
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&prefix[..RECORD_LENGTH_BYTES]), rest);
     if crc != stored_crc {
         return Decoded::Corrupt("record checksum mismatch");
     }

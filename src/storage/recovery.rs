@@ -412,8 +412,75 @@ impl SegmentWindow {
     }
 }
 
-/// The offset of the first valid record at or after `from`, if any.
+/// The offset of the first valid record at or after `from`, if any. A valid record's
+/// length is never zero, so it starts at most three bytes before a non-zero byte: runs
+/// of zeroes (a tail of zeroes, as a crash can leave when a file's size reached the disk
+/// before its data) are skipped at memory speed. Trying every offset of a 64 MiB zero tail
+/// took a second.
 fn next_valid_record(bytes: &[u8], from: usize) -> Option<usize> {
-    (from..bytes.len())
-        .find(|&at| matches!(record::decode_record(&bytes[at..]), Decoded::Record(..)))
+    let mut at = from;
+    while at < bytes.len() {
+        let nonzero = at + bytes[at..].iter().position(|&b| b != 0)?;
+        at = at.max(nonzero.saturating_sub(record::RECORD_LENGTH_BYTES - 1));
+        if matches!(record::decode_record(&bytes[at..]), Decoded::Record(..)) {
+            return Some(at);
+        }
+        at += 1;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// What [`next_valid_record`] must find: the first offset that decodes, trying each.
+    fn first_record_trying_every_offset(bytes: &[u8], from: usize) -> Option<usize> {
+        (from..bytes.len())
+            .find(|&at| matches!(record::decode_record(&bytes[at..]), Decoded::Record(..)))
+    }
+
+    /// Runs of zeroes, random bytes, and whole records, some of whose lengths start with a
+    /// zero byte: 256 and 512 bytes long (a 239- or 495-character text is a 241- or
+    /// 497-byte JSON string, after 15 bytes of kind, id, deliveries and queue name).
+    fn piece() -> impl Strategy<Value = Vec<u8>> {
+        let queue = QueueName::new("q").expect("a valid name");
+        prop_oneof![
+            (1usize..40).prop_map(|zeroes| vec![0; zeroes]),
+            prop::collection::vec(any::<u8>(), 1..12),
+            (
+                any::<u64>(),
+                prop_oneof![0usize..20, Just(239usize), Just(495usize)]
+            )
+                .prop_map(move |(id, text_len)| {
+                    let mut bytes = Vec::new();
+                    let payload = Payload::from_text(&"p".repeat(text_len));
+                    record::encode_publish(&mut bytes, MessageId(id), 0, &queue, &payload);
+                    bytes
+                }),
+            any::<u64>().prop_map(|id| {
+                let mut bytes = Vec::new();
+                record::encode_acked(&mut bytes, &[MessageId(id)]);
+                bytes
+            }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 500, ..ProptestConfig::default() })]
+        #[test]
+        fn skipping_zero_runs_finds_the_record_trying_every_offset_finds(
+            pieces in prop::collection::vec(piece(), 0..16),
+            from in 0usize..80,
+        ) {
+            let bytes = pieces.concat();
+            let from = from.min(bytes.len());
+            prop_assert_eq!(
+                next_valid_record(&bytes, from),
+                first_record_trying_every_offset(&bytes, from)
+            );
+        }
+    }
 }
