@@ -169,8 +169,8 @@ impl Server {
             let tls = config.tls.clone();
             match slots.clone().try_acquire_owned() {
                 Ok(slot) => {
-                    // "Within 10 s of connecting": a TLS handshake spends that time, it
-                    // does not get its own.
+                    // "Within 10 s of connecting": one deadline for the TLS handshake and
+                    // the register both, not a fresh timeout for each.
                     let register_deadline = Instant::now() + settings.register_timeout;
                     let settings = settings.clone();
                     let core_tx = core_tx.clone();
@@ -180,7 +180,7 @@ impl Server {
                     connections.spawn(
                         async move {
                             if let Some(stream) =
-                                open_stream(tcp, tls.as_ref(), settings.register_timeout).await
+                                open_stream(tcp, tls.as_ref(), register_deadline).await
                             {
                                 Connection::new(id, stream, settings, metrics.clone(), core_tx)
                                     .run(close_all, register_deadline)
@@ -198,7 +198,7 @@ impl Server {
                         connections.spawn(
                             async move {
                                 warn!(max_connections = max, "refused: too many connections");
-                                if let Some(mut stream) = open_stream(tcp, tls.as_ref(), REFUSAL_WRITE_TIMEOUT).await {
+                                if let Some(mut stream) = open_stream(tcp, tls.as_ref(), Instant::now() + REFUSAL_WRITE_TIMEOUT).await {
                                     let message = format!(
                                         "the broker already holds its maximum of {max} connections; retry later"
                                     );
@@ -259,12 +259,12 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 async fn open_stream(
     tcp: TcpStream,
     tls: Option<&ServerTls>,
-    handshake_timeout: Duration,
+    handshake_deadline: Instant,
 ) -> Option<Stream> {
     let Some(tls) = tls else {
         return Some(Stream::Plain(tcp));
     };
-    match tokio::time::timeout(handshake_timeout, tls.accept(tcp)).await {
+    match tokio::time::timeout_at(handshake_deadline, tls.accept(tcp)).await {
         Ok(Ok(stream)) => Some(stream),
         Ok(Err(AcceptError::NotTls(tcp))) => {
             info!("refused: a plaintext client on a TLS port");

@@ -117,7 +117,8 @@ impl Backend for FileBackend {
 
     fn remove_segment(&self, number: u64) -> io::Result<()> {
         let path = self.path(number);
-        if std::fs::metadata(&path)?.len() <= REMOVAL_STEP_BYTES {
+        let mut len = std::fs::metadata(&path)?.len();
+        if len <= REMOVAL_STEP_BYTES {
             return std::fs::remove_file(path);
         }
         // Out of the log first, durably, so that a crash midway cannot leave a cut-short
@@ -126,7 +127,6 @@ impl Backend for FileBackend {
         std::fs::rename(&path, &removing)?;
         self.sync_dir()?;
         let file = OpenOptions::new().write(true).open(&removing)?;
-        let mut len = file.metadata()?.len();
         while len > 0 {
             len = len.saturating_sub(REMOVAL_STEP_BYTES);
             file.set_len(len)?;
