@@ -9,6 +9,7 @@ use common::{
     BrokerProcess, TestBroker, dir_bytes, durable_config, publish_ids, recv, run_ferry, within,
 };
 use ferry::broker::BrokerConfig;
+use ferry::storage::backend::SPARE_FILES_MAX;
 
 /// A durable config in which a delivered message stays in flight for the whole test (its
 /// ack timeout never passes), and the drain gives up quickly on it.
@@ -180,8 +181,14 @@ async fn disk_use_stays_bounded_however_much_flows_through() {
     let broker = TestBroker::start_with(config).await;
     // At most 200 messages are live at a time, consumed in order: each segment goes once
     // its messages are acked, so the log holds them plus the active segment and the one
-    // being emptied (and one more while a removal is on its way to the writer).
-    flow_through(&broker, dir.path(), 200 * 300 + 3 * segment_bytes).await;
+    // being emptied (and one more while a removal is on its way to the writer); beside
+    // the log, the files of removed segments kept for reuse.
+    flow_through(
+        &broker,
+        dir.path(),
+        200 * 300 + (3 + SPARE_FILES_MAX as u64) * segment_bytes,
+    )
+    .await;
     assert!(broker.shutdown().await.completed);
 }
 
@@ -211,7 +218,7 @@ async fn messages_that_outlive_their_segments_are_compacted_forward_with_their_a
     flow_through(
         &broker,
         dir.path(),
-        2 * (50 + 200) * 300 + 4 * segment_bytes,
+        2 * (50 + 200) * 300 + (4 + SPARE_FILES_MAX as u64) * segment_bytes,
     )
     .await;
     broker.shutdown().await;
@@ -243,7 +250,8 @@ async fn a_corrupt_log_refuses_to_start_naming_the_place_and_repair_skips_it() {
     // Damage the second record of the first segment; the third stays intact.
     let segment = dir.path().join(format!("{:020}.seg", 1));
     let mut bytes = std::fs::read(&segment).unwrap();
-    let first_record_len = u32::from_le_bytes(bytes[32..36].try_into().unwrap()) as usize + 8;
+    let first_record_len = u32::from_le_bytes(bytes[32..36].try_into().unwrap()) as usize
+        + ferry::storage::record::RECORD_PREFIX_BYTES;
     let second = 32 + first_record_len;
     bytes[second + 20] ^= 0xff;
     std::fs::write(&segment, &bytes).unwrap();

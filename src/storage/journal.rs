@@ -1,7 +1,7 @@
 //! The core task's side of the log: it encodes records as the core changes, submits
 //! them once per turn as a numbered batch to the writer, and watches how far the log is
 //! durable. It also keeps the log's size in check. Segments roll over at
-//! `segment_bytes`. The journal counts, per segment, the live messages whose latest
+//! `segment_bytes`, each ended by a sealed record. The journal counts, per segment, the live messages whose latest
 //! publish record is in it; once the oldest segments hold none (every publish in them
 //! acked, or copied forward), they are removed, so a queue consumed in order keeps the
 //! log at its unacked messages plus about two segments, with nothing rewritten. When
@@ -146,7 +146,8 @@ impl Journal {
         payload: &Payload,
     ) {
         self.roll_over_before(record::publish_record_bytes(queue, payload));
-        record::encode_publish(&mut self.buffer, id, deliveries, queue, payload);
+        let segment = self.active().number;
+        record::encode_publish(&mut self.buffer, segment, id, deliveries, queue, payload);
         // Its confirm and its delivery, or the next compaction, wait for it.
         self.next_awaited = true;
         if id.0 >= self.next_id {
@@ -165,14 +166,16 @@ impl Journal {
     pub fn log_delivered(&mut self, ids: &[MessageId]) {
         if !ids.is_empty() {
             self.roll_over_before(record::RECORD_PREFIX_BYTES + 1 + ids.len() * 8);
-            record::encode_delivered(&mut self.buffer, ids);
+            let segment = self.active().number;
+            record::encode_delivered(&mut self.buffer, segment, ids);
         }
     }
 
     pub fn log_acked(&mut self, ids: &[MessageId]) {
         if !ids.is_empty() {
             self.roll_over_before(record::RECORD_PREFIX_BYTES + 1 + ids.len() * 8);
-            record::encode_acked(&mut self.buffer, ids);
+            let segment = self.active().number;
+            record::encode_acked(&mut self.buffer, segment, ids);
             for id in ids {
                 let segment = match self.copied.remove(id) {
                     Some(number) => self.index_of(number),
@@ -267,8 +270,13 @@ impl Journal {
         copied
     }
 
-    /// Stops the writer after everything submitted is written, and waits for it.
+    /// Ends the active segment with a sealed record, stops the writer after everything
+    /// submitted is written, and waits for it. Sealed, the segment ends cleanly for the
+    /// next start, even in a reused file whose old contents follow (a start would cut
+    /// those, warning of a crash).
     pub fn close(mut self) {
+        self.seal_active();
+        self.submit();
         self.shut_down();
     }
 
@@ -283,7 +291,7 @@ impl Journal {
         let record_bytes = record_bytes as u64;
         let active = self.active();
         if active.bytes > record::HEADER_BYTES as u64
-            && active.bytes + record_bytes > self.segment_bytes
+            && active.bytes + record_bytes + record::SEALED_RECORD_BYTES as u64 > self.segment_bytes
         {
             self.start_segment();
         }
@@ -291,13 +299,19 @@ impl Journal {
         self.total_bytes += record_bytes;
     }
 
+    fn seal_active(&mut self) {
+        let active = self.segments.back_mut().expect("the active segment");
+        record::encode_sealed(&mut self.buffer, active.number);
+        active.bytes += record::SEALED_RECORD_BYTES as u64;
+        self.total_bytes += record::SEALED_RECORD_BYTES as u64;
+    }
+
     fn start_segment(&mut self) {
+        self.seal_active();
         self.seal_buffer();
         let number = self.active().number + 1;
-        self.commands.push(Command::Rotate(SegmentHeader {
-            number,
-            next_id: self.next_id,
-        }));
+        self.commands
+            .push(Command::Rotate(SegmentHeader::new(number, self.next_id)));
         self.segments.push_back(SegmentUsage {
             number,
             bytes: record::HEADER_BYTES as u64,

@@ -100,7 +100,7 @@ impl Storage {
         };
         std::fs::create_dir_all(&config.dir).map_err(dir_error)?;
         let lock = lock_dir(&config.dir)?;
-        let backend = FileBackend::new(&config.dir);
+        let backend = FileBackend::new(&config.dir, config.segment_bytes);
         let interrupted = backend.remove_interrupted_removals().map_err(dir_error)?;
         if interrupted > 0 {
             info!(
@@ -126,10 +126,7 @@ impl Storage {
         let recovery_time = started.elapsed();
         // Every start writes to a new segment; the old ones go once nothing in them is live.
         let number = recovered.segments.last().map_or(1, |last| last.number + 1);
-        let header = SegmentHeader {
-            number,
-            next_id: recovered.next_id,
-        };
+        let header = SegmentHeader::new(number, recovered.next_id);
         let mut active = backend
             .create_segment(number)
             .map_err(StorageError::NewSegment)?;
@@ -188,11 +185,12 @@ fn remove_empty_segments(
     recovered: &mut Recovered,
     fsync: FsyncPolicy,
 ) -> std::io::Result<()> {
-    let header_bytes = record::HEADER_BYTES as u64;
+    // A header and perhaps a sealed record: every other record is longer than that one.
+    let empty_bytes = (record::HEADER_BYTES + record::SEALED_RECORD_BYTES) as u64;
     let (empty, kept): (Vec<RecoveredSegment>, Vec<RecoveredSegment>) =
         std::mem::take(&mut recovered.segments)
             .into_iter()
-            .partition(|segment| segment.bytes <= header_bytes);
+            .partition(|segment| segment.bytes <= empty_bytes);
     recovered.segments = kept;
     if empty.is_empty() {
         return Ok(());

@@ -4,25 +4,42 @@
 //! ```text
 //! segment header (32 bytes): magic "FERRYLOG" | version u32 | segment number u64
 //!                            | next id u64 | crc32c of the previous 28 bytes u32
-//! record:                    length u32 | crc32c u32 | kind u8 | body (length - 1 bytes)
+//! record (version 2):        length u32 | crc32c u32 | segment u32 | kind u8
+//!                            | body (length - 1 bytes)
 //!   kind 1 publish:   id u64 | deliveries u32 | queue length u8 | queue | payload literal
 //!   kind 2 delivered: id u64, repeated
 //!   kind 3 acked:     id u64, repeated
+//!   kind 4 sealed:    (no body) the segment ends here; what follows is not part of it
 //! ```
-//! Integers are little-endian. A record's CRC covers its length field, kind and body, so
-//! a torn length is caught like a torn body. A record is checked when encoded and again
-//! when decoded: a reader never trusts what it did not verify.
+//! Integers are little-endian. A record's CRC covers its length field, segment, kind and
+//! body, so a torn length is caught like a torn body. A record is checked when encoded
+//! and again when decoded: a reader never trusts what it did not verify.
+//!
+//! The segment field (the low 32 bits of the segment's number) is there because segment
+//! files are reused: after the last record written to a reused file come the intact,
+//! checksummed records of the segment it held before, and the field is what tells them
+//! apart, whatever their alignment (RocksDB's recyclable log records carry their log
+//! number for the same reason). A segment that ends cleanly (at a rotation or a clean
+//! stop) ends with a sealed record, so that a reused file need not be cut to its records,
+//! and keeps all its blocks for its next reuse. Version 1 records, without the segment
+//! field, are still read.
 
 use thiserror::Error;
 
 use crate::protocol::{MessageId, Payload, QueueName};
 
 pub const MAGIC: &[u8; 8] = b"FERRYLOG";
-/// The version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The version this build writes.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest version this build reads: version 1 records have no segment field.
+pub const OLDEST_READABLE_VERSION: u32 = 1;
 pub const HEADER_BYTES: usize = 32;
-/// Length and CRC in front of every record.
-pub const RECORD_PREFIX_BYTES: usize = 8;
+/// Length, CRC and segment in front of every record this build writes.
+pub const RECORD_PREFIX_BYTES: usize = 12;
+/// Where in a record its segment field is.
+pub const RECORD_TAG_OFFSET: usize = 8;
+/// Length and CRC: the prefix of a version 1 record.
+const VERSION_1_PREFIX_BYTES: usize = 8;
 /// The length, first in the prefix; never zero in a valid record.
 pub const RECORD_LENGTH_BYTES: usize = 4;
 /// Largest record body a reader accepts: more than any payload can need (frames are
@@ -32,6 +49,7 @@ pub const RECORD_BYTES_MAX: usize = 1 << 30;
 const KIND_PUBLISH: u8 = 1;
 const KIND_DELIVERED: u8 = 2;
 const KIND_ACKED: u8 = 3;
+const KIND_SEALED: u8 = 4;
 /// id, deliveries, queue length.
 const PUBLISH_FIXED_BYTES: usize = 8 + 4 + 1;
 
@@ -42,6 +60,8 @@ pub struct SegmentHeader {
     /// The id the broker would have given the next message when the segment was created:
     /// ids go on from here even if every record before it is gone.
     pub next_id: u64,
+    /// The format its records are in.
+    pub version: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -51,7 +71,7 @@ pub enum HeaderError {
     #[error("not a Ferry segment (magic bytes {0:?})")]
     BadMagic([u8; 8]),
     #[error(
-        "format version {found}; this build reads version {FORMAT_VERSION} (a newer Ferry wrote it?)"
+        "format version {found}; this build reads versions {OLDEST_READABLE_VERSION} to {FORMAT_VERSION} (a newer Ferry wrote it?)"
     )]
     UnknownVersion { found: u32 },
     #[error("header checksum mismatch")]
@@ -59,10 +79,19 @@ pub enum HeaderError {
 }
 
 impl SegmentHeader {
+    /// The header of a segment this build writes.
+    pub fn new(number: u64, next_id: u64) -> SegmentHeader {
+        SegmentHeader {
+            number,
+            next_id,
+            version: FORMAT_VERSION,
+        }
+    }
+
     pub fn encode(&self) -> [u8; HEADER_BYTES] {
         let mut bytes = [0u8; HEADER_BYTES];
         bytes[..8].copy_from_slice(MAGIC);
-        bytes[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        bytes[8..12].copy_from_slice(&self.version.to_le_bytes());
         bytes[12..20].copy_from_slice(&self.number.to_le_bytes());
         bytes[20..28].copy_from_slice(&self.next_id.to_le_bytes());
         let crc = crc32c::crc32c(&bytes[..28]);
@@ -83,7 +112,7 @@ impl SegmentHeader {
             return Err(HeaderError::BadMagic(magic));
         }
         let found = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
-        if found != FORMAT_VERSION {
+        if !(OLDEST_READABLE_VERSION..=FORMAT_VERSION).contains(&found) {
             return Err(HeaderError::UnknownVersion { found });
         }
         let crc = u32::from_le_bytes(bytes[28..32].try_into().expect("4 bytes"));
@@ -93,8 +122,20 @@ impl SegmentHeader {
         Ok(SegmentHeader {
             number: u64::from_le_bytes(bytes[12..20].try_into().expect("8 bytes")),
             next_id: u64::from_le_bytes(bytes[20..28].try_into().expect("8 bytes")),
+            version: found,
         })
     }
+
+    /// The segment field its records carry, if its format has one.
+    pub fn record_tag(&self) -> Option<[u8; 4]> {
+        (self.version >= 2).then(|| segment_tag(self.number))
+    }
+}
+
+/// A record's segment field: the low 32 bits of the segment's number. Two segments
+/// 2^32 apart would share it; a log never reuses a file across that many.
+fn segment_tag(number: u64) -> [u8; 4] {
+    (number as u32).to_le_bytes()
 }
 
 /// A decoded record.
@@ -109,11 +150,14 @@ pub enum Record {
     },
     Delivered(Vec<MessageId>),
     Acked(Vec<MessageId>),
+    /// The end of the segment.
+    Sealed,
 }
 
-/// Appends a publish record to `dst`.
+/// Appends a publish record for segment `segment` to `dst`.
 pub fn encode_publish(
     dst: &mut Vec<u8>,
+    segment: u64,
     id: MessageId,
     deliveries: u32,
     queue: &QueueName,
@@ -123,6 +167,7 @@ pub fn encode_publish(
     let queue_len = u8::try_from(queue.len()).expect("queue names are at most 255 bytes");
     encode_record(
         dst,
+        segment,
         KIND_PUBLISH,
         PUBLISH_FIXED_BYTES + queue.len() + payload.len(),
         |body| {
@@ -136,22 +181,30 @@ pub fn encode_publish(
 }
 
 /// Appends a record listing ids that were delivered once more.
-pub fn encode_delivered(dst: &mut Vec<u8>, ids: &[MessageId]) {
-    encode_ids(dst, KIND_DELIVERED, ids);
+pub fn encode_delivered(dst: &mut Vec<u8>, segment: u64, ids: &[MessageId]) {
+    encode_ids(dst, segment, KIND_DELIVERED, ids);
 }
 
 /// Appends a record listing ids that were acked.
-pub fn encode_acked(dst: &mut Vec<u8>, ids: &[MessageId]) {
-    encode_ids(dst, KIND_ACKED, ids);
+pub fn encode_acked(dst: &mut Vec<u8>, segment: u64, ids: &[MessageId]) {
+    encode_ids(dst, segment, KIND_ACKED, ids);
 }
+
+/// Appends the record that ends a segment.
+pub fn encode_sealed(dst: &mut Vec<u8>, segment: u64) {
+    encode_record(dst, segment, KIND_SEALED, 0, |_| {});
+}
+
+/// Bytes the record that ends a segment takes.
+pub const SEALED_RECORD_BYTES: usize = RECORD_PREFIX_BYTES + 1;
 
 /// Bytes a publish record of this queue and payload takes on disk.
 pub fn publish_record_bytes(queue: &QueueName, payload: &Payload) -> usize {
     RECORD_PREFIX_BYTES + 1 + PUBLISH_FIXED_BYTES + queue.as_str().len() + payload.len()
 }
 
-fn encode_ids(dst: &mut Vec<u8>, kind: u8, ids: &[MessageId]) {
-    encode_record(dst, kind, ids.len() * 8, |body| {
+fn encode_ids(dst: &mut Vec<u8>, segment: u64, kind: u8, ids: &[MessageId]) {
+    encode_record(dst, segment, kind, ids.len() * 8, |body| {
         for id in ids {
             body.extend_from_slice(&id.0.to_le_bytes());
         }
@@ -160,6 +213,7 @@ fn encode_ids(dst: &mut Vec<u8>, kind: u8, ids: &[MessageId]) {
 
 fn encode_record(
     dst: &mut Vec<u8>,
+    segment: u64,
     kind: u8,
     body_len: usize,
     write_body: impl FnOnce(&mut Vec<u8>),
@@ -169,12 +223,18 @@ fn encode_record(
     dst.reserve(RECORD_PREFIX_BYTES + 1 + body_len);
     dst.extend_from_slice(&len.to_le_bytes());
     dst.extend_from_slice(&[0; 4]);
+    dst.extend_from_slice(&segment_tag(segment));
     dst.push(kind);
     write_body(dst);
     debug_assert_eq!(dst.len() - start, RECORD_PREFIX_BYTES + 1 + body_len);
-    let mut crc = crc32c::crc32c(&dst[start..start + 4]);
-    crc = crc32c::crc32c_append(crc, &dst[start + RECORD_PREFIX_BYTES..]);
-    dst[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    let crc = record_crc(&dst[start..]);
+    dst[start + RECORD_LENGTH_BYTES..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// The CRC of a whole record: everything but the CRC field itself.
+fn record_crc(record: &[u8]) -> u32 {
+    let crc = crc32c::crc32c(&record[..RECORD_LENGTH_BYTES]);
+    crc32c::crc32c_append(crc, &record[RECORD_LENGTH_BYTES + 4..])
 }
 
 /// What is at the front of a byte slice.
@@ -188,9 +248,15 @@ pub enum Decoded {
     Corrupt(&'static str),
 }
 
-/// Decodes the record at the front of `bytes`.
-pub fn decode_record(bytes: &[u8]) -> Decoded {
-    let Some(prefix) = bytes.first_chunk::<RECORD_PREFIX_BYTES>() else {
+/// Decodes the record at the front of `bytes`, which are in the segment `header` opens.
+pub fn decode_record(bytes: &[u8], header: &SegmentHeader) -> Decoded {
+    let tag = header.record_tag();
+    let prefix_bytes = if tag.is_some() {
+        RECORD_PREFIX_BYTES
+    } else {
+        VERSION_1_PREFIX_BYTES
+    };
+    let Some(prefix) = bytes.get(..prefix_bytes) else {
         return Decoded::Incomplete;
     };
     let len =
@@ -198,15 +264,22 @@ pub fn decode_record(bytes: &[u8]) -> Decoded {
     if len == 0 || len > RECORD_BYTES_MAX {
         return Decoded::Corrupt("record length out of range");
     }
-    let Some(rest) = bytes.get(RECORD_PREFIX_BYTES..RECORD_PREFIX_BYTES + len) else {
+    // Checked before the body is even complete: in a reused file, this is what ends the
+    // segment's records at the old contents after them.
+    if tag.is_some_and(|tag| prefix[RECORD_TAG_OFFSET..] != tag) {
+        return Decoded::Corrupt(
+            "record of another segment (a reused file's old contents, or a flipped bit)",
+        );
+    }
+    let Some(record) = bytes.get(..prefix_bytes + len) else {
         return Decoded::Incomplete;
     };
-    let stored_crc = u32::from_le_bytes(prefix[RECORD_LENGTH_BYTES..].try_into().expect("4 bytes"));
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&prefix[..RECORD_LENGTH_BYTES]), rest);
-    if crc != stored_crc {
+    let stored_crc =
+        u32::from_le_bytes(prefix[RECORD_LENGTH_BYTES..8].try_into().expect("4 bytes"));
+    if record_crc(record) != stored_crc {
         return Decoded::Corrupt("record checksum mismatch");
     }
-    let (kind, body) = (rest[0], &rest[1..]);
+    let (kind, body) = (record[prefix_bytes], &record[prefix_bytes + 1..]);
     let record = match kind {
         KIND_PUBLISH => match decode_publish(body) {
             Ok(record) => record,
@@ -226,9 +299,11 @@ pub fn decode_record(bytes: &[u8]) -> Decoded {
                 Record::Acked(ids)
             }
         }
+        KIND_SEALED if body.is_empty() => Record::Sealed,
+        KIND_SEALED => return Decoded::Corrupt("sealed record with a body"),
         _ => return Decoded::Corrupt("unknown record kind"),
     };
-    Decoded::Record(record, RECORD_PREFIX_BYTES + len)
+    Decoded::Record(record, prefix_bytes + len)
 }
 
 fn decode_publish(body: &[u8]) -> Result<Record, &'static str> {
@@ -264,6 +339,13 @@ mod tests {
         QueueName::new(name).unwrap()
     }
 
+    /// The segment the sample records are written for.
+    const SEGMENT: u64 = 7;
+
+    fn segment_header(number: u64) -> SegmentHeader {
+        SegmentHeader::new(number, 1)
+    }
+
     fn sample_log() -> (Vec<u8>, Vec<Record>) {
         let records = vec![
             Record::Publish {
@@ -281,6 +363,7 @@ mod tests {
             },
             Record::Acked(vec![MessageId(1), MessageId(u64::MAX)]),
             Record::Acked(vec![]),
+            Record::Sealed,
         ];
         let mut bytes = Vec::new();
         for record in &records {
@@ -290,18 +373,19 @@ mod tests {
                     deliveries,
                     queue,
                     payload,
-                } => encode_publish(&mut bytes, *id, *deliveries, queue, payload),
-                Record::Delivered(ids) => encode_delivered(&mut bytes, ids),
-                Record::Acked(ids) => encode_acked(&mut bytes, ids),
+                } => encode_publish(&mut bytes, SEGMENT, *id, *deliveries, queue, payload),
+                Record::Delivered(ids) => encode_delivered(&mut bytes, SEGMENT, ids),
+                Record::Acked(ids) => encode_acked(&mut bytes, SEGMENT, ids),
+                Record::Sealed => encode_sealed(&mut bytes, SEGMENT),
             }
         }
         (bytes, records)
     }
 
-    fn decode_all(mut bytes: &[u8]) -> (Vec<Record>, Decoded) {
+    fn decode_all(mut bytes: &[u8], header: &SegmentHeader) -> (Vec<Record>, Decoded) {
         let mut records = Vec::new();
         loop {
-            match decode_record(bytes) {
+            match decode_record(bytes, header) {
                 Decoded::Record(record, used) => {
                     records.push(record);
                     bytes = &bytes[used..];
@@ -314,16 +398,21 @@ mod tests {
     #[test]
     fn records_round_trip() {
         let (bytes, records) = sample_log();
-        assert_eq!(decode_all(&bytes), (records, Decoded::Incomplete));
+        assert_eq!(
+            decode_all(&bytes, &segment_header(SEGMENT)),
+            (records, Decoded::Incomplete)
+        );
         let first_len = publish_record_bytes(&q("orders"), &Payload::from_text("first ✓"));
-        assert!(matches!(decode_record(&bytes), Decoded::Record(_, used) if used == first_len));
+        assert!(
+            matches!(decode_record(&bytes, &segment_header(SEGMENT)), Decoded::Record(_, used) if used == first_len)
+        );
     }
 
     #[test]
     fn every_truncation_is_incomplete_never_a_wrong_record() {
         let (bytes, records) = sample_log();
         for cut in 0..bytes.len() {
-            let (decoded, end) = decode_all(&bytes[..cut]);
+            let (decoded, end) = decode_all(&bytes[..cut], &segment_header(SEGMENT));
             assert_eq!(end, Decoded::Incomplete, "cut at {cut}");
             assert_eq!(decoded[..], records[..decoded.len()], "cut at {cut}");
         }
@@ -336,7 +425,7 @@ mod tests {
             for bit in 0..8 {
                 let mut damaged = bytes.clone();
                 damaged[byte] ^= 1 << bit;
-                let (decoded, end) = decode_all(&damaged);
+                let (decoded, end) = decode_all(&damaged, &segment_header(SEGMENT));
                 assert!(
                     decoded.len() < records.len(),
                     "flip at {byte}.{bit} went unnoticed"
@@ -353,21 +442,25 @@ mod tests {
 
     #[test]
     fn headers_round_trip_and_refuse_what_they_cannot_read() {
-        let header = SegmentHeader {
-            number: 42,
-            next_id: 1_000_001,
-        };
+        let header = SegmentHeader::new(42, 1_000_001);
         let bytes = header.encode();
         assert_eq!(SegmentHeader::decode(&bytes), Ok(header));
         assert_eq!(
             SegmentHeader::decode(&bytes[..31]),
             Err(HeaderError::Short(31))
         );
-        let mut future = bytes;
-        future[8..12].copy_from_slice(&2u32.to_le_bytes());
-        let err = SegmentHeader::decode(&future).unwrap_err();
-        assert_eq!(err, HeaderError::UnknownVersion { found: 2 });
-        assert!(err.to_string().contains("this build reads version 1"));
+        let version_1 = SegmentHeader {
+            version: 1,
+            ..header
+        };
+        assert_eq!(SegmentHeader::decode(&version_1.encode()), Ok(version_1));
+        let future = SegmentHeader {
+            version: 3,
+            ..header
+        };
+        let err = SegmentHeader::decode(&future.encode()).unwrap_err();
+        assert_eq!(err, HeaderError::UnknownVersion { found: 3 });
+        assert!(err.to_string().contains("this build reads versions 1 to 2"));
         let mut foreign = bytes;
         foreign[0] = b'X';
         assert!(matches!(
@@ -386,13 +479,62 @@ mod tests {
     fn implausible_lengths_are_corrupt_without_allocating() {
         let mut bytes = vec![0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0];
         bytes.extend_from_slice(&[1; 16]);
+        let header = segment_header(SEGMENT);
         assert_eq!(
-            decode_record(&bytes),
+            decode_record(&bytes, &header),
             Decoded::Corrupt("record length out of range")
         );
         assert_eq!(
-            decode_record(&[0; 8]),
+            decode_record(&[0; 12], &header),
             Decoded::Corrupt("record length out of range")
         );
+    }
+
+    #[test]
+    fn records_of_another_segment_are_refused_whole_or_torn() {
+        let (bytes, _) = sample_log();
+        for other in [SEGMENT - 1, SEGMENT + 1, SEGMENT + (1 << 33) + 1] {
+            let header = segment_header(other);
+            assert_eq!(
+                decode_record(&bytes, &header),
+                Decoded::Corrupt(
+                    "record of another segment (a reused file's old contents, or a flipped bit)"
+                ),
+                "a record of segment {SEGMENT} read in segment {other}"
+            );
+            // Known from the prefix alone: nothing waits for the rest of a stale record.
+            assert!(matches!(
+                decode_record(&bytes[..RECORD_PREFIX_BYTES], &header),
+                Decoded::Corrupt(_)
+            ));
+        }
+    }
+
+    /// A version 1 record, as earlier builds wrote it: no segment field.
+    fn version_1_acked(ids: &[u64]) -> Vec<u8> {
+        let mut body = vec![KIND_ACKED];
+        for id in ids {
+            body.extend_from_slice(&id.to_le_bytes());
+        }
+        let len = u32::try_from(body.len()).unwrap().to_le_bytes();
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&len), &body);
+        [&len[..], &crc.to_le_bytes(), &body].concat()
+    }
+
+    #[test]
+    fn version_1_records_are_still_read_in_version_1_segments() {
+        let bytes = version_1_acked(&[3, 4]);
+        let version_1 = SegmentHeader {
+            version: 1,
+            ..segment_header(SEGMENT)
+        };
+        assert_eq!(
+            decode_record(&bytes, &version_1),
+            Decoded::Record(Record::Acked(vec![MessageId(3), MessageId(4)]), bytes.len())
+        );
+        assert!(matches!(
+            decode_record(&bytes, &segment_header(SEGMENT)),
+            Decoded::Corrupt(_)
+        ));
     }
 }

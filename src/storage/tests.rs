@@ -52,13 +52,28 @@ fn wait_durable(journal: &mut Journal, seq: u64) {
 
 /// A segment file's bytes: header, then records.
 fn segment(number: u64, next_id: u64, records: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
-    let mut bytes = SegmentHeader { number, next_id }.encode().to_vec();
+    let mut bytes = SegmentHeader::new(number, next_id).encode().to_vec();
     records(&mut bytes);
     bytes
 }
 
+/// The number of the segment whose bytes, header first, these are.
+fn segment_of(bytes: &[u8]) -> u64 {
+    SegmentHeader::decode(bytes)
+        .expect("a segment header")
+        .number
+}
+
 fn publish(bytes: &mut Vec<u8>, id: u64, text: &str) {
-    record::encode_publish(bytes, MessageId(id), 0, &q("q"), &Payload::from_text(text));
+    let segment = segment_of(bytes);
+    record::encode_publish(
+        bytes,
+        segment,
+        MessageId(id),
+        0,
+        &q("q"),
+        &Payload::from_text(text),
+    );
 }
 
 fn recovered_ids(storage: &Storage) -> Vec<u64> {
@@ -148,7 +163,7 @@ fn acks_that_nothing_waits_for_still_reach_stable_storage() {
 #[test]
 fn file_segments_append_every_chunk_in_order_however_many() {
     let dir = tempfile::tempdir().unwrap();
-    let backend = FileBackend::new(dir.path());
+    let backend = FileBackend::new(dir.path(), DEFAULT_SEGMENT_BYTES);
     let chunks: Vec<Vec<u8>> = (0..3_000u32)
         .map(|i| i.to_le_bytes()[..(i % 5) as usize].to_vec())
         .collect();
@@ -170,7 +185,8 @@ fn file_segments_append_every_chunk_in_order_however_many() {
 #[test]
 fn removing_a_large_file_segment_leaves_nothing_behind() {
     let dir = tempfile::tempdir().unwrap();
-    let backend = FileBackend::new(dir.path());
+    // Segments of 64 MiB: a 20 MiB file is not worth keeping for reuse.
+    let backend = FileBackend::new(dir.path(), DEFAULT_SEGMENT_BYTES);
     let mut segment = backend.create_segment(1).unwrap();
     let chunk = vec![7u8; 1 << 20];
     for _ in 0..20 {
@@ -209,6 +225,160 @@ fn a_removal_a_crash_interrupted_is_finished_at_the_next_start() {
     storage.journal.close();
 }
 
+/// The file of a removed segment is kept and becomes the next new segment, written from
+/// its start over its old contents.
+#[test]
+fn a_removed_segments_file_is_reused_by_the_next_new_segment() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let segment_bytes = 1 << 20;
+    let backend = FileBackend::new(dir.path(), segment_bytes);
+    let path = |name: &str| dir.path().join(name);
+    let mut first = backend.create_segment(1).unwrap();
+    first.append(&[&vec![7u8; segment_bytes as usize]]).unwrap();
+    first.sync_data().unwrap();
+    let first_inode = std::fs::metadata(path("00000000000000000001.seg"))
+        .unwrap()
+        .ino();
+    backend.create_segment(2).unwrap();
+    backend.remove_segment(1).unwrap();
+    assert_eq!(backend.list_segments().unwrap(), [2]);
+    assert!(path("00000000000000000001.seg.spare").exists());
+
+    let mut third = backend.create_segment(3).unwrap();
+    let third_path = path("00000000000000000003.seg");
+    assert!(!path("00000000000000000001.seg.spare").exists());
+    assert_eq!(std::fs::metadata(&third_path).unwrap().ino(), first_inode);
+    third.append(&[b"new records"]).unwrap();
+    third.sync_data().unwrap();
+    let read = std::fs::read(&third_path).unwrap();
+    assert_eq!(read.len(), segment_bytes as usize, "written over, not cut");
+    assert_eq!(&read[..11], b"new records");
+    assert_eq!(read[11], 7, "the old contents follow");
+
+    // A file much shorter than a segment is not worth keeping.
+    backend.create_segment(4).unwrap();
+    backend.remove_segment(2).unwrap();
+    assert!(!path("00000000000000000002.seg.spare").exists());
+    assert_eq!(backend.list_segments().unwrap(), [3, 4]);
+}
+
+/// A broker life that fills and empties dozens of small segments on the simulated disk
+/// (which keeps removed segments' files for reuse), acking every message but ids 296 to
+/// 300, then stops cleanly. Returns how many files its new segments reused.
+fn run_through_reused_files(backend: &SimBackend) -> usize {
+    let mut storage =
+        Storage::open_with(Arc::new(backend.after_crash()), &config(2048, false)).unwrap();
+    let payload = Payload::from_text(&"r".repeat(100));
+    for id in 1..=300 {
+        storage
+            .journal
+            .log_publish(MessageId(id), 0, &q("q"), &payload);
+        if id < 296 {
+            storage.journal.log_acked(&[MessageId(id)]);
+        }
+        submit_durably(&mut storage.journal);
+    }
+    storage.journal.close();
+    backend.reused_files()
+}
+
+/// A clean stop seals the active segment: the next start finds it ending cleanly, though
+/// its file is a reused one whose old contents follow, and cuts nothing.
+#[test]
+fn a_clean_stop_leaves_no_old_contents_after_the_last_record() {
+    let backend = SimBackend::default();
+    let reused = run_through_reused_files(&backend);
+    assert!(reused > 10, "only {reused} files reused");
+    // A short life whose one segment is a reused file, much longer than what it writes.
+    run_once(&backend, |journal| {
+        journal.log_publish(MessageId(301), 0, &q("q"), &Payload::from_text("one more"));
+    });
+    assert_eq!(backend.reused_files(), reused + 1);
+    let last = *backend.list_segments().unwrap().last().unwrap();
+    let file_bytes = backend.written(last).unwrap().len() as u64;
+    let storage = open(&backend).unwrap();
+    assert_eq!(storage.recovered.truncated_bytes, 0);
+    assert_eq!(recovered_ids(&storage), [296, 297, 298, 299, 300, 301]);
+    let sealed = storage.recovered.segments.last().unwrap();
+    assert_eq!(sealed.number, last);
+    assert!(
+        sealed.bytes < file_bytes,
+        "the file of {file_bytes} bytes held no old contents after {} of records",
+        sealed.bytes
+    );
+}
+
+/// After a crash, a reused file's old records follow the last record written to it. They
+/// are intact and checksummed, and recovery must neither replay them (their messages were
+/// acked long ago) nor take them for data after damage.
+#[test]
+fn a_crash_in_a_reused_file_ends_the_log_at_its_old_contents() {
+    let backend = SimBackend::default();
+    let reused_before = run_through_reused_files(&backend);
+    let mut storage = open(&backend).unwrap();
+    assert_eq!(
+        backend.reused_files(),
+        reused_before + 1,
+        "the restart's segment is a reused file"
+    );
+    let payload = Payload::from_text("after the restart");
+    for id in 301..306 {
+        storage
+            .journal
+            .log_publish(MessageId(id), 0, &q("q"), &payload);
+    }
+    submit_durably(&mut storage.journal);
+    backend.crash(|_, _| 0);
+    drop(storage);
+    let storage = open(&backend).unwrap();
+    assert_eq!(
+        recovered_ids(&storage),
+        [296, 297, 298, 299, 300, 301, 302, 303, 304, 305]
+    );
+    assert!(
+        storage.recovered.truncated_bytes > 0,
+        "no old contents were cut"
+    );
+}
+
+/// A reused file whose new header the crash lost or tore holds nothing of its new
+/// segment: a start removes it. A damaged header followed by records of its own segment is
+/// damage, and refused.
+#[test]
+fn a_reused_file_without_its_new_header_is_a_torn_start_unless_records_follow() {
+    // Segment 1 held ids 1 and 2, acked in segment 2; its file was taken for segment 3.
+    let old = segment(1, 1, |b| {
+        publish(b, 1, "one");
+        publish(b, 2, "two");
+    });
+    let second = segment(2, 3, |b| {
+        record::encode_acked(b, 2, &[MessageId(1), MessageId(2)]);
+        publish(b, 3, "three");
+    });
+    let new_header = SegmentHeader::new(3, 4).encode();
+    let mut torn = old.clone();
+    torn[..20].copy_from_slice(&new_header[..20]);
+    for third in [old, torn] {
+        let backend = SimBackend::default();
+        backend.put_segment(2, &second);
+        backend.put_segment(3, &third);
+        let storage = open(&backend).unwrap();
+        assert_eq!(recovered_ids(&storage), [3]);
+        assert_eq!(storage.recovered.next_id, 4);
+        assert!(!storage.recovered.segments.iter().any(|s| s.number == 3));
+    }
+
+    let mut damaged = segment(3, 4, |b| publish(b, 4, "four"));
+    damaged[20] ^= 1;
+    let backend = SimBackend::default();
+    backend.put_segment(2, &second);
+    backend.put_segment(3, &damaged);
+    let Err(StorageError::Recovery(RecoveryError::Header { .. })) = open(&backend) else {
+        panic!("started over a damaged header with a record after it")
+    };
+}
+
 /// Replay keeps live messages in id order and marks acks instead of removing: this walks
 /// the paths that order does not cover by itself. Thousands of acks (so marked slots are
 /// swept out mid-replay), a compaction copy that replaces its still-present original, and
@@ -224,15 +394,36 @@ fn replay_handles_sweeps_copies_and_copies_of_removed_segments() {
             for id in 10..=10_009 {
                 publish(b, id, &format!("m{id}"));
             }
-            record::encode_delivered(b, &ids(10..=10_009));
-            record::encode_acked(b, &ids(10..=9_009));
+            record::encode_delivered(b, 2, &ids(10..=10_009));
+            record::encode_acked(b, 2, &ids(10..=9_009));
             // Copies: of id 9_500 (its original is here), and of ids 3 and 7 (theirs was
             // in segment 1), the latter delivered and acked afterwards.
-            record::encode_publish(b, MessageId(9_500), 1, &q("q"), &Payload::from_text("copy"));
-            record::encode_publish(b, MessageId(3), 2, &q("old"), &Payload::from_text("three"));
-            record::encode_publish(b, MessageId(7), 0, &q("old"), &Payload::from_text("seven"));
-            record::encode_delivered(b, &[MessageId(3), MessageId(9_500)]);
-            record::encode_acked(b, &[MessageId(7), MessageId(9_010)]);
+            record::encode_publish(
+                b,
+                2,
+                MessageId(9_500),
+                1,
+                &q("q"),
+                &Payload::from_text("copy"),
+            );
+            record::encode_publish(
+                b,
+                2,
+                MessageId(3),
+                2,
+                &q("old"),
+                &Payload::from_text("three"),
+            );
+            record::encode_publish(
+                b,
+                2,
+                MessageId(7),
+                0,
+                &q("old"),
+                &Payload::from_text("seven"),
+            );
+            record::encode_delivered(b, 2, &[MessageId(3), MessageId(9_500)]);
+            record::encode_acked(b, 2, &[MessageId(7), MessageId(9_010)]);
         }),
     );
     let storage = open(&backend).unwrap();
@@ -336,7 +527,14 @@ fn a_torn_tail_is_truncated_and_everything_before_it_kept() {
 fn a_record_cut_in_half_at_the_end_is_a_torn_tail() {
     let backend = SimBackend::default();
     let mut whole = Vec::new();
-    publish(&mut whole, 3, "three");
+    record::encode_publish(
+        &mut whole,
+        1,
+        MessageId(3),
+        0,
+        &q("q"),
+        &Payload::from_text("three"),
+    );
     let bytes = segment(1, 1, |b| {
         publish(b, 1, "one");
         b.extend_from_slice(&whole[..whole.len() / 2]);
@@ -428,7 +626,7 @@ fn an_unknown_format_version_is_a_clear_refusal() {
     };
     let message = err.to_string();
     assert!(
-        message.contains("format version 9") && message.contains("reads version 1"),
+        message.contains("format version 9") && message.contains("reads versions 1 to 2"),
         "{message}"
     );
 }
@@ -468,7 +666,8 @@ fn a_failing_disk_stops_confirming() {
 
 /// Publishes 5,000 messages of ~130 bytes (160 times a segment), acking each one 10
 /// publishes later except every `keep_every`th; compacts when the journal asks. Checks
-/// the log's size against `bound(live bytes, segment bytes)` every 50 messages, and
+/// the log's size against `bound(live bytes, segment bytes)` every 50 messages (and that
+/// the files kept for reuse are no more than [`backend::SPARE_FILES_MAX`] segments), and
 /// that a restart finds exactly the unacked messages. Returns whether it ever compacted.
 fn run_log_size_test(keep_every: u64, bound: impl Fn(u64, u64) -> u64) -> bool {
     let backend = SimBackend::default();
@@ -518,15 +717,21 @@ fn run_log_size_test(keep_every: u64, bound: impl Fn(u64, u64) -> u64) -> bool {
             // Segments are removed on their own thread, after the batch that emptied
             // them is durable: the bound holds once that thread has caught up.
             let bound = bound(live_bytes, segment_bytes);
+            let spares_bound = backend::SPARE_FILES_MAX as u64 * segment_bytes;
             poll_until(
-                || backend.total_bytes() as u64 <= bound,
+                || backend.log_bytes() as u64 <= bound,
                 || {
                     format!(
                         "after id {id}: log of {} bytes; bound {bound} ({} live)",
-                        backend.total_bytes(),
+                        backend.log_bytes(),
                         live.len()
                     )
                 },
+            );
+            assert!(
+                backend.spare_bytes() as u64 <= spares_bound,
+                "after id {id}: {} bytes kept for reuse",
+                backend.spare_bytes()
             );
         }
     }
@@ -750,7 +955,13 @@ fn log_record() -> impl Strategy<Value = LogRecord> {
 enum Damage {
     None,
     CutLast(usize),
-    Flip { segment: usize, at: usize },
+    Flip {
+        segment: usize,
+        at: usize,
+    },
+    /// The last segment is a reused file, its old contents (the same records, of an older
+    /// segment) after its own, from this far into them.
+    OldContentsAfterLast(usize),
 }
 
 fn damage() -> impl Strategy<Value = Damage> {
@@ -758,7 +969,29 @@ fn damage() -> impl Strategy<Value = Damage> {
         Just(Damage::None),
         (0usize..10_000).prop_map(Damage::CutLast),
         (0usize..3, 0usize..10_000).prop_map(|(segment, at)| Damage::Flip { segment, at }),
+        (0usize..10_000).prop_map(Damage::OldContentsAfterLast),
     ]
+}
+
+/// A segment holding `records`.
+fn encode_segment(number: u64, records: &[LogRecord]) -> Vec<u8> {
+    let mut bytes = SegmentHeader::new(number, 1).encode().to_vec();
+    for record in records {
+        let ids = |ids: &[u64]| ids.iter().copied().map(MessageId).collect::<Vec<_>>();
+        match record {
+            LogRecord::Publish { id, bytes: size } => record::encode_publish(
+                &mut bytes,
+                number,
+                MessageId(*id),
+                0,
+                &q("q"),
+                &Payload::from_text(&"p".repeat(*size)),
+            ),
+            LogRecord::Delivered(list) => record::encode_delivered(&mut bytes, number, &ids(list)),
+            LogRecord::Acked(list) => record::encode_acked(&mut bytes, number, &ids(list)),
+        }
+    }
+    bytes
 }
 
 /// Everything recovery reports and leaves on disk, comparable across runs.
@@ -799,21 +1032,7 @@ proptest! {
         let mut segments = Vec::new();
         let mut from = 0;
         for (number, to) in bounds.into_iter().chain([records.len()]).enumerate() {
-            let mut bytes = SegmentHeader { number: number as u64 + 1, next_id: 1 }.encode().to_vec();
-            for record in &records[from..to] {
-                match record {
-                    LogRecord::Publish { id, bytes: size } => record::encode_publish(
-                        &mut bytes, MessageId(*id), 0, &q("q"), &Payload::from_text(&"p".repeat(*size)),
-                    ),
-                    LogRecord::Delivered(ids) => record::encode_delivered(
-                        &mut bytes, &ids.iter().copied().map(MessageId).collect::<Vec<_>>(),
-                    ),
-                    LogRecord::Acked(ids) => record::encode_acked(
-                        &mut bytes, &ids.iter().copied().map(MessageId).collect::<Vec<_>>(),
-                    ),
-                }
-            }
-            segments.push(bytes);
+            segments.push(encode_segment(number as u64 + 1, &records[from..to]));
             from = to;
         }
         let last = segments.len() - 1;
@@ -822,6 +1041,11 @@ proptest! {
             Damage::CutLast(at) => {
                 let len = segments[last].len();
                 segments[last].truncate(at % (len + 1));
+            }
+            Damage::OldContentsAfterLast(from) => {
+                // Numbered below the log's first: 0 stands for a long-removed segment.
+                let old = encode_segment(0, &records);
+                segments[last].extend_from_slice(&old[from % (old.len() + 1)..]);
             }
             Damage::Flip { segment, at } => {
                 let count = segments.len();
