@@ -52,12 +52,10 @@ pub trait SegmentWriter: Send {
 pub const SPARE_FILES_MAX: usize = 2;
 
 /// Segments as files `<20-digit number>.seg` in a directory; files kept for reuse as
-/// `<number they had>.seg.spare`.
+/// `<number they had>.seg.spare`, or `prepared-<n>.seg.spare` for a new log's.
 pub struct FileBackend {
     dir: PathBuf,
-    /// Removed segments' files at least this long are kept for reuse: a short one
-    /// (a segment a restart began and barely wrote) would take a place and save little.
-    spare_bytes_min: u64,
+    segment_bytes: u64,
 }
 
 /// How much of a segment each truncation frees when it is removed: a sync on another
@@ -74,13 +72,42 @@ const REMOVING_SUFFIX: &str = ".seg.removing";
 const SPARE_SUFFIX: &str = ".seg.spare";
 
 impl FileBackend {
-    /// Segments in `dir`, the log's segments being `segment_bytes` long: removed ones'
-    /// files of at least half that are kept for reuse.
+    /// Segments in `dir`, the log's segments being `segment_bytes` long.
     pub fn new(dir: &Path, segment_bytes: u64) -> FileBackend {
         FileBackend {
             dir: dir.to_owned(),
-            spare_bytes_min: segment_bytes / 2,
+            segment_bytes,
         }
+    }
+
+    /// Removed segments' files at least this long are kept for reuse: a short one (a
+    /// segment a restart began and barely wrote) would take a place and save little.
+    fn spare_bytes_min(&self) -> u64 {
+        self.segment_bytes / 2
+    }
+
+    /// Gives a new log (a directory with no segment and no spare) its spares: files of a
+    /// segment's length of zeroes, synced, so that its first segments are written over
+    /// blocks their files already have, as later ones are. PostgreSQL zero-fills new WAL
+    /// segments for the same reason (`wal_init_zero`). 128 MiB took ~0.1 s on this
+    /// project's VM. Returns how many it made.
+    pub fn prepare_new_log(&self) -> io::Result<usize> {
+        if !self.list_segments()?.is_empty() || !self.spares()?.is_empty() {
+            return Ok(0);
+        }
+        let zeroes = vec![0u8; 1 << 20];
+        for spare in 1..=SPARE_FILES_MAX {
+            let mut file = File::create(self.dir.join(format!("prepared-{spare}{SPARE_SUFFIX}")))?;
+            let mut left = self.segment_bytes;
+            while left > 0 {
+                let step = left.min(zeroes.len() as u64);
+                file.write_all(&zeroes[..step as usize])?;
+                left -= step;
+            }
+            file.sync_all()?;
+        }
+        self.sync_dir()?;
+        Ok(SPARE_FILES_MAX)
     }
 
     fn path(&self, number: u64) -> PathBuf {
@@ -166,7 +193,7 @@ impl Backend for FileBackend {
     fn remove_segment(&self, number: u64) -> io::Result<()> {
         let path = self.path(number);
         let mut len = std::fs::metadata(&path)?.len();
-        if len >= self.spare_bytes_min && self.spares()?.len() < SPARE_FILES_MAX {
+        if len >= self.spare_bytes_min() && self.spares()?.len() < SPARE_FILES_MAX {
             let spare = self.dir.join(format!("{number:020}{SPARE_SUFFIX}"));
             return std::fs::rename(path, spare);
         }

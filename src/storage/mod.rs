@@ -108,6 +108,14 @@ impl Storage {
                 "removed what was left of log segments whose removal a crash interrupted"
             );
         }
+        let prepared = backend.prepare_new_log().map_err(dir_error)?;
+        if prepared > 0 {
+            info!(
+                files = prepared,
+                bytes = config.segment_bytes,
+                "a new log: prepared zero-filled segment files for its first segments to write over"
+            );
+        }
         let mut storage = Self::open_with(Arc::new(backend), config)?;
         storage.journal.hold_dir_lock(lock);
         Ok(storage)

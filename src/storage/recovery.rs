@@ -283,12 +283,17 @@ pub(crate) fn recover_in_chunks(
                 recovered.truncated_bytes += len as u64;
                 continue;
             }
-            decoded if last && holds_no_record_of(&mut window, number)? => {
+            decoded @ (Ok(_) | Err(HeaderError::BadChecksum))
+                if last
+                    && decoded.as_ref().map_or(true, |old| old.number < number)
+                    && holds_no_record_of(&mut window, number)? =>
+            {
                 // A reused file, and the crash came before its new header was durable:
-                // what is there is the old header, or a mix of the two. Its records are
-                // only ever written after the header is synced, so it holds nothing, and
-                // the absence of any record of its own shows this is no damaged header of
-                // a segment with data. Removed, as a torn creation is.
+                // what is there is the old header (a segment's, so the magic and a version
+                // this build reads), or a mix of the two, whose checksum fails. Its records
+                // are only ever written after the header is synced, so it holds nothing,
+                // and the absence of any record of its own shows this is no damaged header
+                // of a segment with data. Removed, as a torn creation is.
                 let found = decoded.map(|header| header.number);
                 warn!(%segment, ?found, "last segment has the header of its file's previous segment, or a torn one, and no record: a torn start of a reused file; removing it");
                 backend.remove_segment(number)?;

@@ -263,6 +263,54 @@ fn a_removed_segments_file_is_reused_by_the_next_new_segment() {
     assert_eq!(backend.list_segments().unwrap(), [3, 4]);
 }
 
+/// A new log directory gets zero-filled spares of a segment's length, synced; one that
+/// holds a log already gets none.
+#[test]
+fn a_new_log_starts_with_zero_filled_spares() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StorageConfig {
+        dir: dir.path().to_owned(),
+        ..config(300_000, false)
+    };
+    let storage = Storage::open(&config).unwrap();
+    storage.journal.close();
+    let mut files: Vec<(String, u64)> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|entry| {
+            let entry = entry.unwrap();
+            let name = entry.file_name().into_string().unwrap();
+            (name, entry.metadata().unwrap().len())
+        })
+        .collect();
+    files.sort();
+    let segment = "00000000000000000001.seg";
+    let segment_len = files.iter().find(|(name, _)| name == segment).unwrap().1;
+    assert_eq!(
+        segment_len, 300_000,
+        "the first segment wrote over a spare: {files:?}"
+    );
+    let spares: Vec<&(String, u64)> = files
+        .iter()
+        .filter(|(name, _)| name.ends_with(".seg.spare"))
+        .collect();
+    assert_eq!(spares.len(), backend::SPARE_FILES_MAX - 1, "{files:?}");
+    let spare = std::fs::read(dir.path().join(&spares[0].0)).unwrap();
+    assert_eq!(spare.len(), 300_000);
+    assert!(spare.iter().all(|&b| b == 0));
+
+    // A restart is no new log: nothing more is prepared.
+    let storage = Storage::open(&config).unwrap();
+    storage.journal.close();
+    let spares_after = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter(|entry| {
+            let name = entry.as_ref().unwrap().file_name();
+            name.to_str().unwrap().starts_with("prepared-")
+        })
+        .count();
+    assert_eq!(spares_after, 0, "the restart's segment took the last one");
+}
+
 /// A broker life that fills and empties dozens of small segments on the simulated disk
 /// (which keeps removed segments' files for reuse), acking every message but ids 296 to
 /// 300, then stops cleanly. Returns how many files its new segments reused.
