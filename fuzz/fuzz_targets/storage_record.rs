@@ -10,12 +10,18 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|input: (bool, Vec<u8>)| {
     let (as_segment, bytes) = input;
-    if let Decoded::Record(_, used) = record::decode_record(&bytes) {
-        assert!(used <= bytes.len());
+    for version in [1, record::FORMAT_VERSION] {
+        let header = SegmentHeader {
+            version,
+            ..SegmentHeader::new(1, 1)
+        };
+        if let Decoded::Record(_, used) = record::decode_record(&bytes, &header) {
+            assert!(used <= bytes.len());
+        }
     }
     if as_segment {
         let backend = SimBackend::default();
-        let mut segment = SegmentHeader { number: 1, next_id: 1 }.encode().to_vec();
+        let mut segment = SegmentHeader::new(1, 1).encode().to_vec();
         segment.extend_from_slice(&bytes);
         backend.put_segment(1, &segment);
         for repair in [false, true] {

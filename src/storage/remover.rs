@@ -1,7 +1,9 @@
-//! The thread that deletes segments the log no longer needs, so that the writer never
-//! waits for a deletion. Unlinking a file frees its blocks, and on a file system mounted
-//! with `discard` (this project's VM) it also trims them: a 64 MiB segment took 15 ms to
-//! unlink, and while the writer did that, every confirm waited behind it.
+//! The thread that takes segments the log no longer needs out of it, so that the writer
+//! never waits for a deletion. Most become spares for the writer to reuse (a rename; see
+//! [`super::backend::SPARE_FILES_MAX`]); the others are deleted. Unlinking a file frees
+//! its blocks, and on a file system mounted with `discard` (this project's VM) it also
+//! trims them: a 64 MiB segment took 15 ms to unlink, and while the writer did that,
+//! every confirm waited behind it.
 //!
 //! The writer asks only once everything that replaces the old segments (the acks that
 //! emptied them, the copies compaction made) is durable. Segments go oldest first and a
