@@ -1,16 +1,16 @@
 //! The core task's side of the log: it encodes records as the core changes, submits
 //! them once per turn as a numbered batch to the writer, and watches how far the log is
 //! durable. It also keeps the log's size in check. Segments roll over at
-//! `segment_bytes`, each ended by a sealed record. The journal counts, per segment, the live messages whose latest
-//! publish record is in it; once the oldest segments hold none (every publish in them
-//! acked, or copied forward), they are removed, so a queue consumed in order keeps the
-//! log at its unacked messages plus about two segments, with nothing rewritten. When
-//! long-lived messages pin old segments and the log grows past twice its live bytes plus
-//! two segments, compaction copies the live messages of the oldest segment forward: one
-//! segment at a time, each once the previous one is durable, so the stall it causes is
-//! bounded by a segment rather than by everything live. Only whole prefixes of the log
-//! are removed, which keeps recovery a plain replay: an ack record never goes while the
-//! publish it cancels remains.
+//! `segment_bytes`, each ended by a sealed record. The journal counts, per segment, the
+//! live messages whose latest publish record is in it; once the oldest segments hold
+//! none (every publish in them acked, or copied forward), they are removed, so a queue
+//! consumed in order keeps the log at its unacked messages plus about two segments, with
+//! nothing rewritten. When long-lived messages pin old segments and the log grows past
+//! twice its live bytes plus two segments, compaction copies the live messages of the
+//! oldest segment forward: one segment at a time, each once the previous one is durable,
+//! so the stall it causes is bounded by a segment rather than by everything live. Only
+//! whole prefixes of the log are removed, which keeps recovery a plain replay: an ack
+//! record never goes while the publish it cancels remains.
 
 use std::collections::VecDeque;
 use std::sync::mpsc::{Receiver, Sender};

@@ -4,9 +4,10 @@
 //! record is a reused file's old contents. Damage is judged by where it is. At the end of
 //! the last segment, a partial or invalid record with no valid record of the segment
 //! after it is a write torn by a crash (or, in a reused file, its old contents): it is
-//! truncated away and logged, and every intact record before it is kept. Anywhere else, damage means data
-//! was lost or altered after it was written: the broker refuses to start and says where,
-//! unless `--repair` tells it to skip the damaged bytes (loudly, naming them).
+//! truncated away and logged, and every intact record before it is kept. Anywhere else,
+//! damage means data was lost or altered after it was written: the broker refuses to
+//! start and says where, unless `--repair` tells it to skip the damaged bytes (loudly,
+//! naming them).
 
 use std::collections::HashSet;
 use std::io::Read;
@@ -543,7 +544,8 @@ mod tests {
     const SEGMENT: u64 = 7;
     const OLDER_SEGMENT: u64 = 5;
 
-    /// What [`next_valid_record`] must find: the first offset that decodes, trying each.
+    /// What [`scan_for_record`] and [`find_valid_record`] must find: the first offset that
+    /// decodes, trying each.
     fn first_record_trying_every_offset(
         bytes: &[u8],
         from: usize,
