@@ -114,40 +114,37 @@ impl FileBackend {
         self.dir.join(format!("{number:020}.seg"))
     }
 
-    /// The files kept for reuse, oldest first.
-    fn spares(&self) -> io::Result<Vec<PathBuf>> {
-        let mut spares = Vec::new();
+    /// The files in the directory whose names end with `suffix`, in name order.
+    fn files_ending_with(&self, suffix: &str) -> io::Result<Vec<PathBuf>> {
+        let mut files = Vec::new();
         for entry in std::fs::read_dir(&self.dir)? {
             let entry = entry?;
             if entry
                 .file_name()
                 .to_str()
-                .is_some_and(|name| name.ends_with(SPARE_SUFFIX))
+                .is_some_and(|name| name.ends_with(suffix))
             {
-                spares.push(entry.path());
+                files.push(entry.path());
             }
         }
-        spares.sort_unstable();
-        Ok(spares)
+        files.sort_unstable();
+        Ok(files)
+    }
+
+    /// The files kept for reuse, oldest first.
+    fn spares(&self) -> io::Result<Vec<PathBuf>> {
+        self.files_ending_with(SPARE_SUFFIX)
     }
 
     /// Removes the files of segments that a crash interrupted halfway through their
     /// removal; returns how many. They are no longer part of the log: see
     /// [`Backend::remove_segment`].
     pub fn remove_interrupted_removals(&self) -> io::Result<usize> {
-        let mut removed = 0;
-        for entry in std::fs::read_dir(&self.dir)? {
-            let entry = entry?;
-            if entry
-                .file_name()
-                .to_str()
-                .is_some_and(|name| name.ends_with(REMOVING_SUFFIX))
-            {
-                std::fs::remove_file(entry.path())?;
-                removed += 1;
-            }
+        let interrupted = self.files_ending_with(REMOVING_SUFFIX)?;
+        for path in &interrupted {
+            std::fs::remove_file(path)?;
         }
-        Ok(removed)
+        Ok(interrupted.len())
     }
 }
 

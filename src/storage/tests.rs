@@ -76,6 +76,13 @@ fn publish(bytes: &mut Vec<u8>, id: u64, text: &str) {
     );
 }
 
+/// A power loss that keeps no unsynced byte, with `storage` running; then a start.
+fn lose_power_and_reopen(backend: &SimBackend, storage: Storage) -> Storage {
+    backend.crash(|_, _| 0);
+    drop(storage);
+    open(backend).unwrap()
+}
+
 fn recovered_ids(storage: &Storage) -> Vec<u64> {
     storage.recovered.messages.iter().map(|m| m.id.0).collect()
 }
@@ -147,9 +154,7 @@ fn acks_that_nothing_waits_for_still_reach_stable_storage() {
     storage.journal.log_delivered(&[MessageId(1)]);
     storage.journal.log_acked(&[MessageId(1)]);
     submit_durably(&mut storage.journal);
-    backend.crash(|_, _| 0);
-    drop(storage);
-    let storage = open(&backend).unwrap();
+    let storage = lose_power_and_reopen(&backend, storage);
     assert_eq!(
         recovered_ids(&storage),
         [2],
@@ -377,9 +382,7 @@ fn a_crash_in_a_reused_file_ends_the_log_at_its_old_contents() {
             .log_publish(MessageId(id), 0, &q("q"), &payload);
     }
     submit_durably(&mut storage.journal);
-    backend.crash(|_, _| 0);
-    drop(storage);
-    let storage = open(&backend).unwrap();
+    let storage = lose_power_and_reopen(&backend, storage);
     assert_eq!(
         recovered_ids(&storage),
         [296, 297, 298, 299, 300, 301, 302, 303, 304, 305]
