@@ -145,8 +145,7 @@ impl Journal {
         queue: &QueueName,
         payload: &Payload,
     ) {
-        self.roll_over_before(record::publish_record_bytes(queue, payload));
-        let segment = self.active().number;
+        let segment = self.roll_over_before(record::publish_record_bytes(queue, payload));
         record::encode_publish(&mut self.buffer, segment, id, deliveries, queue, payload);
         // Its confirm and its delivery, or the next compaction, wait for it.
         self.next_awaited = true;
@@ -165,16 +164,14 @@ impl Journal {
 
     pub fn log_delivered(&mut self, ids: &[MessageId]) {
         if !ids.is_empty() {
-            self.roll_over_before(record::RECORD_PREFIX_BYTES + 1 + ids.len() * 8);
-            let segment = self.active().number;
+            let segment = self.roll_over_before(record::ids_record_bytes(ids.len()));
             record::encode_delivered(&mut self.buffer, segment, ids);
         }
     }
 
     pub fn log_acked(&mut self, ids: &[MessageId]) {
         if !ids.is_empty() {
-            self.roll_over_before(record::RECORD_PREFIX_BYTES + 1 + ids.len() * 8);
-            let segment = self.active().number;
+            let segment = self.roll_over_before(record::ids_record_bytes(ids.len()));
             record::encode_acked(&mut self.buffer, segment, ids);
             for id in ids {
                 let segment = match self.copied.remove(id) {
@@ -287,23 +284,31 @@ impl Journal {
         }
     }
 
-    fn roll_over_before(&mut self, record_bytes: usize) {
-        let record_bytes = record_bytes as u64;
+    /// Counts a record of `record_bytes` into the active segment, first starting the next
+    /// one if the record and the sealed record after it would not fit. Returns the number
+    /// of the segment the record goes in: records carry it.
+    fn roll_over_before(&mut self, record_bytes: usize) -> u64 {
         let active = self.active();
         if active.bytes > record::HEADER_BYTES as u64
-            && active.bytes + record_bytes + record::SEALED_RECORD_BYTES as u64 > self.segment_bytes
+            && active.bytes + (record_bytes + record::SEALED_RECORD_BYTES) as u64
+                > self.segment_bytes
         {
             self.start_segment();
         }
-        self.segments.back_mut().expect("the active segment").bytes += record_bytes;
-        self.total_bytes += record_bytes;
+        self.grow_active(record_bytes)
+    }
+
+    /// Counts `bytes` more in the active segment; returns its number.
+    fn grow_active(&mut self, bytes: usize) -> u64 {
+        let active = self.segments.back_mut().expect("the active segment");
+        active.bytes += bytes as u64;
+        self.total_bytes += bytes as u64;
+        active.number
     }
 
     fn seal_active(&mut self) {
-        let active = self.segments.back_mut().expect("the active segment");
-        record::encode_sealed(&mut self.buffer, active.number);
-        active.bytes += record::SEALED_RECORD_BYTES as u64;
-        self.total_bytes += record::SEALED_RECORD_BYTES as u64;
+        let segment = self.grow_active(record::SEALED_RECORD_BYTES);
+        record::encode_sealed(&mut self.buffer, segment);
     }
 
     fn start_segment(&mut self) {

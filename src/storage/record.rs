@@ -198,6 +198,11 @@ pub fn encode_sealed(dst: &mut Vec<u8>, segment: u64) {
 /// Bytes the record that ends a segment takes.
 pub const SEALED_RECORD_BYTES: usize = RECORD_PREFIX_BYTES + 1;
 
+/// Bytes a delivered or acked record of `count` ids takes on disk.
+pub fn ids_record_bytes(count: usize) -> usize {
+    RECORD_PREFIX_BYTES + 1 + count * 8
+}
+
 /// Bytes a publish record of this queue and payload takes on disk.
 pub fn publish_record_bytes(queue: &QueueName, payload: &Payload) -> usize {
     RECORD_PREFIX_BYTES + 1 + PUBLISH_FIXED_BYTES + queue.as_str().len() + payload.len()
@@ -406,6 +411,16 @@ mod tests {
         assert!(
             matches!(decode_record(&bytes, &segment_header(SEGMENT)), Decoded::Record(_, used) if used == first_len)
         );
+        let mut acked = Vec::new();
+        encode_acked(
+            &mut acked,
+            SEGMENT,
+            &[MessageId(1), MessageId(2), MessageId(3)],
+        );
+        assert_eq!(acked.len(), ids_record_bytes(3));
+        let mut sealed = Vec::new();
+        encode_sealed(&mut sealed, SEGMENT);
+        assert_eq!(sealed.len(), SEALED_RECORD_BYTES);
     }
 
     #[test]

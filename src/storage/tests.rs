@@ -577,15 +577,7 @@ fn a_torn_tail_is_truncated_and_everything_before_it_kept() {
 #[test]
 fn a_record_cut_in_half_at_the_end_is_a_torn_tail() {
     let backend = SimBackend::default();
-    let mut whole = Vec::new();
-    record::encode_publish(
-        &mut whole,
-        1,
-        MessageId(3),
-        0,
-        &q("q"),
-        &Payload::from_text("three"),
-    );
+    let whole = segment(1, 1, |b| publish(b, 3, "three")).split_off(record::HEADER_BYTES);
     let bytes = segment(1, 1, |b| {
         publish(b, 1, "one");
         b.extend_from_slice(&whole[..whole.len() / 2]);

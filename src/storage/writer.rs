@@ -165,9 +165,9 @@ impl Writer {
             match command {
                 Command::Append(_) => unreachable!("appends were taken above"),
                 Command::Rotate(header) => {
-                    // The sealed record that ends the active segment, durable before the next
-                    // segment exists: recovery takes a segment that is not the last and
-                    // does not end cleanly for damaged.
+                    // The journal ended the active segment with a sealed record; it must be
+                    // durable before the next segment exists, since recovery takes a
+                    // segment that is not the last and does not end cleanly for damaged.
                     self.sync()?;
                     let mut next = self.backend.create_segment(header.number)?;
                     next.append(&[&header.encode()])?;
