@@ -346,3 +346,43 @@ async fn auth_warnings_and_tokens_never_in_the_log() {
     let open = BrokerProcess::start(&[]);
     assert_eq!(open.log_text().matches("open to every client").count(), 1);
 }
+
+#[tokio::test]
+async fn a_token_of_any_type_is_never_echoed_or_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("auth.toml");
+    std::fs::write(
+        &path,
+        "[[grant]]\ntoken = \"t\"\nroles = [\"producer\"]\nqueues = [\"q\"]\n",
+    )
+    .unwrap();
+    let broker = BrokerProcess::start(&["--auth-file", path.to_str().unwrap()]);
+    let secrets = [
+        serde_json::json!(918273645),
+        serde_json::json!({"nested": "secret-in-an-object"}),
+        serde_json::json!(["secret-in-an-array"]),
+        serde_json::json!(true),
+    ];
+    for token in &secrets {
+        let mut client = RawClient::connect(broker.addr).await;
+        client
+            .send(serde_json::json!({"type": "register", "role": "producer", "queue": "q", "token": token}))
+            .await;
+        let error = client.expect_error("not_registered").await;
+        let message = error["message"].as_str().unwrap();
+        assert!(message.contains("token"), "{message}");
+        for needle in ["918273645", "secret-in", "true"] {
+            assert!(!message.contains(needle), "{token} echoed: {message}");
+        }
+        client.expect_closed().await;
+    }
+    common::eventually("every refusal is logged", || {
+        broker.log_text().matches("closing the connection").count() >= secrets.len()
+    })
+    .await;
+    let log = broker.log_text();
+    assert!(
+        !log.contains("918273645") && !log.contains("secret-in-"),
+        "a token was logged:\n{log}"
+    );
+}

@@ -340,3 +340,145 @@ async fn fsync_never_still_survives_a_restart() {
     let consumed = run_ferry(&["consumer", "--addr", &addr, "--count", "1"], "", &[]).await;
     assert_eq!(String::from_utf8_lossy(&consumed.stdout), "kept\n");
 }
+
+#[tokio::test]
+async fn the_data_dir_and_its_files_are_private_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("new").join("data");
+    let data_dir_arg = data_dir.to_str().unwrap();
+    // A permissive umask, as a careless service manager might leave it.
+    let mut broker = BrokerProcess::start_with(&["--data-dir", data_dir_arg], |command| {
+        // SAFETY: umask is async-signal-safe and touches nothing else.
+        unsafe {
+            command.pre_exec(|| {
+                nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o002));
+                Ok(())
+            });
+        }
+    });
+    let addr = broker.addr.to_string();
+    let produced = run_ferry(&["producer", "--addr", &addr, "q"], "", &[]).await;
+    assert!(produced.status.success(), "{produced:?}");
+    broker.signal(nix::sys::signal::Signal::SIGINT);
+    assert!(broker.wait_exit(common::WAIT).await.success());
+
+    let mode =
+        |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&data_dir), 0o700, "the data dir");
+    let files: Vec<_> = std::fs::read_dir(&data_dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .collect();
+    assert!(
+        files.len() >= 2,
+        "a segment and the lock at least: {files:?}"
+    );
+    for file in files {
+        assert_eq!(mode(&file), 0o600, "{}", file.display());
+    }
+}
+
+#[tokio::test]
+async fn a_segment_of_zeroes_left_by_a_crash_at_its_creation_does_not_block_a_start() {
+    for repair in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().to_str().unwrap();
+        // What a kill between creating a segment file and writing its header leaves, or
+        // a power loss on a zero-filled spare renamed to be the next segment.
+        std::fs::write(
+            dir.path().join(format!("{:020}.seg", 1)),
+            vec![0u8; 1 << 20],
+        )
+        .unwrap();
+        let mut args = vec!["--data-dir", data_dir];
+        if repair {
+            args.push("--repair");
+        }
+        let mut broker = BrokerProcess::start(&args);
+        let addr = broker.addr.to_string();
+        let produced = run_ferry(&["producer", "--addr", &addr, "kept"], "", &[]).await;
+        assert!(produced.status.success(), "{produced:?}");
+        broker.signal(nix::sys::signal::Signal::SIGKILL);
+        broker.wait_exit(common::WAIT).await;
+
+        let broker = BrokerProcess::start(&["--data-dir", data_dir]);
+        let addr = broker.addr.to_string();
+        let consumed = run_ferry(&["consumer", "--addr", &addr, "--count", "1"], "", &[]).await;
+        assert_eq!(String::from_utf8_lossy(&consumed.stdout), "kept\n");
+    }
+}
+
+#[tokio::test]
+async fn repair_starts_past_a_last_segment_with_a_damaged_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().to_str().unwrap();
+    let broker = TestBroker::start_with(durable_config(dir.path())).await;
+    publish_ids(&mut broker.producer("q").await, &["one"]).await;
+    broker.shutdown().await;
+    let last = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|e| e == "seg"))
+        .max()
+        .unwrap();
+    let mut bytes = std::fs::read(&last).unwrap();
+    bytes[..8].copy_from_slice(b"NOTFERRY");
+    std::fs::write(&last, bytes).unwrap();
+
+    let refused = run_ferry(
+        &["broker", "--addr", "127.0.0.1:0", "--data-dir", data_dir],
+        "",
+        &[],
+    )
+    .await;
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--repair"));
+    let mut repaired = BrokerProcess::start(&["--data-dir", data_dir, "--repair"]);
+    let addr = repaired.addr.to_string();
+    let produced = run_ferry(&["producer", "--addr", &addr, "after"], "", &[]).await;
+    assert!(produced.status.success(), "{produced:?}");
+    repaired.signal(nix::sys::signal::Signal::SIGINT);
+    assert!(repaired.wait_exit(common::WAIT).await.success());
+}
+
+#[tokio::test]
+async fn an_idle_broker_stops_writing_to_its_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().to_str().unwrap();
+    let broker = BrokerProcess::start(&["--data-dir", data_dir, "--segment-size", "64KiB"]);
+    // Records whose queue name is most of their bytes: 20,000 of them, ~5.5 MB.
+    let queue = "n".repeat(255);
+    let mut producer = within(ferry::Producer::connect(broker.addr, &queue))
+        .await
+        .unwrap();
+    let payloads = vec![""; 20_000];
+    publish_ids(&mut producer, &payloads).await;
+    within(producer.close()).await.unwrap();
+
+    // No client is connected now: once what the publishes left to do is done (the last
+    // syncs, segment removals), the broker must write nothing more.
+    let pid = broker.child.id();
+    let deadline = std::time::Instant::now() + common::WAIT;
+    let mut before = common::bytes_written_by(pid);
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = common::bytes_written_by(pid);
+        if now == before {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "an idle broker is still writing: {} bytes in the last second",
+            now - before
+        );
+        before = now;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        common::bytes_written_by(pid) - before,
+        0,
+        "writes resumed with nothing to do"
+    );
+}

@@ -8,7 +8,11 @@
 //! roles = ["producer"]
 //! queues = ["orders", "billing.*"]
 //! ```
-//! Tokens are compared in constant time and never logged or echoed.
+//! Tokens are never logged or echoed. A grant keeps only its token's SHA-256 digest, and
+//! a presented token is digested once and compared with every grant's digest in constant
+//! time: comparing the tokens themselves would take a time that depends on their lengths
+//! (subtle's slice comparison returns early when they differ), telling an attacker how
+//! long a grant's token is.
 
 use std::fmt;
 use std::ops::Range;
@@ -34,7 +38,7 @@ pub enum Access {
 /// One `[[grant]]` of the auth file.
 #[derive(Clone)]
 pub struct Grant {
-    token: String,
+    token_digest: TokenDigest,
     roles: Vec<Role>,
     queues: Vec<QueuePattern>,
 }
@@ -42,11 +46,22 @@ pub struct Grant {
 impl fmt::Debug for Grant {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Grant")
-            .field("token", &"<redacted>")
+            .field("token_digest", &"<redacted>")
             .field("roles", &self.roles)
             .field("queues", &self.queues)
             .finish()
     }
+}
+
+/// The SHA-256 digest of a token: what grants keep and compare, in constant time.
+type TokenDigest = [u8; 32];
+
+fn token_digest(token: &str) -> TokenDigest {
+    let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    digest
+        .as_ref()
+        .try_into()
+        .expect("a SHA-256 digest is 32 bytes")
 }
 
 /// A queue a grant covers: an exact name, or every name starting with a prefix.
@@ -172,7 +187,7 @@ impl Access {
                 .map(|pattern| parse_pattern(pattern.get_ref()).map_err(|m| (pattern.span(), m)))
                 .collect::<Result<_, _>>()?;
             grants.push(Grant {
-                token: raw.token.into_inner(),
+                token_digest: token_digest(raw.token.get_ref()),
                 roles,
                 queues,
             });
@@ -193,12 +208,12 @@ impl Access {
         let Access::Grants(grants) = self else {
             return Ok(());
         };
-        let token = token.ok_or(Denied::MissingToken)?;
+        let presented = token_digest(token.ok_or(Denied::MissingToken)?);
         // Compare against every grant, so the time taken does not tell which matched.
         let mut known = false;
         let mut granted = false;
         for grant in grants {
-            let same = bool::from(grant.token.as_bytes().ct_eq(token.as_bytes()));
+            let same = bool::from(grant.token_digest.ct_eq(&presented));
             known |= same;
             granted |= same
                 && grant.roles.contains(&role)
@@ -337,6 +352,24 @@ queues = ["*"]
             Access::parse("").is_err(),
             "a file without grants locks everyone out by mistake"
         );
+    }
+
+    #[test]
+    fn grants_keep_and_compare_fixed_length_digests_only() {
+        let access = Access::parse(FILE).unwrap();
+        let Access::Grants(grants) = &access else {
+            panic!("grants expected")
+        };
+        assert_eq!(grants[0].token_digest, token_digest("producer-secret"));
+        // Tokens of other lengths than a grant's, longer and shorter, are compared as
+        // digests of one fixed length: refused the same way as one of the same length.
+        for wrong in ["p", "producer-secreX", "producer-secret-and-more"] {
+            assert_eq!(
+                access.check(Some(wrong), Role::Producer, &q("orders")),
+                Err(Denied::UnknownToken),
+                "{wrong}"
+            );
+        }
     }
 
     #[test]

@@ -22,7 +22,7 @@ use super::held_replies::HeldReplies;
 use super::metrics::BrokerMetrics;
 use super::sleep_until;
 use crate::protocol::{ErrorCode, MessageId, Payload, QueueName, Role};
-use crate::storage::{Durability, Journal, LiveMessage, Storage};
+use crate::storage::{Durability, Journal, LiveMessage, Storage, record};
 
 /// Identifies a connection for the life of the broker; never reused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -110,8 +110,10 @@ pub(crate) struct CoreTask {
     /// The log, with `--data-dir`.
     journal: Option<Journal>,
     held: HeldReplies,
-    /// Ids acked and delivered this turn, logged together at its end.
+    /// Ids acked and delivered this turn, logged together at its end, and the bytes the
+    /// acked messages' publish records take.
     acked: Vec<MessageId>,
+    acked_record_bytes: u64,
     delivered: Vec<MessageId>,
     /// The highest id published this turn.
     newest_published: Option<MessageId>,
@@ -124,10 +126,6 @@ pub(crate) struct CoreTask {
 #[derive(Debug, thiserror::Error)]
 #[error("the log failed ({0}); stopping, with nothing confirmed that is not durable")]
 pub struct StorageFailed(pub String);
-
-/// Estimated log bytes per live message beyond its payload (record framing, id, queue
-/// name): enough precision for deciding when compaction pays off.
-const LOG_BYTES_PER_MESSAGE: u64 = 48;
 
 impl CoreTask {
     pub fn new(
@@ -167,6 +165,7 @@ impl CoreTask {
             journal,
             held: HeldReplies::default(),
             acked: Vec::new(),
+            acked_record_bytes: 0,
             delivered: Vec::new(),
             newest_published: None,
             publish_batches: VecDeque::new(),
@@ -229,12 +228,9 @@ impl CoreTask {
     fn end_turn(&mut self, now: Instant) {
         self.dispatch(now);
         if let Some(journal) = &mut self.journal {
-            journal.log_acked(&self.acked);
+            journal.log_acked(&self.acked, std::mem::take(&mut self.acked_record_bytes));
             journal.log_delivered(&self.delivered);
-            let stats = self.core.stats();
-            let live_messages = (stats.ready + stats.in_flight) as u64;
-            if journal.wants_compaction(stats.memory_bytes + live_messages * LOG_BYTES_PER_MESSAGE)
-            {
+            if journal.wants_compaction() {
                 let live = self
                     .core
                     .live_messages()
@@ -337,8 +333,14 @@ impl CoreTask {
                 }
                 Command::Publish(payload) => self.publish(conn, payload),
                 Command::Ack(id) => match self.core.ack(conn.consumer(), id) {
-                    Ok(()) => {
-                        self.acked.push(id);
+                    Ok(payload) => {
+                        if self.journal.is_some()
+                            && let Some(session) = self.sessions.get(&conn)
+                        {
+                            self.acked.push(id);
+                            self.acked_record_bytes +=
+                                record::publish_record_bytes(&session.queue, &payload) as u64;
+                        }
                         Reply::Acked
                     }
                     Err(refusal) => Reply::Refused {

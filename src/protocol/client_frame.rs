@@ -140,13 +140,24 @@ enum Fields<'a> {
 }
 
 /// A validated `register`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Register {
     pub role: Role,
     pub queue: QueueName,
     /// Consumers only; producers get the default, which nothing reads.
     pub prefetch: u16,
     pub token: Option<String>,
+}
+
+impl std::fmt::Debug for Register {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Register")
+            .field("role", &self.role)
+            .field("queue", &self.queue)
+            .field("prefetch", &self.prefetch)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 /// Longest unknown `type` echoed back in an error message.
@@ -268,7 +279,15 @@ impl<'a> InboundFrame<'a> {
             }
             Role::Producer => DEFAULT_PREFETCH,
         };
-        let token = parse_field("token", self.raw().token, "a string")?;
+        // Never echoed, whatever its type: a secret sent as a number is still a secret.
+        let token = self
+            .raw()
+            .token
+            .map(|raw| {
+                serde_json::from_str(raw.get())
+                    .map_err(|_| InvalidFrame::bad_field("token", "must be a string"))
+            })
+            .transpose()?;
         Ok(Register {
             role,
             queue,

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -42,6 +43,10 @@ pub trait SegmentWriter: Send {
     /// Makes everything appended durable (fdatasync).
     fn sync_data(&mut self) -> io::Result<()>;
 }
+
+/// Permissions of every file in the data dir: readable and writable by the broker's user
+/// only, whatever the umask.
+pub const FILE_MODE: u32 = 0o600;
 
 /// How many files of removed segments are kept for reuse. Writing into blocks a file
 /// already has is what makes reuse pay: on this project's VM (ext4 without a journal),
@@ -97,7 +102,12 @@ impl FileBackend {
         }
         let zeroes = vec![0u8; 1 << 20];
         for spare in 1..=SPARE_FILES_MAX {
-            let mut file = File::create(self.dir.join(format!("prepared-{spare}{SPARE_SUFFIX}")))?;
+            let mut file = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(FILE_MODE)
+                .open(self.dir.join(format!("prepared-{spare}{SPARE_SUFFIX}")))?;
             let mut left = self.segment_bytes;
             while left > 0 {
                 let step = left.min(zeroes.len() as u64);
@@ -169,7 +179,11 @@ impl Backend for FileBackend {
     fn create_segment(&self, number: u64) -> io::Result<Box<dyn SegmentWriter>> {
         let path = self.path(number);
         let Some(spare) = self.spares()?.into_iter().next() else {
-            let file = OpenOptions::new().write(true).create_new(true).open(path)?;
+            let file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(FILE_MODE)
+                .open(path)?;
             return Ok(Box::new(FileSegment { file }));
         };
         if path.try_exists()? {

@@ -47,6 +47,10 @@ pub struct Journal {
     copied: FxHashMap<MessageId, u64>,
     /// Bytes in all segments, the active one included.
     total_bytes: u64,
+    /// Bytes of the latest publish records of the live messages: what the log would hold
+    /// if compacted perfectly. Counted from the records themselves (queue names included),
+    /// so that compaction, once done, no longer finds itself due.
+    live_bytes: u64,
     segment_bytes: u64,
     /// One more than the highest id logged, for the next segment header.
     next_id: u64,
@@ -115,6 +119,11 @@ impl Journal {
             next_seq: 1,
             next_awaited: false,
             total_bytes: segments.iter().map(|s| s.bytes).sum(),
+            live_bytes: recovered
+                .messages
+                .iter()
+                .map(|m| record::publish_record_bytes(&m.queue, &m.payload) as u64)
+                .sum(),
             segments,
             copied: FxHashMap::default(),
             segment_bytes,
@@ -145,13 +154,15 @@ impl Journal {
         queue: &QueueName,
         payload: &Payload,
     ) {
-        let segment = self.roll_over_before(record::publish_record_bytes(queue, payload));
+        let record_bytes = record::publish_record_bytes(queue, payload);
+        let segment = self.roll_over_before(record_bytes);
         record::encode_publish(&mut self.buffer, segment, id, deliveries, queue, payload);
         // Its confirm and its delivery, or the next compaction, wait for it.
         self.next_awaited = true;
         if id.0 >= self.next_id {
             // A new message: ids are logged in the order they are issued.
             self.next_id = id.0 + 1;
+            self.live_bytes += record_bytes as u64;
         } else {
             // A live message copied forward.
             if let Some(from) = self.current_segment(id) {
@@ -169,7 +180,10 @@ impl Journal {
         }
     }
 
-    pub fn log_acked(&mut self, ids: &[MessageId]) {
+    /// Logs acks of the messages `ids`, whose publish records took `record_bytes` in all
+    /// (see [`record::publish_record_bytes`]).
+    pub fn log_acked(&mut self, ids: &[MessageId], record_bytes: u64) {
+        self.live_bytes -= record_bytes;
         if !ids.is_empty() {
             let segment = self.roll_over_before(record::ids_record_bytes(ids.len()));
             record::encode_acked(&mut self.buffer, segment, ids);
@@ -227,16 +241,16 @@ impl Journal {
     }
 
     /// Whether old segments are pinned by a few live messages (the log holds more than
-    /// twice `live_bytes`, what its live messages take in it, plus two segments), and
-    /// the previous compaction is durable.
-    pub fn wants_compaction(&self, live_bytes: u64) -> bool {
+    /// twice what its live messages take in it, plus two segments), and the previous
+    /// compaction is durable.
+    pub fn wants_compaction(&self) -> bool {
         let previous_done = matches!(
             *self.durable.borrow(),
             Durability::Through(seq) if seq >= self.last_compaction
         );
         previous_done
             && self.segments.len() > 1
-            && self.total_bytes > 2 * live_bytes + 2 * self.segment_bytes
+            && self.total_bytes > 2 * self.live_bytes + 2 * self.segment_bytes
     }
 
     /// Copies forward the live messages whose latest record is in the oldest segment, so

@@ -17,6 +17,7 @@ mod writer;
 #[cfg(test)]
 mod tests;
 
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,6 +51,9 @@ impl std::fmt::Display for FsyncPolicy {
         })
     }
 }
+
+/// Permissions of a data dir the broker creates: messages are nobody else's business.
+const DIR_MODE: u32 = 0o700;
 
 /// Default segment size.
 pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
@@ -98,7 +102,11 @@ impl Storage {
             dir: config.dir.clone(),
             source,
         };
-        std::fs::create_dir_all(&config.dir).map_err(dir_error)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(DIR_MODE)
+            .create(&config.dir)
+            .map_err(dir_error)?;
         let lock = lock_dir(&config.dir)?;
         let backend = FileBackend::new(&config.dir, config.segment_bytes);
         let interrupted = backend.remove_interrupted_removals().map_err(dir_error)?;
@@ -132,8 +140,10 @@ impl Storage {
         let started = std::time::Instant::now();
         let mut recovered = recovery::recover(backend.as_ref(), config.repair)?;
         let recovery_time = started.elapsed();
-        // Every start writes to a new segment; the old ones go once nothing in them is live.
-        let number = recovered.segments.last().map_or(1, |last| last.number + 1);
+        // Every start writes to a new segment, numbered after every segment file there is
+        // (one that --repair skipped included); the old ones go once nothing in them is
+        // live.
+        let number = recovered.highest_segment.map_or(1, |highest| highest + 1);
         let header = SegmentHeader::new(number, recovered.next_id);
         let mut active = backend
             .create_segment(number)
@@ -218,6 +228,7 @@ fn lock_dir(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, StorageError
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(backend::FILE_MODE)
         .open(&path)
         .map_err(|source| StorageError::Dir {
             dir: dir.to_owned(),

@@ -53,6 +53,9 @@ pub struct Recovered {
     pub next_id: u64,
     /// Segments present after recovery, ascending.
     pub segments: Vec<RecoveredSegment>,
+    /// The highest segment number found, kept or not (a segment `--repair` skipped stays
+    /// on disk): the next segment is numbered after it.
+    pub highest_segment: Option<u64>,
     pub records: u64,
     /// Bytes cut from the end of the last segment as a torn write.
     pub truncated_bytes: u64,
@@ -267,13 +270,17 @@ pub(crate) fn recover_in_chunks(
         next_id: 1,
         records: 0,
     };
-    let mut recovered = Recovered::default();
+    let mut recovered = Recovered {
+        highest_segment: numbers.last().copied(),
+        ..Recovered::default()
+    };
     for (index, &number) in numbers.iter().enumerate() {
         let last = index + 1 == numbers.len();
         let mut window = SegmentWindow::open(backend, number, chunk)?;
         let segment = backend.describe(number);
         while window.end() < record::HEADER_BYTES && window.read_more(0)? {}
-        let header = match SegmentHeader::decode(window.from(0)) {
+        let header_bytes = window.from(0);
+        let header = match SegmentHeader::decode(header_bytes) {
             Ok(header) if header.number == number => header,
             Err(HeaderError::Short(len)) if last => {
                 // Created, then the crash came before its header was durable: it holds
@@ -282,6 +289,19 @@ pub(crate) fn recover_in_chunks(
                 backend.remove_segment(number)?;
                 backend.sync_dir()?;
                 recovered.truncated_bytes += len as u64;
+                continue;
+            }
+            Err(HeaderError::BadMagic(_))
+                if last
+                    && header_bytes[..record::HEADER_BYTES].iter().all(|&b| b == 0)
+                    && holds_no_record_of(&mut window, number)? =>
+            {
+                // The same, when the file's length reached the disk before its header
+                // did (or it was a zero-filled spare): zeroes where the header belongs,
+                // and no record of its own after them.
+                warn!(%segment, "last segment's header is all zeroes and no record follows: a torn creation; removing it");
+                backend.remove_segment(number)?;
+                backend.sync_dir()?;
                 continue;
             }
             decoded @ (Ok(_) | Err(HeaderError::BadChecksum))

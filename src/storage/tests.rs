@@ -50,6 +50,11 @@ fn wait_durable(journal: &mut Journal, seq: u64) {
     );
 }
 
+/// Bytes of the publish record of `text` on `queue`, as an ack of it frees them.
+fn record_bytes(queue: &str, text: &str) -> u64 {
+    record::publish_record_bytes(&q(queue), &Payload::from_text(text)) as u64
+}
+
 /// A segment file's bytes: header, then records.
 fn segment(number: u64, next_id: u64, records: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
     let mut bytes = SegmentHeader::new(number, next_id).encode().to_vec();
@@ -124,7 +129,7 @@ fn publishes_deliveries_and_acks_survive_a_clean_close() {
         }
         journal.log_delivered(&[MessageId(2), MessageId(3)]);
         journal.log_delivered(&[MessageId(3)]);
-        journal.log_acked(&[MessageId(1)]);
+        journal.log_acked(&[MessageId(1)], record_bytes("a", "m1"));
     });
 
     let storage = open(&backend).unwrap();
@@ -152,7 +157,9 @@ fn acks_that_nothing_waits_for_still_reach_stable_storage() {
     }
     submit_durably(&mut storage.journal);
     storage.journal.log_delivered(&[MessageId(1)]);
-    storage.journal.log_acked(&[MessageId(1)]);
+    storage
+        .journal
+        .log_acked(&[MessageId(1)], record_bytes("q", "a"));
     submit_durably(&mut storage.journal);
     let storage = lose_power_and_reopen(&backend, storage);
     assert_eq!(
@@ -328,7 +335,8 @@ fn run_through_reused_files(backend: &SimBackend) -> usize {
             .journal
             .log_publish(MessageId(id), 0, &q("q"), &payload);
         if id < 296 {
-            storage.journal.log_acked(&[MessageId(id)]);
+            let bytes = record::publish_record_bytes(&q("q"), &payload) as u64;
+            storage.journal.log_acked(&[MessageId(id)], bytes);
         }
         submit_durably(&mut storage.journal);
     }
@@ -529,7 +537,7 @@ fn ids_go_on_after_the_highest_ever_issued_even_when_everything_was_acked() {
     let backend = SimBackend::default();
     run_once(&backend, |journal| {
         journal.log_publish(MessageId(41), 0, &q("q"), &Payload::from_text("x"));
-        journal.log_acked(&[MessageId(41)]);
+        journal.log_acked(&[MessageId(41)], record_bytes("q", "x"));
     });
     // After a restart, segment 1 holds nothing live: the first submit (a batch with the
     // removal only) removes it, and with it every record of id 41.
@@ -641,8 +649,8 @@ fn empty_segment_files() {
     assert_eq!(recovered_ids(&storage), [1]);
     assert_eq!(
         backend.list_segments().unwrap(),
-        [1, 2],
-        "removed, and its number reused"
+        [1, 3],
+        "removed, and the next start's segment numbered after it"
     );
     drop(storage);
     // And the next start is not stopped by it.
@@ -656,6 +664,59 @@ fn empty_segment_files() {
         panic!("started")
     };
     assert!(err.to_string().contains("segment header needs 32"), "{err}");
+}
+
+#[test]
+fn a_last_segment_of_zeroes_is_a_torn_creation_with_or_without_repair() {
+    for repair in [false, true] {
+        // A segment created (or a zero-filled spare renamed) just before a crash, whose
+        // length reached the disk but whose header did not.
+        let backend = SimBackend::default();
+        backend.put_segment(1, &segment(1, 1, |b| publish(b, 1, "one")));
+        backend.put_segment(2, &vec![0; 4096]);
+        let storage =
+            Storage::open_with(Arc::new(backend.after_crash()), &config(1 << 20, repair)).unwrap();
+        assert_eq!(recovered_ids(&storage), [1]);
+        drop(storage);
+        assert_eq!(recovered_ids(&open(&backend).unwrap()), [1], "and again");
+
+        // The only segment, all zeroes.
+        let backend = SimBackend::default();
+        backend.put_segment(1, &vec![0; 4096]);
+        let storage =
+            Storage::open_with(Arc::new(backend.after_crash()), &config(1 << 20, repair)).unwrap();
+        assert_eq!(recovered_ids(&storage), Vec::<u64>::new());
+    }
+    // Zeroes where the header belongs, but records of the segment after them: damage.
+    let backend = SimBackend::default();
+    let mut bytes = segment(1, 1, |b| publish(b, 1, "one"));
+    bytes[..record::HEADER_BYTES].fill(0);
+    backend.put_segment(1, &bytes);
+    assert!(matches!(
+        open(&backend),
+        Err(StorageError::Recovery(RecoveryError::Header { .. }))
+    ));
+}
+
+#[test]
+fn repair_always_starts_even_past_a_damaged_last_segment() {
+    let backend = SimBackend::default();
+    backend.put_segment(1, &segment(1, 1, |b| publish(b, 1, "one")));
+    let mut damaged = segment(2, 2, |b| publish(b, 2, "two"));
+    damaged[..8].copy_from_slice(b"NOTFERRY");
+    backend.put_segment(2, &damaged);
+    assert!(matches!(
+        open(&backend),
+        Err(StorageError::Recovery(RecoveryError::Header { .. }))
+    ));
+    let repaired =
+        Storage::open_with(Arc::new(backend.after_crash()), &config(1 << 20, true)).unwrap();
+    assert_eq!(recovered_ids(&repaired), [1]);
+    assert_eq!(
+        backend.list_segments().unwrap(),
+        [1, 2, 3],
+        "the skipped segment stays; the new one comes after it"
+    );
 }
 
 #[test]
@@ -731,11 +792,13 @@ fn run_log_size_test(keep_every: u64, bound: impl Fn(u64, u64) -> u64) -> bool {
             .log_publish(MessageId(id), 0, &q_name, &payload);
         live.insert(id, ());
         if id > 10 && (id - 10) % keep_every != 0 {
-            storage.journal.log_acked(&[MessageId(id - 10)]);
+            storage
+                .journal
+                .log_acked(&[MessageId(id - 10)], record_bytes);
             live.remove(&(id - 10));
         }
         let live_bytes = live.len() as u64 * record_bytes;
-        let compacting = storage.journal.wants_compaction(live_bytes);
+        let compacting = storage.journal.wants_compaction();
         if compacting {
             let messages = live.keys().map(|id| LiveMessage {
                 id: MessageId(*id),
@@ -746,7 +809,7 @@ fn run_log_size_test(keep_every: u64, bound: impl Fn(u64, u64) -> u64) -> bool {
             storage.journal.compact_oldest(messages);
             compacted = true;
             assert!(
-                !storage.journal.wants_compaction(live_bytes),
+                !storage.journal.wants_compaction(),
                 "the next compaction waits for this one to be durable"
             );
         }
@@ -795,6 +858,57 @@ fn compaction_keeps_a_log_pinned_by_stragglers_near_twice_its_live_size() {
     // Every 100th message is never acked, so every segment keeps a few live messages.
     let compacted = run_log_size_test(100, |live, segment| 2 * live + 3 * segment);
     assert!(compacted);
+}
+
+/// Records that carry long queue names are as live as their bytes: the journal counts
+/// them exactly, so a log with nothing to gain from compaction is left alone, and one
+/// that has compacted stops once it is compact.
+#[test]
+fn compaction_settles_whatever_the_queue_names_take_in_the_records() {
+    let backend = SimBackend::default();
+    let segment_bytes = 4096;
+    let mut storage = Storage::open_with(
+        Arc::new(backend.after_crash()),
+        &config(segment_bytes, false),
+    )
+    .unwrap();
+    let queue = q(&"n".repeat(255));
+    let payload = Payload::from_text("");
+    let record_bytes = record::publish_record_bytes(&queue, &payload) as u64;
+    for id in 1..=2_000u64 {
+        storage
+            .journal
+            .log_publish(MessageId(id), 0, &queue, &payload);
+        // Every other message is acked: half the log becomes dead.
+        if id % 2 == 0 {
+            storage
+                .journal
+                .log_acked(&[MessageId(id - 1)], record_bytes);
+        }
+    }
+    submit_durably(&mut storage.journal);
+    let live: Vec<u64> = (1..=2_000u64).filter(|id| id % 2 == 0).collect();
+    let segments = backend.list_segments().unwrap().len();
+    let mut compactions = 0;
+    while storage.journal.wants_compaction() {
+        compactions += 1;
+        assert!(
+            compactions <= 2 * segments,
+            "still compacting after {compactions} rounds over a log of {segments} segments"
+        );
+        storage
+            .journal
+            .compact_oldest(live.iter().map(|id| LiveMessage {
+                id: MessageId(*id),
+                deliveries: 0,
+                queue: &queue,
+                payload: &payload,
+            }));
+        submit_durably(&mut storage.journal);
+    }
+    assert!(compactions > 0, "half the log was dead: worth compacting");
+    let storage = lose_power_and_reopen(&backend, storage);
+    assert_eq!(recovered_ids(&storage), live);
 }
 
 /// One step of the crash test.
@@ -866,8 +980,9 @@ fn run_crash_test(steps: &[Step]) -> Result<(), TestCaseError> {
                     storage.journal.log_delivered(&[MessageId(id)]);
                     model.live.get_mut(&id).unwrap().2 += 1;
                 } else {
-                    storage.journal.log_acked(&[MessageId(id)]);
-                    model.live.remove(&id);
+                    let (queue, payload, ..) = model.live.remove(&id).unwrap();
+                    let bytes = record::publish_record_bytes(&queue, &payload) as u64;
+                    storage.journal.log_acked(&[MessageId(id)], bytes);
                     model.acked.insert(id, batch);
                 }
             }

@@ -336,15 +336,21 @@ pub struct BrokerProcess {
 impl BrokerProcess {
     /// Starts `ferry broker --addr 127.0.0.1:0 ARGS` and waits for `listening on`.
     pub fn start(args: &[&str]) -> BrokerProcess {
-        let mut child = Command::new(ferry_binary())
+        Self::start_with(args, |_| {})
+    }
+
+    /// [`BrokerProcess::start`], with the command adjusted first (limits, umask, env).
+    pub fn start_with(args: &[&str], adjust: impl FnOnce(&mut Command)) -> BrokerProcess {
+        let mut command = Command::new(ferry_binary());
+        command
             .args(["broker", "--addr", "127.0.0.1:0"])
             .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn ferry broker");
+            .stderr(Stdio::piped());
+        adjust(&mut command);
+        let mut child = command.spawn().expect("spawn ferry broker");
         let stderr = child.stderr.take().unwrap();
         let log = Arc::new(Mutex::new(Vec::new()));
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
@@ -432,4 +438,30 @@ impl Drop for BrokerProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// What `/proc/PID/io` says process `pid` has written through system calls (`wchar`):
+/// files and sockets alike.
+pub fn bytes_written_by(pid: u32) -> u64 {
+    proc_io_field(pid, "wchar")
+}
+
+fn proc_io_field(pid: u32, field: &str) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).expect("read /proc/PID/io");
+    io.lines()
+        .find_map(|line| line.strip_prefix(&format!("{field}: ")))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/io: {io}"))
+}
+
+/// The resident set size of process `pid`, from `/proc/PID/status`.
+pub fn rss_bytes(pid: u32) -> u64 {
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"));
+    kib * 1024
 }

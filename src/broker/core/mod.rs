@@ -337,12 +337,13 @@ impl Core {
         Ok(id)
     }
 
-    /// Removes message `id` for good, if it is in flight to `consumer`.
+    /// Removes message `id` for good, if it is in flight to `consumer`, and returns its
+    /// payload.
     ///
     /// # Errors
     /// [`AckError::UnknownId`] when it is not (never delivered to this consumer, already
     /// acked, or requeued); nothing changes then.
-    pub fn ack(&mut self, consumer: ConsumerId, id: MessageId) -> Result<(), AckError> {
+    pub fn ack(&mut self, consumer: ConsumerId, id: MessageId) -> Result<Payload, AckError> {
         let holder = self
             .consumers
             .get_mut(&consumer)
@@ -357,7 +358,7 @@ impl Core {
         let queue = holder.queue.clone();
         self.schedule_dispatch(&queue);
         self.discard_stale_deadlines();
-        Ok(())
+        Ok(acked.payload)
     }
 
     /// Forgets `consumer` and returns all its in-flight messages to the front of its
