@@ -102,7 +102,8 @@ async fn consumer_count_takes_exactly_n_and_leaves_the_rest() {
 
 #[tokio::test]
 async fn producer_exits_non_zero_when_a_publish_is_refused() {
-    let broker = BrokerProcess::start(&["--max-memory", "10"]);
+    // Room for the queue and one short message with their bookkeeping, not two.
+    let broker = BrokerProcess::start(&["--max-memory", "600"]);
     let addr = broker.addr.to_string();
     let produced = run_ferry(
         &[
@@ -110,7 +111,7 @@ async fn producer_exits_non_zero_when_a_publish_is_refused() {
             "--addr",
             &addr,
             "fits",
-            "this one is far too long for ten bytes",
+            "this one is too long to fit beside it",
         ],
         "",
         &[],

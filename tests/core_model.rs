@@ -1,25 +1,33 @@
 //! Model-based test of the queue core: random sequences of publish / subscribe /
-//! dispatch / ack / wrong ack / time passing / disconnect / drain, applied both to the
-//! core and to a deliberately naive reference model of contract §4 (vectors and linear
-//! scans). After every step the two must agree exactly, and these invariants must hold:
-//! each published id is in exactly one of ready, in flight, acked; no consumer is over
-//! its prefetch; an acked id never comes back; redelivered ids stand before never
-//! delivered ones, which keep their publish order. On failure proptest prints the
-//! shrunk sequence of operations, which replays deterministically (time is simulated).
+//! dispatch / ack / wrong ack / pause / resume / time passing / disconnect / drain,
+//! applied both to the core and to a deliberately naive reference model of contract §4
+//! (vectors and linear scans). After every step the two must agree exactly (deliveries,
+//! refusals, what expired and for whom, what memory is counted), and these invariants
+//! must hold: each published id is in exactly one of ready, in flight, acked; no consumer
+//! is over its prefetch or gets anything while paused; an acked id never comes back;
+//! redelivered ids stand before never delivered ones, which keep their publish order; the
+//! next timeout is never later than a timer tick after the earliest deadline. On failure
+//! proptest prints the shrunk sequence of operations, which replays deterministically
+//! (time is simulated).
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use ferry::MessageId;
-use ferry::broker::core::{AckError, ConsumerId, Core, CoreConfig, PublishError};
+use ferry::broker::core::{
+    AckError, ConsumerId, Core, CoreConfig, MESSAGE_OVERHEAD_BYTES, PublishError,
+    QUEUE_OVERHEAD_BYTES, READY_CHUNK_LEN, READY_SLOT_BYTES, TIMER_TICK,
+};
 use ferry::protocol::{Payload, QueueName};
 use proptest::prelude::*;
 
 const QUEUES: usize = 3;
 const CONSUMERS: u64 = 4;
 const ACK_TIMEOUT_MS: u64 = 100;
-const MAX_MEMORY_BYTES: u64 = 400;
+/// Room for two queues and about ten messages: refusals happen, of messages and of queues.
+const MAX_MEMORY_BYTES: u64 =
+    2 * (QUEUE_OVERHEAD_BYTES + 2 + 8 * READY_SLOT_BYTES) + 10 * (MESSAGE_OVERHEAD_BYTES + 30);
 
 fn t(ms: u64) -> Instant {
     static ORIGIN: OnceLock<Instant> = OnceLock::new();
@@ -56,6 +64,12 @@ enum Op {
     Disconnect {
         consumer: u64,
     },
+    Pause {
+        consumer: u64,
+    },
+    Resume {
+        consumer: u64,
+    },
     BeginDrain,
     /// Lets ids below `watermark + 1 + step % (unreleased + 1)` be delivered.
     Release {
@@ -72,6 +86,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..CONSUMERS, 0u64..40).prop_map(|(consumer, id)| Op::WrongAck { consumer, id }),
         3 => (0u64..150).prop_map(|ms| Op::Advance { ms }),
         1 => (0..CONSUMERS).prop_map(|consumer| Op::Disconnect { consumer }),
+        1 => (0..CONSUMERS).prop_map(|consumer| Op::Pause { consumer }),
+        1 => (0..CONSUMERS).prop_map(|consumer| Op::Resume { consumer }),
         1 => Just(Op::BeginDrain),
         2 => any::<u64>().prop_map(|step| Op::Release { step }),
     ]
@@ -90,6 +106,7 @@ struct ModelQueue {
 struct ModelConsumer {
     queue: usize,
     prefetch: usize,
+    paused: bool,
     /// id -> (attempt, deadline in ms)
     in_flight: BTreeMap<u64, (u32, u64)>,
 }
@@ -98,6 +115,8 @@ struct ModelConsumer {
 struct Model {
     now_ms: u64,
     next_id: u64,
+    /// Memory counted for messages and queues, beyond the chunks of the ready queues
+    /// (whose size depends on their history; `check` bounds it).
     memory: u64,
     draining: bool,
     queues: BTreeMap<usize, ModelQueue>,
@@ -111,16 +130,24 @@ struct Model {
 }
 
 impl Model {
-    fn publish(&mut self, queue: usize, size: u64) -> Result<u64, &'static str> {
+    /// A publish, the core counting `counted` bytes before it.
+    fn publish(&mut self, queue: usize, size: u64, counted: u64) -> Result<u64, &'static str> {
         if self.draining {
             return Err("shutting_down");
         }
-        if self.memory + size > MAX_MEMORY_BYTES {
+        let cost = size
+            + MESSAGE_OVERHEAD_BYTES
+            + if self.queues.contains_key(&queue) {
+                0
+            } else {
+                queue_cost(queue)
+            };
+        if counted + cost > MAX_MEMORY_BYTES {
             return Err("queue_full");
         }
         self.next_id += 1;
         let id = self.next_id;
-        self.memory += size;
+        self.memory += cost;
         self.sizes.insert(id, size);
         self.published.push(id);
         self.queues
@@ -132,6 +159,9 @@ impl Model {
     }
 
     fn subscribe(&mut self, consumer: u64, queue: usize, prefetch: u16) {
+        if !self.queues.contains_key(&queue) {
+            self.memory += queue_cost(queue);
+        }
         let q = self.queues.entry(queue).or_default();
         q.ring.push(consumer);
         q.next.get_or_insert(consumer);
@@ -140,6 +170,7 @@ impl Model {
             ModelConsumer {
                 queue,
                 prefetch: prefetch.into(),
+                paused: false,
                 in_flight: BTreeMap::new(),
             },
         );
@@ -159,7 +190,7 @@ impl Model {
                 let n = q.ring.len();
                 let Some(pos) = (0..n).map(|step| (start + step) % n).find(|&pos| {
                     let c = &self.consumers[&q.ring[pos]];
-                    c.in_flight.len() < c.prefetch
+                    !c.paused && c.in_flight.len() < c.prefetch
                 }) else {
                     break;
                 };
@@ -186,7 +217,7 @@ impl Model {
         if c.in_flight.remove(&id).is_none() {
             return false;
         }
-        self.memory -= self.sizes[&id];
+        self.memory -= self.sizes[&id] + MESSAGE_OVERHEAD_BYTES;
         self.acked.insert(id);
         true
     }
@@ -216,12 +247,19 @@ impl Model {
             .map(|(id, (attempt, _))| (id, attempt))
             .collect();
         self.requeue(gone.queue, returning);
+        let q = &self.queues[&gone.queue];
+        if q.ready.is_empty() && q.ring.is_empty() {
+            self.queues.remove(&gone.queue);
+            self.memory -= queue_cost(gone.queue);
+        }
     }
 
-    fn advance(&mut self, ms: u64) {
+    /// Moves time on; returns what expired, as (consumer, id), in order.
+    fn advance(&mut self, ms: u64) -> Vec<(u64, u64)> {
         self.now_ms += ms;
         let mut expired: BTreeMap<usize, Vec<(u64, u32)>> = BTreeMap::new();
-        for c in self.consumers.values_mut() {
+        let mut taken_back = Vec::new();
+        for (&consumer, c) in self.consumers.iter_mut() {
             let due: Vec<u64> = c
                 .in_flight
                 .iter()
@@ -231,11 +269,13 @@ impl Model {
             for id in due {
                 let (attempt, _) = c.in_flight.remove(&id).unwrap();
                 expired.entry(c.queue).or_default().push((id, attempt));
+                taken_back.push((consumer, id));
             }
         }
         for (queue, returning) in expired {
             self.requeue(queue, returning);
         }
+        taken_back
     }
 
     fn earliest_deadline(&self) -> Option<u64> {
@@ -252,6 +292,11 @@ impl Model {
                 .values()
                 .all(|q| q.ready.is_empty() || q.ring.is_empty())
     }
+}
+
+/// What a queue costs against the memory limit (names are `q0`, `q1`, ...).
+fn queue_cost(index: usize) -> u64 {
+    QUEUE_OVERHEAD_BYTES + queue_name(index).as_str().len() as u64
 }
 
 fn check(core: &mut Core, model: &Model) -> Result<(), TestCaseError> {
@@ -335,9 +380,36 @@ fn check(core: &mut Core, model: &Model) -> Result<(), TestCaseError> {
             .map(|c| c.in_flight.len())
             .sum::<usize>()
     );
-    prop_assert_eq!(stats.memory_bytes, model.memory);
+    // Beyond messages and queues, what is counted is the ready queues' chunks: room for
+    // at least every ready message, and at most two partly used chunks per queue more.
+    let chunks = stats.memory_bytes.checked_sub(model.memory);
+    let ready_slots: u64 = model.queues.values().map(|q| q.ready.len() as u64).sum();
+    let most_slots = ready_slots + model.queues.len() as u64 * 2 * READY_CHUNK_LEN as u64;
+    prop_assert!(
+        chunks.is_some_and(|chunks| {
+            (ready_slots * READY_SLOT_BYTES..=most_slots * READY_SLOT_BYTES).contains(&chunks)
+        }),
+        "memory {} for messages and queues taking {}, with {} ready",
+        stats.memory_bytes,
+        model.memory,
+        ready_slots
+    );
     prop_assert_eq!(stats.acked_total, model.acked.len() as u64);
-    prop_assert_eq!(core.poll_timeout(), model.earliest_deadline().map(t));
+    match (core.poll_timeout(), model.earliest_deadline()) {
+        (None, None) => {}
+        (Some(next), Some(earliest)) => prop_assert!(
+            next <= t(earliest) + TIMER_TICK,
+            "next timeout more than a tick after the earliest deadline, {} ms",
+            earliest
+        ),
+        (next, earliest) => prop_assert!(
+            false,
+            "next timeout {:?}, earliest deadline {:?}",
+            next,
+            earliest
+        ),
+    }
+    prop_assert_eq!(stats.queues, model.queues.len());
     if model.draining {
         prop_assert_eq!(core.is_drained(), model.is_drained());
     }
@@ -362,6 +434,7 @@ fn run(ops: &[Op], hold_new: bool) -> Result<(), TestCaseError> {
             Op::Publish { queue, text_len } => {
                 let payload = Payload::from_text(&"x".repeat(text_len));
                 let size = payload.len() as u64;
+                let counted = core.stats().memory_bytes;
                 let got = core
                     .publish(&queue_name(queue), payload)
                     .map(|id| id.0)
@@ -369,7 +442,7 @@ fn run(ops: &[Op], hold_new: bool) -> Result<(), TestCaseError> {
                         PublishError::QueueFull { .. } => "queue_full",
                         PublishError::ShuttingDown => "shutting_down",
                     });
-                prop_assert_eq!(got, model.publish(queue, size));
+                prop_assert_eq!(got, model.publish(queue, size, counted));
             }
             Op::Subscribe {
                 consumer,
@@ -428,8 +501,28 @@ fn run(ops: &[Op], hold_new: bool) -> Result<(), TestCaseError> {
                 }
             }
             Op::Advance { ms } => {
-                model.advance(ms);
+                let mut expected = model.advance(ms);
                 core.handle_timeout(t(model.now_ms));
+                let mut got: Vec<(u64, u64)> = core
+                    .take_expired()
+                    .into_iter()
+                    .map(|(consumer, id)| (consumer.0, id.0))
+                    .collect();
+                got.sort_unstable();
+                expected.sort_unstable();
+                prop_assert_eq!(got, expected, "expired at {} ms", model.now_ms);
+            }
+            Op::Pause { consumer } => {
+                core.pause(ConsumerId(consumer));
+                if let Some(c) = model.consumers.get_mut(&consumer) {
+                    c.paused = true;
+                }
+            }
+            Op::Resume { consumer } => {
+                core.resume(ConsumerId(consumer));
+                if let Some(c) = model.consumers.get_mut(&consumer) {
+                    c.paused = false;
+                }
             }
             Op::Disconnect { consumer } => {
                 let expected = model

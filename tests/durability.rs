@@ -9,6 +9,7 @@ use common::{
     BrokerProcess, TestBroker, dir_bytes, durable_config, publish_ids, recv, run_ferry, within,
 };
 use ferry::broker::BrokerConfig;
+use ferry::broker::core::{MESSAGE_OVERHEAD_BYTES, QUEUE_OVERHEAD_BYTES, READY_SLOT_BYTES};
 use ferry::storage::backend::SPARE_FILES_MAX;
 use ferry::storage::record::{self, Decoded, Record, SegmentHeader};
 
@@ -169,8 +170,14 @@ async fn refusals_behind_unsynced_confirms_are_answered_without_further_traffic(
     let dir = tempfile::tempdir().unwrap();
     let big = "x".repeat(500_000);
     let broker = TestBroker::start_with(BrokerConfig {
-        // Room for the big payload (its JSON literal) and not a byte more than 8 others.
-        max_memory_bytes: big.len() as u64 + 2 + 8,
+        // Room for the big payload (its JSON literal) with its queue and bookkeeping, and
+        // for nothing more.
+        max_memory_bytes: big.len() as u64
+            + 2
+            + MESSAGE_OVERHEAD_BYTES
+            + QUEUE_OVERHEAD_BYTES
+            + "full".len() as u64
+            + 4 * READY_SLOT_BYTES,
         ..durable_config(dir.path())
     })
     .await;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use common::{RawClient, TestBroker, eventually, test_config, within};
 use ferry::broker::BrokerConfig;
 use ferry::broker::auth::Access;
+use ferry::broker::core::{MESSAGE_OVERHEAD_BYTES, QUEUE_OVERHEAD_BYTES, READY_SLOT_BYTES};
 use serde_json::json;
 
 async fn assert_fatal_first_frame(broker: &TestBroker, body: &[u8], code: &str) {
@@ -329,13 +330,16 @@ async fn unknown_id_is_not_fatal_and_changes_nothing() {
 
 #[tokio::test]
 async fn queue_full_when_the_memory_limit_is_reached_and_not_fatal() {
+    let payload = "x".repeat(40); // 42 bytes as a JSON literal
+    let message = 42 + MESSAGE_OVERHEAD_BYTES;
+    let queue = QUEUE_OVERHEAD_BYTES + "q".len() as u64 + 4 * READY_SLOT_BYTES;
     let broker = TestBroker::start_with(BrokerConfig {
-        max_memory_bytes: 100,
+        // Room for the queue and two of the messages, not three.
+        max_memory_bytes: queue + 2 * message + 10,
         ..test_config()
     })
     .await;
     let mut producer = RawClient::producer(broker.addr, "q").await;
-    let payload = "x".repeat(40); // 42 bytes as a JSON literal
     for _ in 0..2 {
         producer
             .send(json!({"type": "publish", "payload": payload}))

@@ -210,7 +210,12 @@ impl CoreTask {
                         self.apply(request);
                     }
                 }
-                () = sleep_until(ack_deadline) => self.core.handle_timeout(Instant::now()),
+                () = sleep_until(ack_deadline) => {
+                    self.core.handle_timeout(Instant::now());
+                    // Connections write every delivery they get at once for now; what a
+                    // timeout took back needs no telling them yet.
+                    self.core.take_expired();
+                }
             }
             self.end_turn(Instant::now());
             if drain_deadline.is_some() && self.core.is_drained() && self.held.is_empty() {

@@ -3,20 +3,34 @@
 //! argument, so tests can drive it through any interleaving with simulated time.
 //!
 //! Inputs (`handle_*` in quinn-proto's terms): [`Core::subscribe`], [`Core::publish`],
-//! [`Core::ack`], [`Core::disconnect`], [`Core::handle_timeout`], [`Core::begin_drain`].
-//! Outputs: [`Core::poll_delivery`] (the next message to hand to a consumer) and
-//! [`Core::poll_timeout`] (when `handle_timeout` must next be called).
+//! [`Core::ack`], [`Core::pause`], [`Core::resume`], [`Core::disconnect`],
+//! [`Core::handle_timeout`], [`Core::begin_drain`]. Outputs: [`Core::poll_delivery`]
+//! (the next message to hand to a consumer), [`Core::poll_timeout`] (when
+//! `handle_timeout` must next be called) and [`Core::take_expired`] (deliveries their ack
+//! timeout took back).
 //!
-//! State, per queue: a FIFO of ready messages, and the queue's consumers in subscription
-//! order with a round-robin cursor. Per consumer: its prefetch and its in-flight messages.
-//! Globally: a FIFO of ack deadlines, which is sorted because every delivery gets the
-//! same timeout and time never goes backwards; entries made stale by an ack or a
-//! disconnect are skipped lazily rather than searched for.
+//! State, per queue: a FIFO of ready messages (in chunks, so that no publish ever copies a
+//! deep backlog), and the queue's consumers in subscription order with a round-robin
+//! cursor. Per consumer: its prefetch, its in-flight messages, and whether its connection
+//! has asked for a pause. Globally: the leases of the in-flight messages in a timing
+//! wheel, each cancelled the moment its message is acked or returned.
+//!
+//! Every operation costs time independent of how many messages are queued: the longest
+//! are a disconnect or an expiry, in the messages they return.
+//!
+//! Memory: [`CoreStats::memory_bytes`] counts what queued messages cost, not only their
+//! payloads: [`MESSAGE_OVERHEAD_BYTES`] per message and [`QUEUE_OVERHEAD_BYTES`] plus its
+//! name per queue, so that `--max-memory` bounds the broker's memory whatever the payload
+//! sizes and however many queues.
 
+mod chunked_deque;
 #[cfg(test)]
 mod tests;
+mod timers;
 
-use std::collections::hash_map::Entry;
+pub use chunked_deque::CHUNK_LEN as READY_CHUNK_LEN;
+pub use timers::TICK as TIMER_TICK;
+
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
@@ -28,6 +42,22 @@ use rustc_hash::FxHashMap;
 use thiserror::Error;
 
 use crate::protocol::{ErrorCode, MessageId, Payload, QueueName};
+
+use chunked_deque::ChunkedDeque;
+use timers::{TimerKey, TimerWheel};
+
+/// What a message costs the broker beyond its payload and its place in a ready queue
+/// (counted with the queue's chunks), against `--max-memory`: the payload's allocation
+/// header and rounding and, while it is in flight, its entry in its consumer's in-flight
+/// map and its lease in the timer wheel. docs/RELIABILITY.md has the measurements.
+pub const MESSAGE_OVERHEAD_BYTES: u64 = 128;
+
+/// What a queue costs beyond its name and the chunks of its ready queue: its entry in
+/// the queue map and its state.
+pub const QUEUE_OVERHEAD_BYTES: u64 = 256;
+
+/// What one place in a ready queue's chunks costs.
+pub const READY_SLOT_BYTES: u64 = std::mem::size_of::<ReadyMessage>() as u64;
 
 /// Identifies one consumer (one consumer connection) to the core.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -44,7 +74,8 @@ impl std::fmt::Display for ConsumerId {
 pub struct CoreConfig {
     /// How long a delivered message may stay unacked before it is requeued.
     pub ack_timeout: Duration,
-    /// Most payload bytes held in all queues together (ready and in flight).
+    /// Most bytes the queued messages (ready and in flight) and their queues may cost
+    /// together; see [`MESSAGE_OVERHEAD_BYTES`] and [`QUEUE_OVERHEAD_BYTES`].
     pub max_memory_bytes: u64,
 }
 
@@ -52,8 +83,8 @@ pub struct CoreConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum PublishError {
     #[error(
-        "the broker holds {used_bytes} bytes of queued payloads and its limit is {limit_bytes}; \
-         retry when consumers have caught up, or raise --max-memory"
+        "queued messages take {used_bytes} bytes (payloads and bookkeeping) and the limit \
+         is {limit_bytes}; retry when consumers have caught up, or raise --max-memory"
     )]
     QueueFull { used_bytes: u64, limit_bytes: u64 },
     #[error("the broker is shutting down and accepts no new messages")]
@@ -110,7 +141,9 @@ pub struct CoreStats {
     pub ready: usize,
     /// Messages delivered and not yet acked.
     pub in_flight: usize,
-    /// Payload bytes of ready and in-flight messages.
+    /// What ready and in-flight messages and their queues cost, as `--max-memory` counts
+    /// it: payloads, [`MESSAGE_OVERHEAD_BYTES`] per message, and per queue
+    /// [`QUEUE_OVERHEAD_BYTES`], its name and the chunks of its ready queue.
     pub memory_bytes: u64,
     /// Publishes accepted since start.
     pub published_total: u64,
@@ -126,8 +159,10 @@ pub struct Core {
     config: CoreConfig,
     queues: HashMap<QueueName, Queue>,
     consumers: FxHashMap<ConsumerId, Consumer>,
-    /// Ack deadlines in delivery order (hence in time order); may hold stale entries.
-    deadlines: VecDeque<Deadline>,
+    /// The lease of every in-flight message, and nothing else.
+    leases: TimerWheel<(ConsumerId, MessageId)>,
+    /// Deliveries whose lease ran out since [`Core::take_expired`] last took them.
+    expired: Vec<(ConsumerId, MessageId)>,
     /// Queues that may be able to deliver, each at most once.
     dispatch_queue: VecDeque<QueueName>,
     next_id: u64,
@@ -135,7 +170,7 @@ pub struct Core {
     stats: CoreStats,
     /// `Some` once draining: deliveries made since.
     drained_deliveries: Option<u64>,
-    /// The latest `now` seen, so that a clock that steps back cannot unsort `deadlines`.
+    /// The latest `now` seen, so that a clock that steps back cannot take time back.
     latest_now: Option<Instant>,
     /// Messages with ids from here on are not delivered yet (durable storage: not yet on
     /// stable storage). `u64::MAX` without storage.
@@ -146,7 +181,7 @@ pub struct Core {
 
 #[derive(Debug, Default)]
 struct Queue {
-    ready: VecDeque<ReadyMessage>,
+    ready: ChunkedDeque<ReadyMessage>,
     /// In subscription order; `next_consumer` indexes the next one to try.
     consumers: Vec<ConsumerId>,
     next_consumer: usize,
@@ -168,21 +203,25 @@ struct Consumer {
     queue: QueueName,
     prefetch: usize,
     in_flight: FxHashMap<MessageId, InFlight>,
+    /// Its connection holds all the output it may: nothing more is delivered to it.
+    paused: bool,
 }
 
 #[derive(Debug)]
 struct InFlight {
     payload: Payload,
     attempt: u32,
+    lease: TimerKey,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Deadline {
-    at: Instant,
-    consumer: ConsumerId,
-    id: MessageId,
-    /// Tells this delivery apart from a later one of the same message.
-    attempt: u32,
+/// What a message costs against the memory limit.
+fn message_cost(payload: &Payload) -> u64 {
+    payload.len() as u64 + MESSAGE_OVERHEAD_BYTES
+}
+
+/// What a queue costs against the memory limit.
+fn queue_cost(name: &QueueName) -> u64 {
+    QUEUE_OVERHEAD_BYTES + name.as_str().len() as u64
 }
 
 impl Core {
@@ -192,7 +231,8 @@ impl Core {
             config,
             queues: HashMap::new(),
             consumers: FxHashMap::default(),
-            deadlines: VecDeque::new(),
+            leases: TimerWheel::default(),
+            expired: Vec::new(),
             dispatch_queue: VecDeque::new(),
             next_id: 1,
             stats: CoreStats::default(),
@@ -231,17 +271,15 @@ impl Core {
     pub fn restore(&mut self, queue: &QueueName, id: MessageId, payload: Payload, deliveries: u32) {
         debug_assert!(id.0 >= self.next_id, "restored out of order");
         self.next_id = self.next_id.max(id.0 + 1);
-        self.stats.memory_bytes += payload.len() as u64;
+        self.stats.memory_bytes += message_cost(&payload);
         self.stats.ready += 1;
-        self.queues
-            .entry(queue.clone())
-            .or_default()
-            .ready
-            .push_back(ReadyMessage {
-                id,
-                payload,
-                deliveries,
-            });
+        let ready = ReadyMessage {
+            id,
+            payload,
+            deliveries,
+        };
+        let memory = &mut self.stats.memory_bytes;
+        Self::queue_entry(&mut self.queues, memory, queue).push_back(ready, memory);
     }
 
     /// The id the next publish will get.
@@ -279,9 +317,7 @@ impl Core {
             debug_assert!(false, "consumer {consumer} subscribed twice");
             return;
         }
-        self.queues
-            .entry(queue.clone())
-            .or_default()
+        Self::queue_entry(&mut self.queues, &mut self.stats.memory_bytes, &queue)
             .consumers
             .push(consumer);
         self.consumers.insert(
@@ -290,6 +326,7 @@ impl Core {
                 queue: queue.clone(),
                 prefetch: usize::from(prefetch.max(1)),
                 in_flight: FxHashMap::default(),
+                paused: false,
             },
         );
         self.schedule_dispatch(&queue);
@@ -299,7 +336,8 @@ impl Core {
     ///
     /// # Errors
     /// [`PublishError::ShuttingDown`] once draining; [`PublishError::QueueFull`] when the
-    /// payload would take the queued bytes over the memory limit.
+    /// message (and its queue, if new) would take what queued messages cost over the
+    /// memory limit.
     pub fn publish(
         &mut self,
         queue: &QueueName,
@@ -308,8 +346,14 @@ impl Core {
         if self.drained_deliveries.is_some() {
             return Err(PublishError::ShuttingDown);
         }
-        let payload_bytes = payload.len() as u64;
-        if self.stats.memory_bytes + payload_bytes > self.config.max_memory_bytes {
+        let existing = self.queues.get_mut(queue);
+        let cost = message_cost(&payload)
+            + if existing.is_some() {
+                0
+            } else {
+                queue_cost(queue)
+            };
+        if self.stats.memory_bytes + cost > self.config.max_memory_bytes {
             return Err(PublishError::QueueFull {
                 used_bytes: self.stats.memory_bytes,
                 limit_bytes: self.config.max_memory_bytes,
@@ -317,7 +361,7 @@ impl Core {
         }
         let id = MessageId(self.next_id);
         self.next_id += 1;
-        self.stats.memory_bytes += payload_bytes;
+        self.stats.memory_bytes += cost;
         self.stats.published_total += 1;
         self.stats.ready += 1;
         let ready_message = ReadyMessage {
@@ -325,11 +369,12 @@ impl Core {
             payload,
             deliveries: 0,
         };
-        match self.queues.get_mut(queue) {
-            Some(existing) => existing.ready.push_back(ready_message),
+        let memory = &mut self.stats.memory_bytes;
+        match existing {
+            Some(existing) => existing.push_back(ready_message, memory),
             None => {
                 let mut created = Queue::default();
-                created.ready.push_back(ready_message);
+                created.push_back(ready_message, memory);
                 self.queues.insert(queue.clone(), created);
             }
         }
@@ -352,13 +397,35 @@ impl Core {
             .in_flight
             .remove(&id)
             .ok_or(AckError::UnknownId(id))?;
-        self.stats.memory_bytes -= acked.payload.len() as u64;
+        self.leases.remove(acked.lease);
+        self.stats.memory_bytes -= message_cost(&acked.payload);
         self.stats.in_flight -= 1;
         self.stats.acked_total += 1;
-        let queue = holder.queue.clone();
-        self.schedule_dispatch(&queue);
-        self.discard_stale_deadlines();
+        if !holder.paused {
+            let queue = holder.queue.clone();
+            self.schedule_dispatch(&queue);
+        }
         Ok(acked.payload)
+    }
+
+    /// Stops delivering to `consumer` (its connection holds as much output as it may)
+    /// until [`Core::resume`]. Its in-flight messages keep their leases. Unknown ids are
+    /// ignored.
+    pub fn pause(&mut self, consumer: ConsumerId) {
+        if let Some(paused) = self.consumers.get_mut(&consumer) {
+            paused.paused = true;
+        }
+    }
+
+    /// Delivers to `consumer` again after [`Core::pause`].
+    pub fn resume(&mut self, consumer: ConsumerId) {
+        if let Some(resumed) = self.consumers.get_mut(&consumer)
+            && resumed.paused
+        {
+            resumed.paused = false;
+            let queue = resumed.queue.clone();
+            self.schedule_dispatch(&queue);
+        }
     }
 
     /// Forgets `consumer` and returns all its in-flight messages to the front of its
@@ -380,70 +447,78 @@ impl Core {
                 queue.next_consumer = 0;
             }
         }
+        let leases = &mut self.leases;
         let returning: Vec<_> = gone
             .in_flight
             .into_iter()
-            .map(|(id, f)| ReadyMessage {
-                id,
-                payload: f.payload,
-                deliveries: f.attempt,
+            .map(|(id, f)| {
+                leases.remove(f.lease);
+                ReadyMessage {
+                    id,
+                    payload: f.payload,
+                    deliveries: f.attempt,
+                }
             })
             .collect();
         let returned = returning.len();
         self.stats.in_flight -= returned;
         self.stats.ready += returned;
-        queue.requeue_at_front(returning);
+        queue.requeue_at_front(returning, &mut self.stats.memory_bytes);
         if queue.ready.is_empty() && queue.consumers.is_empty() {
             // Nothing left to remember: a queue is created again on first use.
+            self.stats.memory_bytes -= queue_cost(&gone.queue) + queue.ready_bytes();
             self.queues.remove(&gone.queue);
         } else {
             self.schedule_dispatch(&gone.queue);
         }
-        self.discard_stale_deadlines();
         returned
     }
 
     /// Returns every message whose ack deadline is at or before `now` to the front of its
-    /// queue. Messages of one queue that expire together keep their id order.
+    /// queue. Messages of one queue that expire together keep their id order. Each is
+    /// also listed for [`Core::take_expired`].
     pub fn handle_timeout(&mut self, now: Instant) {
         let now = self.observe(now);
         let mut expired: HashMap<QueueName, Vec<ReadyMessage>> = HashMap::new();
-        while let Some(deadline) = self.deadlines.front().copied() {
-            if deadline.at > now {
-                break;
-            }
-            self.deadlines.pop_front();
-            let Some(holder) = self.consumers.get_mut(&deadline.consumer) else {
-                continue;
-            };
-            if let Entry::Occupied(entry) = holder.in_flight.entry(deadline.id)
-                && entry.get().attempt == deadline.attempt
-            {
-                let f = entry.remove();
-                expired
-                    .entry(holder.queue.clone())
-                    .or_default()
-                    .push(ReadyMessage {
-                        id: deadline.id,
-                        payload: f.payload,
-                        deliveries: f.attempt,
-                    });
-            }
-        }
+        let (consumers, taken_back) = (&mut self.consumers, &mut self.expired);
+        self.leases.advance(now, |(consumer, id)| {
+            let holder = consumers
+                .get_mut(&consumer)
+                .expect("a lease belongs to a connected consumer");
+            let f = holder
+                .in_flight
+                .remove(&id)
+                .expect("a lease belongs to a message in flight");
+            taken_back.push((consumer, id));
+            expired
+                .entry(holder.queue.clone())
+                .or_default()
+                .push(ReadyMessage {
+                    id,
+                    payload: f.payload,
+                    deliveries: f.attempt,
+                });
+        });
         for (name, returning) in expired {
             if let Some(queue) = self.queues.get_mut(&name) {
                 self.stats.in_flight -= returning.len();
                 self.stats.ready += returning.len();
-                queue.requeue_at_front(returning);
+                queue.requeue_at_front(returning, &mut self.stats.memory_bytes);
                 self.schedule_dispatch(&name);
             }
         }
     }
 
-    /// When [`Core::handle_timeout`] must next be called: the earliest live ack deadline.
-    pub fn poll_timeout(&mut self) -> Option<Instant> {
-        self.discard_stale_deadlines();
-        self.deadlines.front().map(|d| d.at)
+    /// When [`Core::handle_timeout`] must next be called: at most a [`TIMER_TICK`] after
+    /// the earliest ack deadline (sooner when the timing wheel has entries to move).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.leases.next_deadline()
+    }
+
+    /// The deliveries whose lease ran out since the last call, by consumer: a connection
+    /// that has not written them yet need not (their messages are ready again).
+    pub fn take_expired(&mut self) -> Vec<(ConsumerId, MessageId)> {
+        std::mem::take(&mut self.expired)
     }
 
     /// The next delivery to make, if any queue has a ready message and a consumer with
@@ -470,18 +545,17 @@ impl Core {
                 self.dispatch_queue.pop_front();
                 continue;
             }
-            let delivered = queue.deliver_next(&mut self.consumers);
+            let delivered = queue.deliver_next(
+                &mut self.consumers,
+                &mut self.leases,
+                now + self.config.ack_timeout,
+                &mut self.stats.memory_bytes,
+            );
             match delivered {
                 Some(delivery) => {
                     self.stats.ready -= 1;
                     self.stats.in_flight += 1;
                     self.stats.delivered_total += 1;
-                    self.deadlines.push_back(Deadline {
-                        at: now + self.config.ack_timeout,
-                        consumer: delivery.consumer,
-                        id: delivery.id,
-                        attempt: delivery.attempt,
-                    });
                     if let Some(count) = &mut self.drained_deliveries {
                         *count += 1;
                     }
@@ -528,6 +602,11 @@ impl Core {
     }
 
     pub fn stats(&self) -> CoreStats {
+        debug_assert_eq!(
+            self.leases.len(),
+            self.stats.in_flight,
+            "one lease per message in flight"
+        );
         CoreStats {
             queues: self.queues.len(),
             consumers: self.consumers.len(),
@@ -556,8 +635,24 @@ impl Core {
 
     fn observe(&mut self, now: Instant) -> Instant {
         let latest = self.latest_now.map_or(now, |latest| latest.max(now));
+        if self.latest_now.is_none() {
+            // The wheel counts from the first instant seen, so nothing can come before it.
+            self.leases.advance(latest, |_| {});
+        }
         self.latest_now = Some(latest);
         latest
+    }
+
+    /// The queue named `name`, created (and counted in `memory_bytes`) if new.
+    fn queue_entry<'q>(
+        queues: &'q mut HashMap<QueueName, Queue>,
+        memory_bytes: &mut u64,
+        name: &QueueName,
+    ) -> &'q mut Queue {
+        if !queues.contains_key(name) {
+            *memory_bytes += queue_cost(name);
+        }
+        queues.entry(name.clone()).or_default()
     }
 
     fn schedule_dispatch(&mut self, name: &QueueName) {
@@ -570,38 +665,41 @@ impl Core {
             self.dispatch_queue.push_back(name.clone());
         }
     }
-
-    /// Pops deadlines at the front whose delivery was since acked, requeued or orphaned,
-    /// so the front is always a live deadline and the FIFO does not grow with acked ones.
-    fn discard_stale_deadlines(&mut self) {
-        while let Some(front) = self.deadlines.front() {
-            let live = self
-                .consumers
-                .get(&front.consumer)
-                .and_then(|c| c.in_flight.get(&front.id))
-                .is_some_and(|f| f.attempt == front.attempt);
-            if live {
-                break;
-            }
-            self.deadlines.pop_front();
-        }
-    }
 }
 
 impl Queue {
-    /// Puts messages back at the front, ahead of everything ready, in id order.
-    fn requeue_at_front(&mut self, mut returning: Vec<ReadyMessage>) {
+    /// What the chunks of its ready queue take.
+    fn ready_bytes(&self) -> u64 {
+        self.ready.capacity() as u64 * READY_SLOT_BYTES
+    }
+
+    /// Appends a ready message; `memory_bytes` follows the chunks.
+    fn push_back(&mut self, message: ReadyMessage, memory_bytes: &mut u64) {
+        let before = self.ready_bytes();
+        self.ready.push_back(message);
+        *memory_bytes += self.ready_bytes() - before;
+    }
+
+    /// Puts messages back at the front, ahead of everything ready, in id order;
+    /// `memory_bytes` follows the chunks.
+    fn requeue_at_front(&mut self, mut returning: Vec<ReadyMessage>, memory_bytes: &mut u64) {
+        let before = self.ready_bytes();
         returning.sort_unstable_by_key(|m| m.id);
         for message in returning.into_iter().rev() {
             self.ready.push_front(message);
         }
+        *memory_bytes += self.ready_bytes() - before;
     }
 
     /// Hands the front message to the next consumer in round-robin order with spare
-    /// prefetch, if there is a message and such a consumer.
+    /// prefetch and no pause, if there is a message and such a consumer; its lease ends at
+    /// `deadline`.
     fn deliver_next(
         &mut self,
         consumers: &mut FxHashMap<ConsumerId, Consumer>,
+        leases: &mut TimerWheel<(ConsumerId, MessageId)>,
+        deadline: Instant,
+        memory_bytes: &mut u64,
     ) -> Option<Delivery> {
         if self.ready.is_empty() {
             return None;
@@ -614,16 +712,19 @@ impl Queue {
                 debug_assert!(false, "queue lists unknown consumer {consumer_id}");
                 continue;
             };
-            if consumer.in_flight.len() >= consumer.prefetch {
+            if consumer.paused || consumer.in_flight.len() >= consumer.prefetch {
                 continue;
             }
+            let before = self.ready_bytes();
             let message = self.ready.pop_front()?;
+            *memory_bytes -= before - self.ready_bytes();
             let attempt = message.deliveries.saturating_add(1);
             consumer.in_flight.insert(
                 message.id,
                 InFlight {
                     payload: message.payload.clone(),
                     attempt,
+                    lease: leases.insert(deadline, (consumer_id, message.id)),
                 },
             );
             self.next_consumer = (index + 1) % count;

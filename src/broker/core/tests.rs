@@ -105,6 +105,23 @@ fn rule2_consumers_at_their_prefetch_are_skipped() {
     assert!(drain(&mut core, t(1)).is_empty());
 }
 
+/// Asserts that the core's next expiry is for the deadline `at`, as the core task sees
+/// it: following `poll_timeout` (which may wake it early, to move timers down the wheel,
+/// but never late), the first message expires no sooner than `at` and no later than a
+/// timer tick after it.
+fn assert_next_timeout_for(core: &mut Core, at: Instant) {
+    let in_flight = core.stats().in_flight;
+    loop {
+        let next = core.poll_timeout().expect("a timeout is due");
+        assert!(next <= at + TIMER_TICK, "next timeout {next:?} for {at:?}");
+        core.handle_timeout(next);
+        if core.stats().in_flight < in_flight {
+            assert!(next >= at, "expired at {next:?}, before {at:?}");
+            return;
+        }
+    }
+}
+
 #[test]
 fn rule3_delivery_sets_the_deadline_to_now_plus_ack_timeout() {
     let mut core = core();
@@ -112,14 +129,19 @@ fn rule3_delivery_sets_the_deadline_to_now_plus_ack_timeout() {
     assert_eq!(core.poll_timeout(), None);
     publish_n(&mut core, "q", 1);
     drain(&mut core, t(50));
-    assert_eq!(core.poll_timeout(), Some(t(50) + ACK_TIMEOUT));
-    publish_n(&mut core, "q", 1);
-    drain(&mut core, t(80));
+    core.handle_timeout(t(50) + ACK_TIMEOUT - Duration::from_nanos(1));
+    assert_eq!(core.stats().in_flight, 1, "not a nanosecond early");
+    core.handle_timeout(t(50) + ACK_TIMEOUT);
     assert_eq!(
-        core.poll_timeout(),
-        Some(t(50) + ACK_TIMEOUT),
-        "earliest first"
+        core.stats().in_flight,
+        0,
+        "due at now + ack timeout exactly"
     );
+    drain(&mut core, t(260));
+    publish_n(&mut core, "q", 1);
+    drain(&mut core, t(280));
+    assert_next_timeout_for(&mut core, t(260) + ACK_TIMEOUT);
+    assert_next_timeout_for(&mut core, t(280) + ACK_TIMEOUT);
 }
 
 #[test]
@@ -145,6 +167,7 @@ fn rule4_an_ack_removes_the_message_for_good() {
             published_total: 1,
             delivered_total: 1,
             acked_total: 1,
+            memory_bytes: QUEUE_OVERHEAD_BYTES + 1 + 4 * READY_SLOT_BYTES,
             ..CoreStats::default()
         }
     );
@@ -238,7 +261,7 @@ fn rule5_poll_timeout_skips_deadlines_of_acked_messages() {
     drain(&mut core, t(100));
     core.ack(C1, ids[0]).unwrap();
     core.ack(C1, ids[1]).unwrap();
-    assert_eq!(core.poll_timeout(), Some(t(100) + ACK_TIMEOUT));
+    assert_next_timeout_for(&mut core, t(100) + ACK_TIMEOUT);
 }
 
 #[test]
@@ -321,17 +344,19 @@ fn rule8_messages_wait_while_no_consumer_is_connected() {
 }
 
 #[test]
-fn the_memory_limit_counts_ready_and_in_flight_payloads_until_acked() {
-    let one = Payload::from_text("0123456789").len() as u64;
-    let mut core = core_with_memory(2 * one);
+fn the_memory_limit_counts_ready_and_in_flight_messages_until_acked() {
+    let one = Payload::from_text("0123456789").len() as u64 + MESSAGE_OVERHEAD_BYTES;
+    // The queue, and the first chunk of its ready queue: room for four messages.
+    let queue = QUEUE_OVERHEAD_BYTES + 1 + 4 * READY_SLOT_BYTES;
+    let mut core = core_with_memory(queue + 2 * one);
     let a = publish(&mut core, "q", "0123456789");
     publish(&mut core, "q", "abcdefghij");
     let refused = core.publish(&q("q"), Payload::from_text("ABCDEFGHIJ"));
     assert_eq!(
         refused,
         Err(PublishError::QueueFull {
-            used_bytes: 2 * one,
-            limit_bytes: 2 * one
+            used_bytes: queue + 2 * one,
+            limit_bytes: queue + 2 * one
         })
     );
     assert_eq!(refused.unwrap_err().code(), ErrorCode::QueueFull);
@@ -437,19 +462,26 @@ fn disconnecting_an_unknown_consumer_is_harmless() {
 }
 
 #[test]
-fn acked_deadlines_do_not_accumulate() {
+fn lease_memory_follows_what_is_in_flight_not_what_was_acked() {
     let mut core = core();
     core.subscribe(C1, q("q"), 10);
-    for i in 0..10_000 {
+    // One delivery is never acked; a hundred thousand after it are.
+    publish(&mut core, "q", "stuck");
+    drain(&mut core, t(0));
+    for i in 0..100_000 {
         let id = publish(&mut core, "q", "x");
-        drain(&mut core, t(i));
+        drain(&mut core, t(i / 1000));
         core.ack(C1, id).unwrap();
     }
-    assert!(
-        core.deadlines.is_empty(),
-        "{} stale deadlines kept",
-        core.deadlines.len()
+    assert_eq!(core.leases.len(), 1, "one lease per message in flight");
+    assert_eq!(
+        core.leases.allocated(),
+        core.leases.allocated().min(1024),
+        "one slab chunk holds them"
     );
+    core.handle_timeout(t(1000) + ACK_TIMEOUT);
+    assert_eq!(core.take_expired(), [(C1, MessageId(1))]);
+    assert_eq!(core.leases.len(), 0);
 }
 
 #[test]
@@ -510,4 +542,53 @@ fn restored_messages_keep_their_deliveries_and_ids_go_on_after_them() {
         .collect();
     assert_eq!(live.len(), 3);
     assert!(live.contains(&(MessageId(7), 3)) && live.contains(&(MessageId(12), 0)));
+}
+
+#[test]
+fn a_paused_consumer_is_skipped_until_resumed() {
+    let mut core = core();
+    core.subscribe(C1, q("q"), 10);
+    core.subscribe(C2, q("q"), 10);
+    core.pause(C1);
+    let ids = publish_n(&mut core, "q", 3);
+    assert_eq!(
+        drain(&mut core, t(0)),
+        [(C2, ids[0], 1), (C2, ids[1], 1), (C2, ids[2], 1)],
+        "round-robin skips the paused consumer"
+    );
+    core.pause(C2);
+    let more = publish_n(&mut core, "q", 2);
+    assert!(drain(&mut core, t(0)).is_empty(), "both paused");
+    core.ack(C2, ids[0]).unwrap();
+    assert!(drain(&mut core, t(0)).is_empty(), "an ack does not resume");
+    core.resume(C1);
+    assert_eq!(drain(&mut core, t(0)), [(C1, more[0], 1), (C1, more[1], 1)]);
+    // A paused consumer's leases still run out.
+    core.handle_timeout(t(0) + ACK_TIMEOUT);
+    let mut expired = core.take_expired();
+    expired.sort_unstable();
+    assert_eq!(
+        expired,
+        [(C1, more[0]), (C1, more[1]), (C2, ids[1]), (C2, ids[2])]
+    );
+    assert!(core.take_expired().is_empty(), "taken once");
+}
+
+#[test]
+fn a_queue_costs_memory_while_it_exists() {
+    let mut core = core();
+    core.subscribe(C1, q("a-queue"), 1);
+    let empty_queue = QUEUE_OVERHEAD_BYTES + "a-queue".len() as u64;
+    assert_eq!(core.stats().memory_bytes, empty_queue);
+    let id = publish(&mut core, "a-queue", "x");
+    let message = Payload::from_text("x").len() as u64 + MESSAGE_OVERHEAD_BYTES;
+    assert_eq!(
+        core.stats().memory_bytes,
+        empty_queue + message + 4 * READY_SLOT_BYTES
+    );
+    drain(&mut core, t(0));
+    core.ack(C1, id).unwrap();
+    core.disconnect(C1);
+    assert_eq!(core.stats().queues, 0);
+    assert_eq!(core.stats().memory_bytes, 0, "everything given back");
 }
