@@ -301,3 +301,53 @@ async fn rule9_every_confirmed_message_is_delivered_despite_consumers_vanishing(
     })
     .await;
 }
+
+/// Suspected: the core task's biased select took requests before timers, so connections
+/// that kept its channel full could starve ack timeouts. Every turn now ends with the
+/// timeouts that are due: an unacked message comes back while a flood goes on.
+#[tokio::test]
+async fn ack_timeouts_fire_while_connections_keep_the_core_busy() {
+    for threads in ["1", "2"] {
+        let broker =
+            common::BrokerProcess::start(&["--threads", threads, "--ack-timeout", "500ms"]);
+        let holder = common::connect_consumer(broker.addr, "stuck", 1).await;
+        let mut producer = broker_producer(broker.addr, "stuck").await;
+        common::publish_ids(&mut producer, &["held"]).await;
+        // Saturate: producers pipelining as fast as the broker takes them, until the
+        // held message comes back to another consumer.
+        let flooding = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let mut floods = Vec::new();
+        for _ in 0..6 {
+            let mut flooder = broker_producer(broker.addr, "flood").await;
+            let flooding = flooding.clone();
+            floods.push(tokio::spawn(async move {
+                let payloads: Vec<&'static str> = vec!["f"; 1000];
+                while flooding.load(std::sync::atomic::Ordering::Relaxed) {
+                    if flooder.publish_all(payloads.clone(), 1000).await.is_err() {
+                        break;
+                    }
+                }
+            }));
+        }
+        let mut second = common::connect_consumer(broker.addr, "stuck", 1).await;
+        let message = common::recv(&mut second).await;
+        // Back by timeout (perhaps to the holder first, which never acks either).
+        assert_eq!(message.payload, "held", "--threads {threads}");
+        assert!(message.attempt >= 2, "--threads {threads}: {message:?}");
+        assert!(
+            floods.iter().all(|flood| !flood.is_finished()),
+            "--threads {threads}: the flood was still going"
+        );
+        flooding.store(false, std::sync::atomic::Ordering::Relaxed);
+        for flood in floods {
+            flood.await.unwrap();
+        }
+        drop(holder);
+    }
+}
+
+async fn broker_producer(addr: std::net::SocketAddr, queue: &str) -> ferry::Producer {
+    common::within(ferry::Producer::connect(addr, queue))
+        .await
+        .unwrap()
+}

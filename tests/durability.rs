@@ -489,3 +489,110 @@ async fn an_idle_broker_stops_writing_to_its_log() {
         "writes resumed with nothing to do"
     );
 }
+
+/// Finding: a log that cannot be written left a broker that accepted connections and
+/// answered nothing. It must exit non-zero, having confirmed only what is stored.
+#[tokio::test]
+async fn a_log_that_cannot_be_written_stops_the_broker_with_nothing_unstored_confirmed() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().to_str().unwrap();
+    let args = ["--data-dir", data_dir, "--segment-size", "4MiB"];
+    // A first start lays out the log and its spare segment files.
+    let mut first = BrokerProcess::start(&args);
+    first.signal(nix::sys::signal::Signal::SIGINT);
+    assert!(first.wait_exit(common::WAIT).await.success());
+
+    // Files may not grow past 1 MiB now, and the signal that would kill the broker is
+    // ignored: writes past it fail with EFBIG, as on a full or failing disk.
+    let mut broker = BrokerProcess::start_with(&args, |command| {
+        // SAFETY: setrlimit and signal are async-signal-safe and touch nothing else.
+        unsafe {
+            command.pre_exec(|| {
+                use nix::sys::resource::{Resource, setrlimit};
+                use nix::sys::signal::{SigHandler, Signal, signal};
+                setrlimit(Resource::RLIMIT_FSIZE, 1 << 20, 1 << 20)?;
+                signal(Signal::SIGXFSZ, SigHandler::SigIgn)?;
+                Ok(())
+            });
+        }
+    });
+    let mut producer = common::RawClient::producer(broker.addr, "q").await;
+    let payload = "k".repeat(1000);
+    let publishes: Vec<u8> = (0..3000)
+        .flat_map(|_| common::frame(&serde_json::json!({"type": "publish", "payload": payload})))
+        .collect();
+    producer.send_bytes(&publishes).await;
+    let confirmed = producer.read_until_closed().await;
+    let confirmed: Vec<u64> = confirmed
+        .iter()
+        .map(|frame| {
+            assert_eq!(
+                frame["type"], "ok",
+                "only confirms, then the close: {frame}"
+            );
+            frame["id"].as_u64().unwrap()
+        })
+        .collect();
+    assert!(
+        !confirmed.is_empty() && confirmed.len() < 3000,
+        "{} confirmed past a 1 MiB file limit",
+        confirmed.len()
+    );
+    let status = broker.wait_exit(common::WAIT).await;
+    assert!(
+        !status.success(),
+        "a broker whose log failed exited with {status}"
+    );
+    assert!(broker.log_text().contains("the log cannot be written"));
+
+    // Everything confirmed was stored.
+    let broker = BrokerProcess::start(&args);
+    let mut consumer = common::connect_consumer(broker.addr, "q", 1000).await;
+    let mut delivered = std::collections::BTreeSet::new();
+    while delivered.len() < confirmed.len() {
+        let message = recv(&mut consumer).await;
+        delivered.insert(message.id.0);
+    }
+    for id in confirmed {
+        assert!(delivered.contains(&id), "confirmed id {id} was lost");
+    }
+}
+
+/// Finding: with `--data-dir`, a producer that pipelines and then closes its side got
+/// none of its replies (contract §5: every publish gets exactly one), not even the
+/// register's `ok`: its connection was forgotten while the confirms waited for the disk.
+#[tokio::test]
+async fn a_producer_that_half_closes_gets_every_reply_durable_or_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().to_str().unwrap();
+    for args in [vec![], vec!["--data-dir", data_dir]] {
+        let broker = BrokerProcess::start(&args);
+        let mut client = common::RawClient::connect(broker.addr).await;
+        let mut bytes = common::frame(
+            &serde_json::json!({"type": "register", "role": "producer", "queue": "q"}),
+        );
+        // Payloads large enough that the last confirms still wait for their sync when
+        // the end of the stream is read.
+        let payload = "h".repeat(10_000);
+        for _ in 0..500 {
+            bytes.extend(common::frame(
+                &serde_json::json!({"type": "publish", "payload": payload}),
+            ));
+        }
+        client.send_bytes(&bytes).await;
+        let mut stream = client.into_stream();
+        tokio::io::AsyncWriteExt::shutdown(&mut stream)
+            .await
+            .unwrap();
+        let mut client = common::RawClient::from_stream(stream);
+        let replies = client.read_until_closed().await;
+        assert_eq!(replies.len(), 501, "{args:?}: {replies:?}");
+        assert_eq!(replies[0], serde_json::json!({"type": "ok"}));
+        let ids: Vec<u64> = replies[1..]
+            .iter()
+            .map(|reply| reply["id"].as_u64().expect("a confirm"))
+            .collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "{args:?}: in order");
+    }
+}

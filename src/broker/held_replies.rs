@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 
 use rustc_hash::FxHashMap;
 
-use super::core_task::{ConnectionId, Reply};
+use super::commands::{ConnectionId, Reply};
 
 #[derive(Default)]
 pub(crate) struct HeldReplies {

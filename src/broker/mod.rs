@@ -1,26 +1,34 @@
 //! The broker: the queue [`core`] state machine and the tokio shell around it.
 //!
 //! - [`core`]: queues, round-robin, in-flight set, deadlines, drain. No I/O, no clock.
-//! - `core_task`: the single task that owns the core and talks to connections by channel;
-//!   with `--data-dir` it also drives the log and holds confirms until they are durable
+//! - `gate`: the rules around the core, no I/O either: commands applied, the log
+//!   written, and replies and deliveries held until what they stand for is durable
 //!   (`held_replies`).
-//! - `connection`: one task per client socket; frames in, commands out, and back.
+//! - `core_task`: the single task that owns the gate and talks to connections by channel
+//!   (`commands` are what they say to each other).
+//! - `session`: a connection's protocol state, no I/O: reply order, fatal errors, the
+//!   bounds on what a client can make the broker hold.
+//! - `connection`: one task per client socket, the shell around its session.
 //! - [`server`]: the listener, the connection limit, signals to shutdown and the drain.
 //! - [`auth`]: the `--auth-file` grants.
 //! - [`metrics`]: live figures, readable from any thread.
 //! - [`config`]: the broker's settings and the contract's defaults.
 
 pub mod auth;
+mod commands;
 pub mod config;
 mod connection;
 pub mod core;
 mod core_task;
+mod gate;
 mod held_replies;
 pub mod metrics;
 pub mod server;
+mod session;
 
+pub use commands::ConnectionId;
 pub use config::BrokerConfig;
-pub use core_task::{ConnectionId, ShutdownReport, StorageFailed};
+pub use core_task::{ShutdownReport, StorageFailed};
 pub use server::{BrokerError, Server};
 
 /// Sleeps until `deadline`, or forever without one: a `select!` branch that is armed

@@ -15,10 +15,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, field, info, info_span, warn};
 
+use super::commands::{ConnectionId, Request};
 use super::config::BrokerConfig;
-use super::connection::{Connection, ConnectionSettings, close_after_fatal_error};
-use super::core_task::{ConnectionId, CoreTask, Request, ShutdownReport, StorageFailed};
+use super::connection::{Connection, close_after_fatal_error};
+use super::core_task::{CoreTask, ShutdownReport, StorageFailed};
 use super::metrics::BrokerMetrics;
+use super::session::{ConnectionSettings, Session};
 use crate::protocol::ErrorCode;
 use crate::protocol::server_frame::ServerFrame;
 use crate::storage::{Storage, StorageError};
@@ -138,7 +140,7 @@ impl Server {
             core_task,
             core_tx,
         } = self;
-        let core_task = tokio::spawn(core_task.run(shutdown.clone()));
+        let mut core_task = tokio::spawn(core_task.run(shutdown.clone()));
         let settings = Arc::new(ConnectionSettings {
             max_frame_bytes: config.max_frame_bytes,
             register_timeout: config.register_timeout,
@@ -150,9 +152,16 @@ impl Server {
         let connections = TaskTracker::new();
         let mut next_id = 0u64;
 
+        // The core task ends early only when the log fails: the broker must then stop,
+        // loudly, rather than take connections it can confirm nothing on.
+        let mut ended_early = None;
         loop {
             let (tcp, peer) = tokio::select! {
                 () = shutdown.cancelled() => break,
+                outcome = &mut core_task => {
+                    ended_early = Some(outcome);
+                    break;
+                }
                 accepted = listener.accept() => match accepted {
                     Ok(accepted) => accepted,
                     Err(e) => {
@@ -182,8 +191,9 @@ impl Server {
                             if let Some(stream) =
                                 open_stream(tcp, tls.as_ref(), register_deadline).await
                             {
-                                Connection::new(id, stream, settings, metrics.clone(), core_tx)
-                                    .run(close_all, register_deadline)
+                                let session = Session::new(settings, register_deadline.into_std());
+                                Connection::new(id, stream, session, metrics.clone(), core_tx)
+                                    .run(close_all)
                                     .await;
                             }
                             metrics.connection_closed();
@@ -216,7 +226,10 @@ impl Server {
         drop(listener);
         drop(core_tx);
         info!("stopped accepting connections");
-        let outcome = core_task.await?;
+        let outcome = match ended_early {
+            Some(outcome) => outcome?,
+            None => core_task.await?,
+        };
         close_all.cancel();
         connections.close();
         connections.wait().await;

@@ -168,10 +168,16 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<ExitCode> {
     );
     info!("listening on {addr}");
 
-    let serving = tokio::spawn(server.run(shutdown.clone()));
+    let mut serving = tokio::spawn(server.run(shutdown.clone()));
     tokio::select! {
         _ = interrupt.recv() => info!("SIGINT: draining; send it again to exit at once"),
         _ = terminate.recv() => info!("SIGTERM: draining; send SIGINT to exit at once"),
+        // Only a failure ends the broker unasked (the log cannot be written): exit
+        // non-zero at once, so that a supervisor sees it.
+        ended = &mut serving => {
+            ended.context("the broker task failed")??;
+            bail!("the broker stopped without being asked to");
+        }
     }
     shutdown.cancel();
     tokio::select! {

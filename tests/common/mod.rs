@@ -223,6 +223,11 @@ impl RawClient {
     pub async fn connect(addr: SocketAddr) -> RawClient {
         let stream = within(TcpStream::connect(addr)).await.unwrap();
         stream.set_nodelay(true).unwrap();
+        RawClient::from_stream(stream)
+    }
+
+    /// A client on a stream already connected.
+    pub fn from_stream(stream: TcpStream) -> RawClient {
         RawClient {
             stream,
             decoder: FrameDecoder::new(u32::MAX as usize),
@@ -250,6 +255,12 @@ impl RawClient {
 
     pub async fn send_bytes(&mut self, bytes: &[u8]) {
         within(self.stream.write_all(bytes)).await.unwrap();
+    }
+
+    /// Sends as much of `bytes` as the broker takes: a refusal may close the connection
+    /// before it has read them all.
+    pub async fn send_bytes_unchecked(&mut self, bytes: &[u8]) {
+        let _ = self.stream.write_all(bytes).await;
     }
 
     /// Sends `body` as one frame with a correct length prefix.
@@ -296,6 +307,24 @@ impl RawClient {
         let frame = self.recv().await;
         assert_eq!(frame["type"], "message", "expected a delivery, got {frame}");
         frame
+    }
+
+    /// Every frame until the broker closes the connection.
+    pub async fn read_until_closed(&mut self) -> Vec<Value> {
+        within(async {
+            let mut frames = Vec::new();
+            loop {
+                while let Some(body) = self.decoder.decode(&mut self.buf).unwrap() {
+                    frames.push(serde_json::from_slice(&body).unwrap());
+                }
+                let read = self.stream.read_buf(&mut self.buf).await;
+                if is_closed_by_peer(&read) {
+                    return frames;
+                }
+                read.expect("read");
+            }
+        })
+        .await
     }
 
     /// Asserts the broker closes the connection, with no frame left unread before it.

@@ -1,0 +1,89 @@
+//! What connections and the core task say to each other: a connection sends [`Request`]s
+//! (its commands, in order) and receives [`ToConnection`] messages (replies in the order
+//! of its commands, deliveries, and deliveries taken back).
+
+use tokio::sync::mpsc;
+
+use super::core::{ConsumerId, Delivery};
+use crate::protocol::{ErrorCode, MessageId, Payload, QueueName, Role};
+
+/// Identifies a connection for the life of the broker; never reused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnectionId(pub u64);
+
+impl std::fmt::Display for ConnectionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl ConnectionId {
+    /// The consumer a consumer connection is to the core.
+    pub fn consumer(self) -> ConsumerId {
+        ConsumerId(self.0)
+    }
+}
+
+/// Commands from one connection, applied in order.
+#[derive(Debug)]
+pub(crate) struct Request {
+    pub conn: ConnectionId,
+    pub commands: Vec<Command>,
+    /// With a register: where the core task sends this connection its replies and
+    /// deliveries from then on.
+    pub route: Option<mpsc::UnboundedSender<ToConnection>>,
+}
+
+/// What a connection asks of the core. Each command for which [`Command::is_answered`]
+/// holds gets exactly one [`Reply`], in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Command {
+    Register {
+        role: Role,
+        queue: QueueName,
+        prefetch: u16,
+    },
+    Publish(Payload),
+    Ack(MessageId),
+    /// The connection holds all the output it may: deliver nothing more to it until
+    /// [`Command::Resume`].
+    Pause,
+    Resume,
+    /// The connection is ending: its consumer's messages go back at once. Replies to
+    /// the commands before it still come.
+    Disconnect,
+}
+
+impl Command {
+    /// Whether the core answers this command with a [`Reply`].
+    pub fn is_answered(&self) -> bool {
+        matches!(
+            self,
+            Command::Register { .. } | Command::Publish(_) | Command::Ack(_)
+        )
+    }
+}
+
+/// What the core task sends a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ToConnection {
+    /// Replies to the connection's next answered commands, in order.
+    Replies(Vec<Reply>),
+    Deliveries(Vec<Delivery>),
+    /// Deliveries whose lease ran out (their messages are ready again): any not written
+    /// yet need not be.
+    Revoked(Vec<MessageId>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Reply {
+    Registered,
+    Published(MessageId),
+    /// An ack that took effect: nothing goes on the wire.
+    Acked,
+    Refused {
+        code: ErrorCode,
+        message: String,
+        id: Option<MessageId>,
+    },
+}

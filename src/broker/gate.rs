@@ -1,0 +1,396 @@
+//! The broker's rules around the core, as a state machine with no I/O: it applies each
+//! connection's commands to the [`Core`], logs what must be durable, and holds back what
+//! may not leave before the log says it is. The core task (the shell) feeds it requests,
+//! time and how far the log is durable, and sends what it puts out; a test drives it the
+//! same way, in simulated time, with a log whose durability it decides.
+//!
+//! What it decides:
+//! - **Replies**: one per answered command, to its connection, in command order. With a
+//!   log, a confirm is held until the record of its publish is durable, and a
+//!   connection's later replies wait behind its held ones (`held_replies`).
+//! - **Deliveries**: a new message is deliverable only once its publish is durable (the
+//!   core's watermark), so a consumer never sees a message a crash could erase.
+//! - **Routes**: a connection that ends keeps its route until every reply held for it is
+//!   released: a producer that half-closes after pipelining still gets every confirm.
+//!   Its consumer's messages go back at once.
+//! - **Turns**: each turn ends with whatever ack timeouts are due (however busy the
+//!   turn), the deliveries those timeouts took back (so connections can drop them
+//!   unwritten), the deliveries the core can make, and the log records of the turn.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use rustc_hash::FxHashMap;
+use tracing::{debug, info};
+
+use super::commands::{Command, ConnectionId, Reply, ToConnection};
+use super::core::{Core, CoreStats, Delivery, DrainReport};
+use super::held_replies::HeldReplies;
+use crate::protocol::{ErrorCode, MessageId, Payload, QueueName, Role};
+use crate::storage::{Journal, LiveMessage, record};
+
+/// What the gate needs of the durable log: [`Journal`], or a test's stand-in.
+pub(crate) trait Log {
+    fn log_publish(&mut self, id: MessageId, deliveries: u32, queue: &QueueName, payload: &Payload);
+    fn log_acked(&mut self, ids: &[MessageId], record_bytes: u64);
+    fn log_delivered(&mut self, ids: &[MessageId]);
+    /// Marks the batch being logged as awaited and returns its sequence number.
+    fn await_pending(&mut self) -> u64;
+    /// Submits the batch being logged; its sequence number, if there was anything.
+    fn submit(&mut self) -> Option<u64>;
+    fn wants_compaction(&self) -> bool;
+    /// Copies the live messages of the oldest segment forward; says how many.
+    fn compact_oldest<'a>(&mut self, live: impl Iterator<Item = LiveMessage<'a>>) -> usize;
+}
+
+impl Log for Journal {
+    fn log_publish(
+        &mut self,
+        id: MessageId,
+        deliveries: u32,
+        queue: &QueueName,
+        payload: &Payload,
+    ) {
+        Journal::log_publish(self, id, deliveries, queue, payload);
+    }
+    fn log_acked(&mut self, ids: &[MessageId], record_bytes: u64) {
+        Journal::log_acked(self, ids, record_bytes);
+    }
+    fn log_delivered(&mut self, ids: &[MessageId]) {
+        Journal::log_delivered(self, ids);
+    }
+    fn await_pending(&mut self) -> u64 {
+        Journal::await_pending(self)
+    }
+    fn submit(&mut self) -> Option<u64> {
+        Journal::submit(self)
+    }
+    fn wants_compaction(&self) -> bool {
+        Journal::wants_compaction(self)
+    }
+    fn compact_oldest<'a>(&mut self, live: impl Iterator<Item = LiveMessage<'a>>) -> usize {
+        Journal::compact_oldest(self, live)
+    }
+}
+
+/// A registered connection, as the gate knows it.
+#[derive(Debug)]
+struct Registered {
+    role: Role,
+    queue: QueueName,
+    /// It has ended; it is forgotten once nothing is held for it.
+    ended: bool,
+}
+
+pub(crate) struct Gate<L> {
+    core: Core,
+    log: Option<L>,
+    connections: FxHashMap<ConnectionId, Registered>,
+    held: HeldReplies,
+    /// What to send, in order.
+    outbound: VecDeque<(ConnectionId, ToConnection)>,
+    /// Connections whose routes may go: nothing more will be sent to them.
+    forgotten: Vec<ConnectionId>,
+    /// Deliveries of the current turn, grouped so each consumer gets one message.
+    outgoing: FxHashMap<ConnectionId, Vec<Delivery>>,
+    /// Ids acked and delivered this turn, logged together at its end, and the bytes the
+    /// acked messages' publish records take.
+    acked: Vec<MessageId>,
+    acked_record_bytes: u64,
+    delivered: Vec<MessageId>,
+    /// The highest id published this turn.
+    newest_published: Option<MessageId>,
+    /// (batch, highest id published in it): when the batch is durable, messages up to
+    /// that id may be delivered.
+    publish_batches: VecDeque<(u64, MessageId)>,
+}
+
+impl<L: Log> Gate<L> {
+    /// A gate over `core`; with `log`, over the durable log too (the core then holds
+    /// new messages back until they are durable).
+    pub fn new(mut core: Core, log: Option<L>) -> Self {
+        if log.is_some() {
+            core.hold_new_messages();
+        }
+        Gate {
+            core,
+            log,
+            connections: FxHashMap::default(),
+            held: HeldReplies::default(),
+            outbound: VecDeque::new(),
+            forgotten: Vec::new(),
+            outgoing: FxHashMap::default(),
+            acked: Vec::new(),
+            acked_record_bytes: 0,
+            delivered: Vec::new(),
+            newest_published: None,
+            publish_batches: VecDeque::new(),
+        }
+    }
+
+    /// Applies one connection's commands, in order.
+    pub fn apply(&mut self, conn: ConnectionId, commands: Vec<Command>) {
+        let mut replies = Vec::with_capacity(commands.len());
+        for command in commands {
+            match command {
+                Command::Register {
+                    role,
+                    queue,
+                    prefetch,
+                } => {
+                    if role == Role::Consumer {
+                        self.core
+                            .subscribe(conn.consumer(), queue.clone(), prefetch);
+                    }
+                    self.connections.insert(
+                        conn,
+                        Registered {
+                            role,
+                            queue,
+                            ended: false,
+                        },
+                    );
+                    replies.push(Reply::Registered);
+                }
+                Command::Publish(payload) => replies.push(self.publish(conn, payload)),
+                Command::Ack(id) => replies.push(self.ack(conn, id)),
+                Command::Pause => self.core.pause(conn.consumer()),
+                Command::Resume => self.core.resume(conn.consumer()),
+                Command::Disconnect => {
+                    // Replies to the commands before it go first.
+                    self.reply(conn, std::mem::take(&mut replies));
+                    self.end(conn);
+                }
+            }
+        }
+        self.reply(conn, replies);
+    }
+
+    /// The connection's task is gone (its route is closed): nothing more can reach it.
+    pub fn handle_gone(&mut self, conn: ConnectionId) {
+        self.end(conn);
+        if self.connections.remove(&conn).is_some() {
+            self.forgotten.push(conn);
+        }
+    }
+
+    /// The log is durable through batch `seq`: release what waited for it.
+    pub fn handle_durable(&mut self, seq: u64) {
+        let mut newest_durable = None;
+        while let Some(&(batch, newest)) = self.publish_batches.front() {
+            if batch > seq {
+                break;
+            }
+            self.publish_batches.pop_front();
+            newest_durable = Some(newest);
+        }
+        if let Some(newest) = newest_durable {
+            self.core.make_deliverable(MessageId(newest.0 + 1));
+        }
+        for (conn, replies) in self.held.release_through(seq) {
+            self.outbound
+                .push_back((conn, ToConnection::Replies(replies)));
+            if !self.held.holds_for(conn) {
+                self.forget_if_ended(conn);
+            }
+        }
+    }
+
+    /// Ends the turn at `now`: ack timeouts that are due, what they took back, the
+    /// deliveries the core can make, and the turn's log records, submitted.
+    pub fn end_turn(&mut self, now: Instant) {
+        if self.core.poll_timeout().is_some_and(|due| due <= now) {
+            self.core.handle_timeout(now);
+        }
+        let mut revoked: FxHashMap<ConnectionId, Vec<MessageId>> = FxHashMap::default();
+        for (consumer, id) in self.core.take_expired() {
+            revoked
+                .entry(ConnectionId(consumer.0))
+                .or_default()
+                .push(id);
+        }
+        for (conn, ids) in revoked {
+            self.outbound.push_back((conn, ToConnection::Revoked(ids)));
+        }
+        while let Some(delivery) = self.core.poll_delivery(now) {
+            if self.log.is_some() {
+                self.delivered.push(delivery.id);
+            }
+            self.outgoing
+                .entry(ConnectionId(delivery.consumer.0))
+                .or_default()
+                .push(delivery);
+        }
+        for (conn, deliveries) in self.outgoing.drain() {
+            self.outbound
+                .push_back((conn, ToConnection::Deliveries(deliveries)));
+        }
+        if let Some(log) = &mut self.log {
+            log.log_acked(&self.acked, std::mem::take(&mut self.acked_record_bytes));
+            log.log_delivered(&self.delivered);
+            if log.wants_compaction() {
+                let live = self
+                    .core
+                    .live_messages()
+                    .map(|(id, deliveries, queue, payload)| LiveMessage {
+                        id,
+                        deliveries,
+                        queue,
+                        payload,
+                    });
+                let copied = log.compact_oldest(live);
+                debug!(
+                    copied,
+                    "compacting the log: live messages of its oldest segment copied forward"
+                );
+            }
+            let seq = log.submit();
+            if let (Some(seq), Some(newest)) = (seq, self.newest_published.take()) {
+                self.publish_batches.push_back((seq, newest));
+            }
+        }
+        self.acked.clear();
+        self.delivered.clear();
+    }
+
+    /// The next message to send, in order.
+    pub fn poll_outbound(&mut self) -> Option<(ConnectionId, ToConnection)> {
+        self.outbound.pop_front()
+    }
+
+    /// A connection whose route may be dropped.
+    pub fn poll_forgotten(&mut self) -> Option<ConnectionId> {
+        self.forgotten.pop()
+    }
+
+    /// When [`Gate::end_turn`] must next run for an ack timeout.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.core.poll_timeout()
+    }
+
+    pub fn begin_drain(&mut self) {
+        self.core.begin_drain();
+    }
+
+    /// Whether the drain may end: the core is drained and no reply is held.
+    pub fn is_drained(&self) -> bool {
+        self.core.is_drained() && self.held.is_empty()
+    }
+
+    pub fn drain_report(&self) -> DrainReport {
+        self.core.drain_report()
+    }
+
+    pub fn stats(&self) -> CoreStats {
+        self.core.stats()
+    }
+
+    /// The log, to close it.
+    pub fn take_log(&mut self) -> Option<L> {
+        self.log.take()
+    }
+
+    fn publish(&mut self, conn: ConnectionId, payload: Payload) -> Reply {
+        let Some(registered) = self.connections.get(&conn) else {
+            debug_assert!(false, "publish from unregistered connection {conn}");
+            return Reply::Refused {
+                code: ErrorCode::NotRegistered,
+                message: "register first".into(),
+                id: None,
+            };
+        };
+        debug_assert_eq!(registered.role, Role::Producer);
+        let logged = self.log.is_some().then(|| payload.clone());
+        match self.core.publish(&registered.queue, payload) {
+            Ok(id) => {
+                if let (Some(log), Some(payload)) = (&mut self.log, logged) {
+                    log.log_publish(id, 0, &registered.queue, &payload);
+                    self.newest_published = Some(id);
+                }
+                Reply::Published(id)
+            }
+            Err(refusal) => {
+                debug!(conn = %conn, queue = %registered.queue, %refusal, "publish refused");
+                Reply::Refused {
+                    code: refusal.code(),
+                    message: refusal.to_string(),
+                    id: None,
+                }
+            }
+        }
+    }
+
+    fn ack(&mut self, conn: ConnectionId, id: MessageId) -> Reply {
+        match self.core.ack(conn.consumer(), id) {
+            Ok(payload) => {
+                if self.log.is_some()
+                    && let Some(registered) = self.connections.get(&conn)
+                {
+                    self.acked.push(id);
+                    self.acked_record_bytes +=
+                        record::publish_record_bytes(&registered.queue, &payload) as u64;
+                }
+                Reply::Acked
+            }
+            Err(refusal) => Reply::Refused {
+                code: ErrorCode::UnknownId,
+                message: refusal.to_string(),
+                id: Some(id),
+            },
+        }
+    }
+
+    /// Sends replies, or holds them: a confirm waits until its record is durable, and a
+    /// connection's later replies wait behind its earlier ones. The batch is marked
+    /// awaited because replies that wait only for their turn (a refusal) log nothing,
+    /// and a batch with nothing in it would otherwise never be submitted, nor they
+    /// released.
+    fn reply(&mut self, conn: ConnectionId, replies: Vec<Reply>) {
+        if replies.is_empty() {
+            return;
+        }
+        match &mut self.log {
+            Some(log)
+                if self.held.holds_for(conn)
+                    || replies.iter().any(|r| matches!(r, Reply::Published(_))) =>
+            {
+                self.held.hold(log.await_pending(), conn, replies);
+            }
+            _ => self
+                .outbound
+                .push_back((conn, ToConnection::Replies(replies))),
+        }
+    }
+
+    /// A connection ended: its consumer's messages go back now; it is forgotten once
+    /// nothing is held for it.
+    fn end(&mut self, conn: ConnectionId) {
+        let Some(registered) = self.connections.get_mut(&conn) else {
+            return;
+        };
+        if registered.ended {
+            return;
+        }
+        registered.ended = true;
+        if registered.role == Role::Consumer {
+            let returned = self.core.disconnect(conn.consumer());
+            if returned > 0 {
+                info!(conn = %conn, queue = %registered.queue, returned, "consumer gone; its in-flight messages are ready again");
+            }
+        }
+        if !self.held.holds_for(conn) {
+            self.forget_if_ended(conn);
+        }
+    }
+
+    fn forget_if_ended(&mut self, conn: ConnectionId) {
+        if self
+            .connections
+            .get(&conn)
+            .is_some_and(|registered| registered.ended)
+        {
+            self.connections.remove(&conn);
+            self.forgotten.push(conn);
+        }
+    }
+}

@@ -1,0 +1,578 @@
+//! A client connection's protocol state, as a state machine with no I/O and no clock of
+//! its own (quinn-proto's `Connection` under quinn's): bytes read and messages from the
+//! core go in; commands for the core, bytes to write, the next timeout and how the
+//! connection ends come out. The shell (`connection`) only moves bytes and messages.
+//!
+//! What it decides, and where the rule is written once:
+//! - **Reply order** (contract §5): every answered command and every refused frame gets
+//!   its reply in the order the frames came. A refusal made here waits in `unanswered`
+//!   behind the replies the core still owes.
+//! - **Fatal errors**: [`ErrorCode::is_fatal`] is the one table; a fatal refusal stops
+//!   reading, and the connection ends once it and everything before it are written.
+//! - **Bounds**: output queued for the client (bytes encoded, plus a reservation of
+//!   [`REPLY_RESERVE_BYTES`] for each reply the core owes) stops the reading of more
+//!   frames at [`OUTPUT_BYTES_MAX`], so each frame read can add one reply at most; its
+//!   deliveries are encoded only while the encoded output is under that bound, and the
+//!   others wait, sharing their payloads with the core, while the core is told to pause
+//!   deliveries; deliveries taken back by a timeout, or acked, before they were written
+//!   are dropped. Before register, input is limited to a register frame of at most
+//!   [`REGISTER_FRAME_BYTES_MAX`]. docs/RELIABILITY.md states what this adds up to.
+//! - **Ending**: a client that closes its side is answered in full before the
+//!   connection closes (its consumer's messages go back at once); output that makes no
+//!   progress for [`FINAL_FLUSH_TIMEOUT`] ends it anyway.
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use rustc_hash::FxHashMap;
+use tokio_util::codec::Decoder;
+use tracing::{Span, debug, field, info};
+
+use super::auth::Access;
+use super::commands::{Command, Reply, ToConnection};
+use super::core::Delivery;
+use crate::protocol::client_frame::{FrameType, InboundFrame, InvalidFrame};
+use crate::protocol::codec::{FrameDecoder, FrameError};
+use crate::protocol::server_frame::ServerFrame;
+use crate::protocol::{ErrorCode, MessageId, Payload, Role};
+
+/// What every connection of a broker shares.
+#[derive(Debug)]
+pub(crate) struct ConnectionSettings {
+    pub max_frame_bytes: usize,
+    pub register_timeout: Duration,
+    pub access: Access,
+}
+
+/// Output a connection may queue for its client: encoded bytes plus what replies still
+/// owed by the core reserve. Past it, no more frames are read; deliveries wait unencoded.
+pub const OUTPUT_BYTES_MAX: usize = 256 * 1024;
+/// What each reply the core owes reserves of [`OUTPUT_BYTES_MAX`]: no reply frame is
+/// longer (error messages are cut to fit).
+pub const REPLY_RESERVE_BYTES: usize = 512;
+/// Largest first frame: a register with a 255-character queue name and a long token
+/// needs far less; anything longer is refused before it is buffered.
+pub const REGISTER_FRAME_BYTES_MAX: usize = 8 * 1024;
+/// Bytes asked of the socket per read by a busy connection.
+const READ_CHUNK_BYTES: usize = 64 * 1024;
+/// Bytes asked per read by a connection whose reads do not fill what it asks for. Idle
+/// connections are most connections; at 64 KiB each, ten thousand of them held 700 MB.
+const QUIET_READ_BYTES: usize = 2 * 1024;
+/// Capacity beyond which an empty read buffer is given back when its connection goes
+/// quiet.
+const IDLE_BUFFER_BYTES_MAX: usize = 8 * 1024;
+/// How long an ending connection's output may make no progress before it is dropped.
+pub const FINAL_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long to flush when the broker closes every connection at the end of shutdown.
+pub const SHUTDOWN_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A reply owed to the client, in the order the client is owed them.
+#[derive(Debug)]
+enum Slot {
+    /// The core's reply to a command sent to it.
+    Core,
+    /// An error frame produced here, already encoded.
+    Local(Bytes),
+}
+
+/// Why a connection ends.
+#[derive(Debug)]
+pub(crate) enum Ending {
+    /// The client closed its side; everything it was owed has been written.
+    PeerClosed,
+    /// A fatal error frame was written (the last frame): close gracefully, so that the
+    /// client reads it rather than a reset.
+    Fatal,
+    /// The broker's drain is over.
+    Shutdown,
+    /// The socket failed, or the client stopped taking its output for too long.
+    Broken(io::Error),
+}
+
+/// Deliveries not yet encoded, in arrival order. An entry can be dropped by id (taken
+/// back by a timeout, or acked) before its turn: its id stays in `order` and is skipped.
+#[derive(Debug, Default)]
+struct PendingDeliveries {
+    order: VecDeque<MessageId>,
+    by_id: FxHashMap<MessageId, Delivery>,
+}
+
+impl PendingDeliveries {
+    fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+
+    fn push(&mut self, delivery: Delivery) {
+        self.order.push_back(delivery.id);
+        self.by_id.insert(delivery.id, delivery);
+    }
+
+    fn pop(&mut self) -> Option<Delivery> {
+        while let Some(id) = self.order.pop_front() {
+            if let Some(delivery) = self.by_id.remove(&id) {
+                return Some(delivery);
+            }
+        }
+        None
+    }
+
+    fn remove(&mut self, id: MessageId) {
+        self.by_id.remove(&id);
+        if self.by_id.is_empty() {
+            self.order.clear();
+        }
+    }
+
+    fn clear(&mut self) {
+        self.order.clear();
+        self.by_id.clear();
+    }
+}
+
+pub(crate) struct Session {
+    settings: Arc<ConnectionSettings>,
+    decoder: FrameDecoder,
+    read_buf: BytesMut,
+    /// Whether the last read filled the space it was given: the peer has more to send.
+    reads_fill: bool,
+    /// Whether complete frames may be left in `read_buf` (the last decode stopped for the
+    /// output bound, not for want of bytes): no more is read until they are handled.
+    frames_left: bool,
+    out: BytesMut,
+    role: Option<Role>,
+    unanswered: VecDeque<Slot>,
+    /// `Slot::Core` entries in `unanswered`.
+    owed_by_core: usize,
+    /// Bytes of the `Slot::Local` entries in `unanswered`.
+    local_bytes: usize,
+    pending: PendingDeliveries,
+    /// Whether the core was told to pause deliveries.
+    paused: bool,
+    /// Commands for the core, not yet taken by the shell.
+    commands: Vec<Command>,
+    /// Set once the connection is ending; the end comes when `ended` is.
+    ending: Option<Ending>,
+    ended: bool,
+    disconnect_sent: bool,
+    register_deadline: Instant,
+    /// When ending with output left to write: the time by which it must make progress
+    /// (or, at shutdown, be written).
+    flush_deadline: Option<Instant>,
+}
+
+impl Session {
+    /// A session for a connection accepted at a time that makes `register_deadline` its
+    /// deadline to register.
+    pub fn new(settings: Arc<ConnectionSettings>, register_deadline: Instant) -> Session {
+        let decoder = FrameDecoder::new(REGISTER_FRAME_BYTES_MAX.min(settings.max_frame_bytes));
+        Session {
+            settings,
+            decoder,
+            read_buf: BytesMut::new(),
+            reads_fill: false,
+            frames_left: false,
+            out: BytesMut::new(),
+            role: None,
+            unanswered: VecDeque::new(),
+            owed_by_core: 0,
+            local_bytes: 0,
+            pending: PendingDeliveries::default(),
+            paused: false,
+            commands: Vec::new(),
+            ending: None,
+            ended: false,
+            disconnect_sent: false,
+            register_deadline,
+            flush_deadline: None,
+        }
+    }
+
+    /// The buffers of the next I/O step: where to read (and whether to read at all), and
+    /// what to write.
+    pub fn io_buffers(&mut self) -> (&mut BytesMut, &mut BytesMut, bool) {
+        let read = self.wants_read();
+        if read {
+            self.size_read_buffer();
+        }
+        (&mut self.read_buf, &mut self.out, read)
+    }
+
+    /// After an I/O step: `read` bytes were read (`Some(0)`: the client closed its side),
+    /// and whether any output was written.
+    pub fn handle_io(&mut self, now: Instant, read: Option<usize>, wrote: bool) {
+        if wrote && self.flush_deadline.is_some() && !self.is_shutting_down() {
+            self.flush_deadline = Some(now + FINAL_FLUSH_TIMEOUT);
+        }
+        match read {
+            Some(0) => {
+                debug!("the client closed its side");
+                self.begin_ending(Ending::PeerClosed);
+            }
+            Some(n) => {
+                self.reads_fill = n > 0 && self.read_buf.capacity() == self.read_buf.len();
+                self.frames_left = true;
+            }
+            None => {}
+        }
+        self.pump(now);
+    }
+
+    /// The socket failed: the connection ends now.
+    pub fn handle_broken(&mut self, error: io::Error) {
+        self.begin_ending(Ending::Broken(error));
+        self.ended = true;
+    }
+
+    /// A message from the core task.
+    pub fn handle_core(&mut self, now: Instant, message: ToConnection) {
+        match message {
+            ToConnection::Replies(replies) => {
+                for reply in replies {
+                    self.on_reply(reply);
+                }
+            }
+            ToConnection::Deliveries(deliveries) => {
+                // An ending connection's messages go back to their queue; writing
+                // more of them helps nobody.
+                if self.ending.is_none() {
+                    for delivery in deliveries {
+                        self.pending.push(delivery);
+                    }
+                }
+            }
+            ToConnection::Revoked(ids) => {
+                for id in ids {
+                    self.pending.remove(id);
+                }
+            }
+        }
+        self.pump(now);
+    }
+
+    /// Time has come to `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.role.is_none() && self.ending.is_none() && now >= self.register_deadline {
+            let seconds = self.settings.register_timeout.as_secs_f64();
+            self.refuse(
+                ErrorCode::RegisterTimeout,
+                &format!("no register within {seconds} s of connecting"),
+            );
+        }
+        if self.flush_deadline.is_some_and(|deadline| now >= deadline) {
+            if !self.is_shutting_down() {
+                debug!("the client did not take its last frames in time");
+                let gave_up = io::Error::new(io::ErrorKind::TimedOut, "output made no progress");
+                self.ending = Some(Ending::Broken(gave_up));
+            }
+            self.ended = true;
+        }
+        self.pump(now);
+    }
+
+    /// The broker's drain is over: write what is encoded, briefly, then close.
+    pub fn handle_shutdown(&mut self, now: Instant) {
+        self.unanswered.clear();
+        self.owed_by_core = 0;
+        self.local_bytes = 0;
+        self.ending = Some(Ending::Shutdown);
+        self.flush_deadline = Some(now + SHUTDOWN_FLUSH_TIMEOUT);
+        self.pump(now);
+    }
+
+    /// Commands for the core, to send as one request.
+    pub fn poll_commands(&mut self) -> Option<Vec<Command>> {
+        (!self.commands.is_empty()).then(|| std::mem::take(&mut self.commands))
+    }
+
+    /// When [`Session::handle_timeout`] must next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let register =
+            (self.role.is_none() && self.ending.is_none()).then_some(self.register_deadline);
+        match (register, self.flush_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// How the connection ended, once it has: the shell then closes it.
+    pub fn poll_end(&mut self) -> Option<Ending> {
+        if self.ended {
+            self.ended = false;
+            return self.ending.take();
+        }
+        None
+    }
+
+    /// Whether reading is held back because the client does not take its output.
+    pub fn is_throttled(&self) -> bool {
+        self.ending.is_none() && !self.has_input_room()
+    }
+
+    /// Bytes encoded and not written yet.
+    pub fn output_len(&self) -> usize {
+        self.out.len()
+    }
+
+    fn is_shutting_down(&self) -> bool {
+        matches!(self.ending, Some(Ending::Shutdown))
+    }
+
+    fn wants_read(&self) -> bool {
+        self.ending.is_none() && !self.frames_left && self.has_input_room()
+    }
+
+    /// Whether another frame may be read: what it could add fits the output bound.
+    fn has_input_room(&self) -> bool {
+        self.out.len() + self.local_bytes + self.owed_by_core * REPLY_RESERVE_BYTES
+            < OUTPUT_BYTES_MAX
+    }
+
+    /// Gives the next read room to match the connection's pace: a full chunk while its
+    /// reads fill what they get (once registered), a small one otherwise; and hands back
+    /// the big, empty read buffer of a connection that has gone quiet.
+    fn size_read_buffer(&mut self) {
+        if self.reads_fill && self.role.is_some() {
+            self.read_buf.reserve(READ_CHUNK_BYTES);
+            return;
+        }
+        if self.read_buf.is_empty() && self.read_buf.capacity() > IDLE_BUFFER_BYTES_MAX {
+            self.read_buf = BytesMut::new();
+        }
+        self.read_buf.reserve(QUIET_READ_BYTES);
+    }
+
+    /// Moves everything on as far as the bounds allow: deliveries into the output,
+    /// frames out of the input, flow control to the core, and the end.
+    fn pump(&mut self, now: Instant) {
+        while self.out.len() < OUTPUT_BYTES_MAX {
+            let Some(delivery) = self.pending.pop() else {
+                break;
+            };
+            ServerFrame::Delivery {
+                id: delivery.id,
+                payload: &delivery.payload,
+                attempt: delivery.attempt,
+            }
+            .encode(&mut self.out);
+        }
+        while self.frames_left && self.ending.is_none() && self.has_input_room() {
+            match self.decoder.decode(&mut self.read_buf) {
+                Ok(Some(body)) => self.handle_frame(&body),
+                Ok(None) => self.frames_left = false,
+                Err(FrameError::Io(e)) => self.handle_broken(e),
+                Err(refusal) => self.refuse_framing(refusal),
+            }
+        }
+        if self.role == Some(Role::Consumer) && self.ending.is_none() {
+            let backlogged = self.out.len() >= OUTPUT_BYTES_MAX || !self.pending.is_empty();
+            if backlogged && !self.paused {
+                debug!(output_bytes = self.out.len(), "pausing deliveries");
+                self.paused = true;
+                self.commands.push(Command::Pause);
+            } else if self.paused && !backlogged && self.out.len() < OUTPUT_BYTES_MAX / 2 {
+                debug!("resuming deliveries");
+                self.paused = false;
+                self.commands.push(Command::Resume);
+            }
+        }
+        if self.ending.is_some() && !self.is_shutting_down() {
+            // Waiting for the core's replies needs no deadline (the core answers every
+            // command); waiting for a client to take its output does.
+            if self.out.is_empty() {
+                self.flush_deadline = None;
+            } else if self.flush_deadline.is_none() {
+                self.flush_deadline = Some(now + FINAL_FLUSH_TIMEOUT);
+            }
+        }
+        if self.ending.is_some() && self.unanswered.is_empty() && self.out.is_empty() {
+            self.ended = true;
+        }
+    }
+
+    fn handle_frame(&mut self, body: &[u8]) {
+        let Some(role) = self.role else {
+            return self.handle_register(body);
+        };
+        let frame = match InboundFrame::parse(body) {
+            Ok(frame) => frame,
+            Err(invalid) => return self.refuse(ErrorCode::InvalidFrame, &invalid.to_string()),
+        };
+        let command = match (frame.frame_type(), role) {
+            (FrameType::Register, _) => {
+                let message = format!(
+                    "this connection is already registered as a {role}; open another connection for another role or queue"
+                );
+                return self.refuse(ErrorCode::AlreadyRegistered, &message);
+            }
+            (FrameType::Publish, Role::Producer) => match frame.publish_payload() {
+                Ok(literal) => Command::Publish(Payload::from_validated(literal)),
+                Err(invalid) => {
+                    return self.refuse(ErrorCode::InvalidFrame, &invalid.to_string());
+                }
+            },
+            (FrameType::Ack, Role::Consumer) => match frame.ack_id() {
+                Ok(id) => {
+                    // Acked before it was written (its id guessed): no need to write it.
+                    self.pending.remove(id);
+                    Command::Ack(id)
+                }
+                Err(invalid) => {
+                    return self.refuse(ErrorCode::InvalidFrame, &invalid.to_string());
+                }
+            },
+            (FrameType::Publish, Role::Consumer) => {
+                return self.refuse(
+                    ErrorCode::WrongRole,
+                    "a consumer cannot publish; open a producer connection",
+                );
+            }
+            (FrameType::Ack, Role::Producer) => {
+                return self.refuse(ErrorCode::WrongRole,
+                    "a producer cannot ack; acks come from the consumer the message was delivered to",
+                );
+            }
+        };
+        self.send_to_core(command);
+    }
+
+    fn handle_register(&mut self, body: &[u8]) {
+        let register = InboundFrame::parse(body).and_then(|frame| match frame.frame_type() {
+            FrameType::Register => frame.register(),
+            _ => Err(InvalidFrame::BadField {
+                field: "type",
+                problem: "must be \"register\" on the first frame".into(),
+            }),
+        });
+        let register = match register {
+            Ok(register) => register,
+            Err(invalid) => {
+                let message = format!("the first frame must be a valid register: {invalid}");
+                return self.refuse(ErrorCode::NotRegistered, &message);
+            }
+        };
+        if let Err(denied) =
+            self.settings
+                .access
+                .check(register.token.as_deref(), register.role, &register.queue)
+        {
+            return self.refuse(ErrorCode::Unauthorized, &denied.to_string());
+        }
+        let span = Span::current();
+        span.record("role", field::display(register.role));
+        span.record("queue", field::display(&register.queue));
+        match register.role {
+            Role::Consumer => info!(prefetch = register.prefetch, "registered"),
+            Role::Producer => info!("registered"),
+        }
+        self.role = Some(register.role);
+        // Frames after the register may be as large as the broker allows.
+        self.decoder = FrameDecoder::new(self.settings.max_frame_bytes);
+        self.send_to_core(Command::Register {
+            role: register.role,
+            queue: register.queue,
+            prefetch: register.prefetch,
+        });
+    }
+
+    fn send_to_core(&mut self, command: Command) {
+        debug_assert!(command.is_answered());
+        self.commands.push(command);
+        self.unanswered.push_back(Slot::Core);
+        self.owed_by_core += 1;
+    }
+
+    fn on_reply(&mut self, reply: Reply) {
+        let slot = self.unanswered.pop_front();
+        debug_assert!(matches!(slot, Some(Slot::Core)), "a reply to no command");
+        self.owed_by_core = self.owed_by_core.saturating_sub(1);
+        match reply {
+            Reply::Registered => ServerFrame::Registered.encode(&mut self.out),
+            Reply::Published(id) => ServerFrame::Published(id).encode(&mut self.out),
+            Reply::Acked => {}
+            Reply::Refused { code, message, id } => {
+                debug!(%code, %message, "refused");
+                encode_error(&mut self.out, code, &message, id);
+            }
+        }
+        while let Some(Slot::Local(_)) = self.unanswered.front() {
+            if let Some(Slot::Local(frame)) = self.unanswered.pop_front() {
+                self.local_bytes -= frame.len();
+                self.out.extend_from_slice(&frame);
+            }
+        }
+    }
+
+    /// A length prefix that is not acceptable: `frame_too_large`, or, for a first frame
+    /// too long to be a register but within the broker's limit, `not_registered`.
+    fn refuse_framing(&mut self, refusal: FrameError) {
+        match refusal {
+            FrameError::TooLarge { declared, .. }
+                if self.role.is_none() && declared <= self.settings.max_frame_bytes as u64 =>
+            {
+                let message = format!(
+                    "the first frame must be a register, at most {REGISTER_FRAME_BYTES_MAX} bytes; this one declares {declared}"
+                );
+                self.refuse(ErrorCode::NotRegistered, &message);
+            }
+            refusal => self.refuse(ErrorCode::FrameTooLarge, &refusal.to_string()),
+        }
+    }
+
+    /// Answers with an error, in its place in the reply order; a fatal one (the
+    /// contract's table, [`ErrorCode::is_fatal`]) ends the connection after it.
+    fn refuse(&mut self, code: ErrorCode, message: &str) {
+        if code.is_fatal() {
+            info!(%code, message, "closing the connection");
+        } else {
+            debug!(%code, message, "refused");
+        }
+        if self.unanswered.is_empty() {
+            encode_error(&mut self.out, code, message, None);
+        } else {
+            let mut encoded = BytesMut::new();
+            encode_error(&mut encoded, code, message, None);
+            self.local_bytes += encoded.len();
+            self.unanswered.push_back(Slot::Local(encoded.freeze()));
+        }
+        if code.is_fatal() {
+            self.begin_ending(Ending::Fatal);
+        }
+    }
+
+    /// Stops reading; a consumer's messages go back at once.
+    fn begin_ending(&mut self, ending: Ending) {
+        if self.ending.is_some() {
+            return;
+        }
+        self.ending = Some(ending);
+        self.pending.clear();
+        if self.role.is_some() && !self.disconnect_sent {
+            self.disconnect_sent = true;
+            self.commands.push(Command::Disconnect);
+        }
+    }
+}
+
+/// Appends an error frame of at most [`REPLY_RESERVE_BYTES`], cutting the message short
+/// if it has to (a message may quote what the client sent).
+fn encode_error(out: &mut BytesMut, code: ErrorCode, message: &str, id: Option<MessageId>) {
+    let start = out.len();
+    let mut message = std::borrow::Cow::Borrowed(message);
+    loop {
+        ServerFrame::Error {
+            code,
+            message: &message,
+            id,
+        }
+        .encode(out);
+        if out.len() - start <= REPLY_RESERVE_BYTES {
+            return;
+        }
+        out.truncate(start);
+        let keep = message.chars().count() / 2;
+        message = std::borrow::Cow::Owned(message.chars().take(keep).chain(['…']).collect());
+    }
+}
