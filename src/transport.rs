@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -83,9 +83,10 @@ pub struct Progress {
     pub wrote: bool,
 }
 
-/// Writes as much of `write_buf` as the stream takes and, when `read` is set, reads what
-/// is available into `read_buf`. Ready once either made progress; `Pending` (with wakers
-/// registered for what was attempted) otherwise.
+/// Writes as much of `write_buf` as the stream takes and reads what is available into
+/// `read_buf`, at most `read_limit` bytes (nothing when it is 0): a peer cannot make one
+/// step buffer more than its caller allowed. Ready once either made progress; `Pending`
+/// (with wakers registered for what was attempted) otherwise.
 ///
 /// # Errors
 /// The stream's error, from either direction.
@@ -94,7 +95,7 @@ pub fn poll_io(
     stream: &mut Stream,
     read_buf: &mut BytesMut,
     write_buf: &mut BytesMut,
-    read: bool,
+    read_limit: usize,
 ) -> Poll<io::Result<Progress>> {
     let mut progress = Progress::default();
     while !write_buf.is_empty() {
@@ -114,8 +115,9 @@ pub fn poll_io(
             return Poll::Ready(Err(e));
         }
     }
-    if read {
-        match tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, read_buf) {
+    if read_limit > 0 {
+        let mut limited = BufMut::limit(read_buf, read_limit);
+        match tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, &mut limited) {
             Poll::Ready(Ok(n)) => progress.read = Some(n),
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             Poll::Pending => {}

@@ -78,7 +78,7 @@ impl Connection {
                 break ending;
             }
             let deadline = self.session.poll_timeout();
-            let (read_buf, out, read) = self.session.io_buffers();
+            let (read_buf, out, read_limit) = self.session.io_buffers();
             let stream = &mut self.stream;
             tokio::select! {
                 biased;
@@ -97,7 +97,7 @@ impl Connection {
                         self.session.handle_core(now, more);
                     }
                 }
-                progress = std::future::poll_fn(|cx| poll_io(cx, stream, read_buf, out, read)) => {
+                progress = std::future::poll_fn(|cx| poll_io(cx, stream, read_buf, out, read_limit)) => {
                     match progress {
                         Err(e) => self.session.handle_broken(e),
                         Ok(Progress { read, wrote }) => {

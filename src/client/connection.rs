@@ -90,7 +90,7 @@ impl ClientConnection {
                     &mut self.stream,
                     &mut self.read_buf,
                     &mut self.write_buf,
-                    true,
+                    READ_CHUNK_BYTES,
                 )
             })
             .await?;

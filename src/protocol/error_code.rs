@@ -34,6 +34,21 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code.
+    pub const ALL: [ErrorCode; 11] = [
+        ErrorCode::FrameTooLarge,
+        ErrorCode::NotRegistered,
+        ErrorCode::Unauthorized,
+        ErrorCode::RegisterTimeout,
+        ErrorCode::TooManyConnections,
+        ErrorCode::InvalidFrame,
+        ErrorCode::WrongRole,
+        ErrorCode::AlreadyRegistered,
+        ErrorCode::UnknownId,
+        ErrorCode::QueueFull,
+        ErrorCode::ShuttingDown,
+    ];
+
     /// The code as it appears on the wire.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -51,7 +66,8 @@ impl ErrorCode {
         }
     }
 
-    /// Whether the broker closes the connection right after sending this error.
+    /// Whether the broker closes the connection right after sending this error: the one
+    /// place that decides it (contract §5's table).
     pub fn is_fatal(self) -> bool {
         matches!(
             self,
@@ -76,19 +92,7 @@ mod tests {
 
     #[test]
     fn wire_names_match_serde_names() {
-        let all = [
-            ErrorCode::FrameTooLarge,
-            ErrorCode::NotRegistered,
-            ErrorCode::Unauthorized,
-            ErrorCode::RegisterTimeout,
-            ErrorCode::TooManyConnections,
-            ErrorCode::InvalidFrame,
-            ErrorCode::WrongRole,
-            ErrorCode::AlreadyRegistered,
-            ErrorCode::UnknownId,
-            ErrorCode::QueueFull,
-            ErrorCode::ShuttingDown,
-        ];
+        let all = ErrorCode::ALL;
         for code in all {
             let json = serde_json::to_string(&code).unwrap();
             assert_eq!(json, format!("\"{}\"", code.as_str()));

@@ -187,9 +187,17 @@ impl<L: Log> Gate<L> {
         if let Some(newest) = newest_durable {
             self.core.make_deliverable(MessageId(newest.0 + 1));
         }
+        let mut released = Vec::new();
         for (conn, replies) in self.held.release_through(seq) {
-            self.outbound
-                .push_back((conn, ToConnection::Replies(replies)));
+            // A connection whose task is gone has nobody to take them.
+            if self.connections.contains_key(&conn) {
+                self.outbound
+                    .push_back((conn, ToConnection::Replies(replies)));
+                released.push(conn);
+            }
+        }
+        // Only once every reply released for it is out, and none is held any more.
+        for conn in released {
             if !self.held.holds_for(conn) {
                 self.forget_if_ended(conn);
             }
@@ -394,3 +402,6 @@ impl<L: Log> Gate<L> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

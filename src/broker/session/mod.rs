@@ -14,8 +14,8 @@
 //!   frames at [`OUTPUT_BYTES_MAX`], so each frame read can add one reply at most; its
 //!   deliveries are encoded only while the encoded output is under that bound, and the
 //!   others wait, sharing their payloads with the core, while the core is told to pause
-//!   deliveries; deliveries taken back by a timeout, or acked, before they were written
-//!   are dropped. Before register, input is limited to a register frame of at most
+//!   deliveries; deliveries taken back by a timeout before they were written are
+//!   dropped. Before register, input is limited to a register frame of at most
 //!   [`REGISTER_FRAME_BYTES_MAX`]. docs/RELIABILITY.md states what this adds up to.
 //! - **Ending**: a client that closes its side is answered in full before the
 //!   connection closes (its consumer's messages go back at once); output that makes no
@@ -93,7 +93,7 @@ pub(crate) enum Ending {
 }
 
 /// Deliveries not yet encoded, in arrival order. An entry can be dropped by id (taken
-/// back by a timeout, or acked) before its turn: its id stays in `order` and is skipped.
+/// back by a timeout) before its turn: its id stays in `order` and is skipped.
 #[derive(Debug, Default)]
 struct PendingDeliveries {
     order: VecDeque<MessageId>,
@@ -138,6 +138,8 @@ pub(crate) struct Session {
     read_buf: BytesMut,
     /// Whether the last read filled the space it was given: the peer has more to send.
     reads_fill: bool,
+    /// The most the last I/O step was allowed to read.
+    last_read_limit: usize,
     /// Whether complete frames may be left in `read_buf` (the last decode stopped for the
     /// output bound, not for want of bytes): no more is read until they are handled.
     frames_left: bool,
@@ -173,6 +175,7 @@ impl Session {
             decoder,
             read_buf: BytesMut::new(),
             reads_fill: false,
+            last_read_limit: 0,
             frames_left: false,
             out: BytesMut::new(),
             role: None,
@@ -190,14 +193,16 @@ impl Session {
         }
     }
 
-    /// The buffers of the next I/O step: where to read (and whether to read at all), and
-    /// what to write.
-    pub fn io_buffers(&mut self) -> (&mut BytesMut, &mut BytesMut, bool) {
-        let read = self.wants_read();
-        if read {
-            self.size_read_buffer();
-        }
-        (&mut self.read_buf, &mut self.out, read)
+    /// The buffers of the next I/O step: where to read and how much at most (0: not
+    /// now), and what to write.
+    pub fn io_buffers(&mut self) -> (&mut BytesMut, &mut BytesMut, usize) {
+        let read_limit = if self.wants_read() {
+            self.size_read_buffer()
+        } else {
+            0
+        };
+        self.last_read_limit = read_limit;
+        (&mut self.read_buf, &mut self.out, read_limit)
     }
 
     /// After an I/O step: `read` bytes were read (`Some(0)`: the client closed its side),
@@ -212,7 +217,7 @@ impl Session {
                 self.begin_ending(Ending::PeerClosed);
             }
             Some(n) => {
-                self.reads_fill = n > 0 && self.read_buf.capacity() == self.read_buf.len();
+                self.reads_fill = n >= self.last_read_limit;
                 self.frames_left = true;
             }
             None => {}
@@ -330,18 +335,20 @@ impl Session {
             < OUTPUT_BYTES_MAX
     }
 
-    /// Gives the next read room to match the connection's pace: a full chunk while its
-    /// reads fill what they get (once registered), a small one otherwise; and hands back
-    /// the big, empty read buffer of a connection that has gone quiet.
-    fn size_read_buffer(&mut self) {
+    /// Gives the next read room to match the connection's pace, and says how much it may
+    /// read: a full chunk while its reads fill what they get (once registered), a small
+    /// one otherwise; and hands back the big, empty read buffer of a connection that has
+    /// gone quiet.
+    fn size_read_buffer(&mut self) -> usize {
         if self.reads_fill && self.role.is_some() {
             self.read_buf.reserve(READ_CHUNK_BYTES);
-            return;
+            return READ_CHUNK_BYTES;
         }
         if self.read_buf.is_empty() && self.read_buf.capacity() > IDLE_BUFFER_BYTES_MAX {
             self.read_buf = BytesMut::new();
         }
         self.read_buf.reserve(QUIET_READ_BYTES);
+        QUIET_READ_BYTES
     }
 
     /// Moves everything on as far as the bounds allow: deliveries into the output,
@@ -413,12 +420,10 @@ impl Session {
                     return self.refuse(ErrorCode::InvalidFrame, &invalid.to_string());
                 }
             },
+            // No delivery waits unwritten here: frames are read only while the output has
+            // room, and deliveries wait only while it has none.
             (FrameType::Ack, Role::Consumer) => match frame.ack_id() {
-                Ok(id) => {
-                    // Acked before it was written (its id guessed): no need to write it.
-                    self.pending.remove(id);
-                    Command::Ack(id)
-                }
+                Ok(id) => Command::Ack(id),
                 Err(invalid) => {
                     return self.refuse(ErrorCode::InvalidFrame, &invalid.to_string());
                 }
@@ -555,6 +560,9 @@ impl Session {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
 
 /// Appends an error frame of at most [`REPLY_RESERVE_BYTES`], cutting the message short
 /// if it has to (a message may quote what the client sent).
