@@ -52,7 +52,7 @@ pub(crate) struct ConnectionSettings {
 pub const OUTPUT_BYTES_MAX: usize = 256 * 1024;
 /// What each reply the core owes reserves of [`OUTPUT_BYTES_MAX`]: no reply frame is
 /// longer (error messages are cut to fit).
-pub const REPLY_RESERVE_BYTES: usize = 512;
+pub const REPLY_RESERVE_BYTES: usize = 256;
 /// Largest first frame: a register with a 255-character queue name and a long token
 /// needs far less; anything longer is refused before it is buffered.
 pub const REGISTER_FRAME_BYTES_MAX: usize = 8 * 1024;
@@ -244,7 +244,13 @@ impl Session {
                 // more of them helps nobody.
                 if self.ending.is_none() {
                     for delivery in deliveries {
-                        self.pending.push(delivery);
+                        // Straight into the output while it has room and nothing waits
+                        // before it: the common case costs no bookkeeping.
+                        if self.pending.is_empty() && self.out.len() < OUTPUT_BYTES_MAX {
+                            encode_delivery(&mut self.out, &delivery);
+                        } else {
+                            self.pending.push(delivery);
+                        }
                     }
                 }
             }
@@ -358,12 +364,7 @@ impl Session {
             let Some(delivery) = self.pending.pop() else {
                 break;
             };
-            ServerFrame::Delivery {
-                id: delivery.id,
-                payload: &delivery.payload,
-                attempt: delivery.attempt,
-            }
-            .encode(&mut self.out);
+            encode_delivery(&mut self.out, &delivery);
         }
         while self.frames_left && self.ending.is_none() && self.has_input_room() {
             match self.decoder.decode(&mut self.read_buf) {
@@ -563,6 +564,15 @@ impl Session {
 
 #[cfg(test)]
 mod tests;
+
+fn encode_delivery(out: &mut BytesMut, delivery: &Delivery) {
+    ServerFrame::Delivery {
+        id: delivery.id,
+        payload: &delivery.payload,
+        attempt: delivery.attempt,
+    }
+    .encode(out);
+}
 
 /// Appends an error frame of at most [`REPLY_RESERVE_BYTES`], cutting the message short
 /// if it has to (a message may quote what the client sent).
