@@ -3,7 +3,8 @@
 //! stopped gracefully, over several rounds on one data dir. At the end every confirmed
 //! message has been delivered and acked, no id ever named two different messages, ids
 //! never went backwards, and no ack made before a graceful stop was undone. Acks lost to
-//! a SIGKILL cause redeliveries, which are counted and printed.
+//! a SIGKILL cause redeliveries, which are counted and printed. Segments are small, so
+//! that segment rotation, compaction and file reuse are killed midway too.
 
 mod common;
 
@@ -116,9 +117,13 @@ async fn kill_9_at_random_moments_loses_no_confirmed_message() {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().to_str().unwrap().to_owned();
 
+    // Small segments: kills land in rotations, compactions, removals and reuses of
+    // segment files too, not only in appends.
     let args = [
         "--data-dir",
         data_dir.as_str(),
+        "--segment-size",
+        "16KiB",
         "--ack-timeout",
         "2s",
         "--drain-timeout",

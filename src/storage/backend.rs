@@ -1,6 +1,9 @@
-//! The few file operations the log needs, behind a trait, so that tests can run the
-//! same log on [`SimBackend`], which keeps what was written apart from what was synced
-//! and can "crash" back to the synced image (the approach of redb's crash tests).
+//! The plain file operations the log needs, on the files of one directory, behind a
+//! trait (redb's `StorageBackend` is the model): [`RealFs`] for a directory on disk, and
+//! [`SimFs`], which keeps what was written apart from what was synced and can "crash"
+//! back to the synced image. Every policy (segment names, reuse of removed segments'
+//! files, removal step by step) lives above this, in `segments`, so a test on the
+//! simulator runs the same policy as the broker.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -9,33 +12,32 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-/// Where segments live.
-pub trait Backend: Send + Sync {
-    /// Numbers of the segments present, ascending.
-    fn list_segments(&self) -> io::Result<Vec<u64>>;
-    /// Opens a segment for reading from its start.
-    fn open_segment(&self, number: u64) -> io::Result<Box<dyn io::Read + Send>>;
-    /// Creates a new segment, written from its start. It may be the file of a removed
-    /// segment, reused: then its old contents follow whatever is written (the records
-    /// carry their segment's number, and a sealed record ends a segment, so that they are
-    /// never taken for the new segment's). The new name is durable only after
-    /// [`Backend::sync_dir`], except that a reused file's is durable before this returns
-    /// (so that no crash can leave the new segment's records under the old name).
-    fn create_segment(&self, number: u64) -> io::Result<Box<dyn SegmentWriter>>;
-    /// Cuts a segment to `len` bytes, durably.
-    fn truncate_segment(&self, number: u64, len: u64) -> io::Result<()>;
-    /// Takes a segment out of the log; durable only after [`Backend::sync_dir`]. Its file
-    /// may be kept, under another name, for [`Backend::create_segment`] to reuse; or a
-    /// large one renamed out of the log first and then cut down step by step, in which
-    /// case a crash midway leaves its file under another name, outside the log.
-    fn remove_segment(&self, number: u64) -> io::Result<()>;
+/// The files of the log's directory.
+pub trait FileSystem: Send + Sync {
+    /// Names of the files in the directory.
+    fn list(&self) -> io::Result<Vec<String>>;
+    /// Opens a file for reading from its start.
+    fn open(&self, name: &str) -> io::Result<Box<dyn io::Read + Send>>;
+    /// Creates a file that does not exist yet, to write from its start. Its name is
+    /// durable only after [`FileSystem::sync_dir`].
+    fn create(&self, name: &str) -> io::Result<Box<dyn FileWriter>>;
+    /// Opens an existing file to write from its start, over what it holds.
+    fn overwrite(&self, name: &str) -> io::Result<Box<dyn FileWriter>>;
+    fn len(&self, name: &str) -> io::Result<u64>;
+    /// Cuts or extends a file; durable after [`FileSystem::sync_file`].
+    fn set_len(&self, name: &str, len: u64) -> io::Result<()>;
+    fn sync_file(&self, name: &str) -> io::Result<()>;
+    /// Renames a file (replacing none); durable after [`FileSystem::sync_dir`].
+    fn rename(&self, from: &str, to: &str) -> io::Result<()>;
+    /// Removes a file; durable after [`FileSystem::sync_dir`].
+    fn remove(&self, name: &str) -> io::Result<()>;
     fn sync_dir(&self) -> io::Result<()>;
-    /// How to name a segment in messages to people.
-    fn describe(&self, number: u64) -> String;
+    /// How to name a file in messages to people.
+    fn describe(&self, name: &str) -> String;
 }
 
-/// A segment open for writing, from its start on.
-pub trait SegmentWriter: Send {
+/// A file open for writing, from its start on.
+pub trait FileWriter: Send {
     /// Writes the chunks in order after what was written before, as one write where the
     /// platform allows: the writer hands over the record buffers of a whole group without
     /// first copying them into one.
@@ -48,196 +50,95 @@ pub trait SegmentWriter: Send {
 /// only, whatever the umask.
 pub const FILE_MODE: u32 = 0o600;
 
-/// How many files of removed segments are kept for reuse. Writing into blocks a file
-/// already has is what makes reuse pay: on this project's VM (ext4 without a journal),
-/// an fdatasync after appending 45 KB took 355-438 us, after overwriting as much
-/// 167-271 us, because it need not also write the allocation and the file's size.
-/// PostgreSQL recycles WAL segments for the same reason. A broker whose consumers keep
-/// up frees a segment for about every one it fills, so two cover its rotations.
-pub const SPARE_FILES_MAX: usize = 2;
-
-/// Segments as files `<20-digit number>.seg` in a directory; files kept for reuse as
-/// `<number they had>.seg.spare`, or `prepared-<n>.seg.spare` for a new log's.
-pub struct FileBackend {
+/// A directory on disk.
+pub struct RealFs {
     dir: PathBuf,
-    segment_bytes: u64,
 }
 
-/// How much of a segment each truncation frees when it is removed: a sync on another
-/// file waits behind the blocks being freed, and on a file system mounted with `discard`
-/// (this project's VM) behind their trimming too. Unlinking a 64 MiB file at once held a
-/// concurrent fdatasync for 12-17 ms; cut down 8 MiB at a time, for at most ~3 ms.
-/// RocksDB's `DeleteScheduler` truncates large files in chunks for the same reason.
-const REMOVAL_STEP_BYTES: u64 = 8 << 20;
-
-/// What a segment being removed step by step is renamed to first.
-const REMOVING_SUFFIX: &str = ".seg.removing";
-
-/// What the file of a removed segment is renamed to while it waits for reuse.
-const SPARE_SUFFIX: &str = ".seg.spare";
-
-impl FileBackend {
-    /// Segments in `dir`, the log's segments being `segment_bytes` long.
-    pub fn new(dir: &Path, segment_bytes: u64) -> FileBackend {
-        FileBackend {
+impl RealFs {
+    pub fn new(dir: &Path) -> RealFs {
+        RealFs {
             dir: dir.to_owned(),
-            segment_bytes,
         }
     }
 
-    /// Removed segments' files at least this long are kept for reuse: a short one (a
-    /// segment a restart began and barely wrote) would take a place and save little.
-    fn spare_bytes_min(&self) -> u64 {
-        self.segment_bytes / 2
-    }
-
-    /// Gives a new log (a directory with no segment and no spare) its spares: files of a
-    /// segment's length of zeroes, synced, so that its first segments are written over
-    /// blocks their files already have, as later ones are. PostgreSQL zero-fills new WAL
-    /// segments for the same reason (`wal_init_zero`). 128 MiB took ~0.1 s on this
-    /// project's VM. Returns how many it made.
-    pub fn prepare_new_log(&self) -> io::Result<usize> {
-        if !self.list_segments()?.is_empty() || !self.spares()?.is_empty() {
-            return Ok(0);
-        }
-        let zeroes = vec![0u8; 1 << 20];
-        for spare in 1..=SPARE_FILES_MAX {
-            let mut file = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(FILE_MODE)
-                .open(self.dir.join(format!("prepared-{spare}{SPARE_SUFFIX}")))?;
-            let mut left = self.segment_bytes;
-            while left > 0 {
-                let step = left.min(zeroes.len() as u64);
-                file.write_all(&zeroes[..step as usize])?;
-                left -= step;
-            }
-            file.sync_all()?;
-        }
-        self.sync_dir()?;
-        Ok(SPARE_FILES_MAX)
-    }
-
-    fn path(&self, number: u64) -> PathBuf {
-        self.dir.join(format!("{number:020}.seg"))
-    }
-
-    /// The files in the directory whose names end with `suffix`, in name order.
-    fn files_ending_with(&self, suffix: &str) -> io::Result<Vec<PathBuf>> {
-        let mut files = Vec::new();
-        for entry in std::fs::read_dir(&self.dir)? {
-            let entry = entry?;
-            if entry
-                .file_name()
-                .to_str()
-                .is_some_and(|name| name.ends_with(suffix))
-            {
-                files.push(entry.path());
-            }
-        }
-        files.sort_unstable();
-        Ok(files)
-    }
-
-    /// The files kept for reuse, oldest first.
-    fn spares(&self) -> io::Result<Vec<PathBuf>> {
-        self.files_ending_with(SPARE_SUFFIX)
-    }
-
-    /// Removes the files of segments that a crash interrupted halfway through their
-    /// removal; returns how many. They are no longer part of the log: see
-    /// [`Backend::remove_segment`].
-    pub fn remove_interrupted_removals(&self) -> io::Result<usize> {
-        let interrupted = self.files_ending_with(REMOVING_SUFFIX)?;
-        for path in &interrupted {
-            std::fs::remove_file(path)?;
-        }
-        Ok(interrupted.len())
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
     }
 }
 
-impl Backend for FileBackend {
-    fn list_segments(&self) -> io::Result<Vec<u64>> {
-        let mut numbers = Vec::new();
+impl FileSystem for RealFs {
+    fn list(&self) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
         for entry in std::fs::read_dir(&self.dir)? {
-            let name = entry?.file_name();
-            let Some(name) = name.to_str() else { continue };
-            if let Some(number) = name.strip_suffix(".seg").and_then(|n| n.parse().ok()) {
-                numbers.push(number);
+            if let Ok(name) = entry?.file_name().into_string() {
+                names.push(name);
             }
         }
-        numbers.sort_unstable();
-        Ok(numbers)
+        Ok(names)
     }
 
-    fn open_segment(&self, number: u64) -> io::Result<Box<dyn io::Read + Send>> {
-        Ok(Box::new(File::open(self.path(number))?))
+    fn open(&self, name: &str) -> io::Result<Box<dyn io::Read + Send>> {
+        Ok(Box::new(File::open(self.path(name))?))
     }
 
-    fn create_segment(&self, number: u64) -> io::Result<Box<dyn SegmentWriter>> {
-        let path = self.path(number);
-        let Some(spare) = self.spares()?.into_iter().next() else {
-            let file = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(FILE_MODE)
-                .open(path)?;
-            return Ok(Box::new(FileSegment { file }));
-        };
-        if path.try_exists()? {
+    fn create(&self, name: &str) -> io::Result<Box<dyn FileWriter>> {
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(FILE_MODE)
+            .open(self.path(name))?;
+        Ok(Box::new(RealFile { file }))
+    }
+
+    fn overwrite(&self, name: &str) -> io::Result<Box<dyn FileWriter>> {
+        let file = OpenOptions::new().write(true).open(self.path(name))?;
+        Ok(Box::new(RealFile { file }))
+    }
+
+    fn len(&self, name: &str) -> io::Result<u64> {
+        Ok(std::fs::metadata(self.path(name))?.len())
+    }
+
+    fn set_len(&self, name: &str, len: u64) -> io::Result<()> {
+        OpenOptions::new()
+            .write(true)
+            .open(self.path(name))?
+            .set_len(len)
+    }
+
+    fn sync_file(&self, name: &str) -> io::Result<()> {
+        OpenOptions::new()
+            .write(true)
+            .open(self.path(name))?
+            .sync_all()
+    }
+
+    fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        if self.path(to).try_exists()? {
             return Err(io::ErrorKind::AlreadyExists.into());
         }
-        std::fs::rename(&spare, &path)?;
-        self.sync_dir()?;
-        let file = OpenOptions::new().write(true).open(&path)?;
-        Ok(Box::new(FileSegment { file }))
+        std::fs::rename(self.path(from), self.path(to))
     }
 
-    fn truncate_segment(&self, number: u64, len: u64) -> io::Result<()> {
-        let file = OpenOptions::new().write(true).open(self.path(number))?;
-        file.set_len(len)?;
-        file.sync_all()
-    }
-
-    fn remove_segment(&self, number: u64) -> io::Result<()> {
-        let path = self.path(number);
-        let mut len = std::fs::metadata(&path)?.len();
-        if len >= self.spare_bytes_min() && self.spares()?.len() < SPARE_FILES_MAX {
-            let spare = self.dir.join(format!("{number:020}{SPARE_SUFFIX}"));
-            return std::fs::rename(path, spare);
-        }
-        if len <= REMOVAL_STEP_BYTES {
-            return std::fs::remove_file(path);
-        }
-        // Out of the log first, durably, so that a crash midway cannot leave a cut-short
-        // segment that recovery would take for damage.
-        let removing = self.dir.join(format!("{number:020}{REMOVING_SUFFIX}"));
-        std::fs::rename(&path, &removing)?;
-        self.sync_dir()?;
-        let file = OpenOptions::new().write(true).open(&removing)?;
-        while len > 0 {
-            len = len.saturating_sub(REMOVAL_STEP_BYTES);
-            file.set_len(len)?;
-        }
-        std::fs::remove_file(removing)
+    fn remove(&self, name: &str) -> io::Result<()> {
+        std::fs::remove_file(self.path(name))
     }
 
     fn sync_dir(&self) -> io::Result<()> {
         File::open(&self.dir)?.sync_all()
     }
 
-    fn describe(&self, number: u64) -> String {
-        self.path(number).display().to_string()
+    fn describe(&self, name: &str) -> String {
+        self.path(name).display().to_string()
     }
 }
 
-struct FileSegment {
+struct RealFile {
     file: File,
 }
 
-impl SegmentWriter for FileSegment {
+impl FileWriter for RealFile {
     fn append(&mut self, chunks: &[&[u8]]) -> io::Result<()> {
         // `Write::write_all_vectored` is not stable yet: the same loop, by hand.
         let mut slices: Vec<IoSlice<'_>> = chunks.iter().map(|c| IoSlice::new(c)).collect();
@@ -258,74 +159,34 @@ impl SegmentWriter for FileSegment {
     }
 }
 
-/// An in-memory backend that can crash. Each file has the bytes written and the bytes
-/// synced; the directory has the names that exist and the names synced. [`SimBackend::crash`]
-/// throws away everything not synced, except that a chosen number of unsynced bytes may
-/// survive after the synced ones, as a torn write would leave them. A crash also kills
-/// the process that was writing: every handle from before it fails from then on, and the
-/// log is reopened through [`SimBackend::after_crash`].
+/// An in-memory directory that can crash. Each file has the bytes written and the bytes
+/// synced; the directory has the names that exist and the names synced.
+/// [`SimFs::crash`] throws away everything not synced, except that a chosen number of a
+/// file's unsynced bytes may survive after its synced ones, as a torn write would leave
+/// them (or, with [`SimFs::crash_with_holes`], any of them, as a page cache flushing
+/// pages out of order would). A crash also kills the process that was writing: every
+/// handle from before it fails from then on, and the log is reopened through
+/// [`SimFs::after_crash`].
 ///
-/// Removed segments' files are kept for reuse (up to [`SPARE_FILES_MAX`], whatever their
-/// size, so that tests with small segments reuse files all the time). A rename is
-/// modelled as a new name holding the file, with the old name gone only once the
-/// directory is synced; both backends sync the directory before writing to a file under
+/// A rename is modelled as a new name holding the file, with the old name gone only once
+/// the directory is synced: the log syncs the directory before writing to a file under
 /// its new name, which is what makes this model faithful.
 #[derive(Clone, Default)]
-pub struct SimBackend {
+pub struct SimFs {
     state: Arc<Mutex<SimState>>,
     /// The crash epoch this handle lives in.
     epoch: u64,
 }
 
-/// A name in the simulated directory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum SimName {
-    Segment(u64),
-    /// A removed segment's file, kept for reuse under the number it had.
-    Spare(u64),
-}
-
 #[derive(Default)]
 struct SimState {
-    files: BTreeMap<SimName, SimFile>,
+    files: BTreeMap<String, SimFile>,
     /// Incremented on every crash; handles from before a crash are dead.
     epoch: u64,
     /// When set, every operation fails: a disk gone bad.
     failing: bool,
-    /// New segments that took the file of a removed one.
+    /// Files renamed from a spare's name to a segment's.
     reused: usize,
-}
-
-impl SimState {
-    fn spares(&self) -> impl Iterator<Item = SimName> + '_ {
-        self.files
-            .iter()
-            .filter(|(name, file)| file.exists && matches!(name, SimName::Spare(_)))
-            .map(|(name, _)| *name)
-    }
-
-    /// Renames `from` to `to`: `to` exists at once, `from` stays on disk until the
-    /// directory is synced.
-    fn rename(&mut self, from: SimName, to: SimName) {
-        let file = self
-            .files
-            .get_mut(&from)
-            .expect("renaming a file that exists");
-        file.exists = false;
-        let moved = SimFile {
-            exists: true,
-            exists_synced: false,
-            ..file.clone()
-        };
-        self.files.insert(to, moved);
-    }
-
-    fn sync_dir(&mut self) {
-        self.files.retain(|_, f| f.exists);
-        for file in self.files.values_mut() {
-            file.exists_synced = true;
-        }
-    }
 }
 
 #[derive(Default, Clone)]
@@ -334,6 +195,22 @@ struct SimFile {
     synced: Vec<u8>,
     exists: bool,
     exists_synced: bool,
+}
+
+impl SimState {
+    fn sync_dir(&mut self) {
+        self.files.retain(|_, f| f.exists);
+        for file in self.files.values_mut() {
+            file.exists_synced = true;
+        }
+    }
+
+    fn file(&mut self, name: &str) -> io::Result<&mut SimFile> {
+        self.files
+            .get_mut(name)
+            .filter(|f| f.exists)
+            .ok_or_else(|| io::ErrorKind::NotFound.into())
+    }
 }
 
 impl SimFile {
@@ -348,27 +225,40 @@ impl SimFile {
     }
 }
 
-impl SimBackend {
+impl SimFs {
     fn state(&self) -> MutexGuard<'_, SimState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Simulates a power loss: keeps synced bytes and names, plus up to
-    /// `torn_bytes(file number, unsynced length)` of each file's unsynced bytes.
-    pub fn crash(&self, mut torn_bytes: impl FnMut(u64, usize) -> usize) {
+    /// `torn_bytes(file name, unsynced length)` of each file's first unsynced bytes.
+    pub fn crash(&self, mut torn_bytes: impl FnMut(&str, usize) -> usize) {
+        self.crash_with_holes(|name, unsynced| {
+            let kept = torn_bytes(name, unsynced).min(unsynced);
+            vec![(0, kept)]
+        });
+    }
+
+    /// Simulates a power loss that keeps, of each file's unsynced bytes, the ranges
+    /// `kept(file name, unsynced length)` gives (offsets from the first unsynced byte);
+    /// the rest of them are zeroes, or the file's old contents where it had some.
+    pub fn crash_with_holes(&self, mut kept: impl FnMut(&str, usize) -> Vec<(usize, usize)>) {
         let mut state = self.state();
         state.epoch += 1;
         state.files.retain(|_, file| file.exists_synced);
         for (name, file) in state.files.iter_mut() {
-            let (SimName::Segment(number) | SimName::Spare(number)) = *name;
             let from = file.unsynced_from();
             let unsynced = file.written.len().saturating_sub(from);
-            let kept = torn_bytes(number, unsynced).min(unsynced);
             let mut image = file.synced.clone();
-            if image.len() < from + kept {
-                image.resize(from + kept, 0);
+            for (start, len) in kept(name, unsynced) {
+                let start = start.min(unsynced);
+                let end = (start + len).min(unsynced);
+                if image.len() < from + end {
+                    image.resize(from + end, 0);
+                }
+                image[from + start..from + end]
+                    .copy_from_slice(&file.written[from + start..from + end]);
             }
-            image[from..from + kept].copy_from_slice(&file.written[from..from + kept]);
             file.written = image.clone();
             file.synced = image;
             file.exists = true;
@@ -376,8 +266,8 @@ impl SimBackend {
     }
 
     /// A handle for the process that starts after the latest crash.
-    pub fn after_crash(&self) -> SimBackend {
-        SimBackend {
+    pub fn after_crash(&self) -> SimFs {
+        SimFs {
             state: self.state.clone(),
             epoch: self.state().epoch,
         }
@@ -388,45 +278,33 @@ impl SimBackend {
         self.state().failing = true;
     }
 
-    /// Bytes in the log's segments.
-    pub fn log_bytes(&self) -> usize {
-        self.bytes_in(|name| matches!(name, SimName::Segment(_)))
-    }
-
-    /// Bytes in the removed segments' files kept for reuse.
-    pub fn spare_bytes(&self) -> usize {
-        self.bytes_in(|name| matches!(name, SimName::Spare(_)))
-    }
-
-    /// How many new segments took the file of a removed one.
-    pub fn reused_files(&self) -> usize {
-        self.state().reused
-    }
-
-    fn bytes_in(&self, counted: impl Fn(&SimName) -> bool) -> usize {
+    /// Bytes in the files whose names end with `suffix`.
+    pub fn bytes_in(&self, suffix: &str) -> usize {
         self.state()
             .files
             .iter()
-            .filter(|(name, file)| file.exists && counted(name))
+            .filter(|(name, file)| file.exists && name.ends_with(suffix))
             .map(|(_, file)| file.written.len())
             .sum()
     }
 
-    /// Overwrites part of a segment, durably (to plant corruption in tests).
-    pub fn corrupt(&self, number: u64, offset: usize, bytes: &[u8]) {
+    /// How many files were renamed from a spare's name to a segment's: reused.
+    pub fn reused_files(&self) -> usize {
+        self.state().reused
+    }
+
+    /// Overwrites part of a file, durably (to plant corruption in tests).
+    pub fn corrupt(&self, name: &str, offset: usize, bytes: &[u8]) {
         let mut state = self.state();
-        let file = state
-            .files
-            .get_mut(&SimName::Segment(number))
-            .expect("segment exists");
+        let file = state.file(name).expect("the file exists");
         file.written[offset..offset + bytes.len()].copy_from_slice(bytes);
         file.synced = file.written.clone();
     }
 
-    /// Puts a segment with these bytes in place, durably.
-    pub fn put_segment(&self, number: u64, bytes: &[u8]) {
+    /// Puts a file with these bytes in place, durably.
+    pub fn put(&self, name: &str, bytes: &[u8]) {
         self.state().files.insert(
-            SimName::Segment(number),
+            name.to_owned(),
             SimFile {
                 written: bytes.to_vec(),
                 synced: bytes.to_vec(),
@@ -436,27 +314,17 @@ impl SimBackend {
         );
     }
 
-    /// The bytes written to a segment, synced or not.
-    pub fn written(&self, number: u64) -> io::Result<Vec<u8>> {
-        let state = self.state();
-        self.check(&state)?;
-        state
-            .files
-            .get(&SimName::Segment(number))
-            .filter(|f| f.exists)
-            .map(|f| f.written.clone())
-            .ok_or_else(|| io::ErrorKind::NotFound.into())
-    }
-
-    fn with_file<T>(&self, number: u64, act: impl FnOnce(&mut SimFile) -> T) -> io::Result<T> {
+    /// The bytes written to a file, synced or not.
+    pub fn written(&self, name: &str) -> io::Result<Vec<u8>> {
         let mut state = self.state();
         self.check(&state)?;
-        let file = state
-            .files
-            .get_mut(&SimName::Segment(number))
-            .filter(|f| f.exists)
-            .ok_or(io::ErrorKind::NotFound)?;
-        Ok(act(file))
+        Ok(state.file(name)?.written.clone())
+    }
+
+    fn with_file<T>(&self, name: &str, act: impl FnOnce(&mut SimFile) -> T) -> io::Result<T> {
+        let mut state = self.state();
+        self.check(&state)?;
+        Ok(act(state.file(name)?))
     }
 
     fn check(&self, state: &SimState) -> io::Result<()> {
@@ -470,72 +338,87 @@ impl SimBackend {
     }
 }
 
-impl Backend for SimBackend {
-    fn list_segments(&self) -> io::Result<Vec<u64>> {
+impl FileSystem for SimFs {
+    fn list(&self) -> io::Result<Vec<String>> {
         let state = self.state();
         self.check(&state)?;
         Ok(state
             .files
             .iter()
             .filter(|(_, f)| f.exists)
-            .filter_map(|(name, _)| match name {
-                SimName::Segment(number) => Some(*number),
-                SimName::Spare(_) => None,
-            })
+            .map(|(name, _)| name.clone())
             .collect())
     }
 
-    fn open_segment(&self, number: u64) -> io::Result<Box<dyn io::Read + Send>> {
-        Ok(Box::new(io::Cursor::new(self.written(number)?)))
+    fn open(&self, name: &str) -> io::Result<Box<dyn io::Read + Send>> {
+        Ok(Box::new(io::Cursor::new(self.written(name)?)))
     }
 
-    fn create_segment(&self, number: u64) -> io::Result<Box<dyn SegmentWriter>> {
+    fn create(&self, name: &str) -> io::Result<Box<dyn FileWriter>> {
         let mut state = self.state();
         self.check(&state)?;
-        let name = SimName::Segment(number);
-        if state.files.get(&name).is_some_and(|f| f.exists) {
+        if state.file(name).is_ok() {
             return Err(io::ErrorKind::AlreadyExists.into());
         }
-        let spare = state.spares().next();
-        if let Some(spare) = spare {
-            state.rename(spare, name);
-            state.sync_dir();
-            state.reused += 1;
-        } else {
-            state.files.insert(
-                name,
-                SimFile {
-                    exists: true,
-                    ..SimFile::default()
-                },
-            );
-        }
-        Ok(Box::new(SimSegment {
-            backend: self.clone(),
-            number,
+        state.files.insert(
+            name.to_owned(),
+            SimFile {
+                exists: true,
+                ..SimFile::default()
+            },
+        );
+        Ok(Box::new(SimWriter {
+            fs: self.clone(),
+            name: name.to_owned(),
             written: 0,
         }))
     }
 
-    fn truncate_segment(&self, number: u64, len: u64) -> io::Result<()> {
-        self.with_file(number, |file| {
-            file.written.truncate(len as usize);
-            file.synced = file.written.clone();
-        })
+    fn overwrite(&self, name: &str) -> io::Result<Box<dyn FileWriter>> {
+        self.with_file(name, |_| ())?;
+        Ok(Box::new(SimWriter {
+            fs: self.clone(),
+            name: name.to_owned(),
+            written: 0,
+        }))
     }
 
-    fn remove_segment(&self, number: u64) -> io::Result<()> {
+    fn len(&self, name: &str) -> io::Result<u64> {
+        self.with_file(name, |file| file.written.len() as u64)
+    }
+
+    fn set_len(&self, name: &str, len: u64) -> io::Result<()> {
+        self.with_file(name, |file| file.written.resize(len as usize, 0))
+    }
+
+    fn sync_file(&self, name: &str) -> io::Result<()> {
+        self.with_file(name, |file| file.synced = file.written.clone())
+    }
+
+    fn rename(&self, from: &str, to: &str) -> io::Result<()> {
         let mut state = self.state();
         self.check(&state)?;
-        let name = SimName::Segment(number);
-        if !state.files.get(&name).is_some_and(|f| f.exists) {
-            return Err(io::ErrorKind::NotFound.into());
+        if state.file(to).is_ok() {
+            return Err(io::ErrorKind::AlreadyExists.into());
         }
-        if state.spares().count() < SPARE_FILES_MAX {
-            state.rename(name, SimName::Spare(number));
-        } else if let Some(file) = state.files.get_mut(&name) {
-            file.exists = false;
+        let file = state.file(from)?;
+        file.exists = false;
+        let moved = SimFile {
+            exists: true,
+            exists_synced: false,
+            ..file.clone()
+        };
+        state.files.insert(to.to_owned(), moved);
+        if from.ends_with(".seg.spare") && to.ends_with(".seg") {
+            state.reused += 1;
         }
+        Ok(())
+    }
+
+    fn remove(&self, name: &str) -> io::Result<()> {
+        let mut state = self.state();
+        self.check(&state)?;
+        state.file(name)?.exists = false;
         Ok(())
     }
 
@@ -546,23 +429,23 @@ impl Backend for SimBackend {
         Ok(())
     }
 
-    fn describe(&self, number: u64) -> String {
-        format!("simulated segment {number}")
+    fn describe(&self, name: &str) -> String {
+        format!("simulated {name}")
     }
 }
 
-struct SimSegment {
-    backend: SimBackend,
-    number: u64,
+struct SimWriter {
+    fs: SimFs,
+    name: String,
     /// Bytes written from the start.
     written: usize,
 }
 
-impl SegmentWriter for SimSegment {
+impl FileWriter for SimWriter {
     fn append(&mut self, chunks: &[&[u8]]) -> io::Result<()> {
         let at = self.written;
         let len: usize = chunks.iter().map(|chunk| chunk.len()).sum();
-        self.backend.with_file(self.number, |file| {
+        self.fs.with_file(&self.name, |file| {
             if file.written.len() < at + len {
                 file.written.resize(at + len, 0);
             }
@@ -577,7 +460,6 @@ impl SegmentWriter for SimSegment {
     }
 
     fn sync_data(&mut self) -> io::Result<()> {
-        self.backend
-            .with_file(self.number, |file| file.synced = file.written.clone())
+        self.fs.sync_file(&self.name)
     }
 }

@@ -11,6 +11,13 @@
 //! so the stall it causes is bounded by a segment rather than by everything live. Only
 //! whole prefixes of the log are removed, which keeps recovery a plain replay: an ack
 //! record never goes while the publish it cancels remains.
+//!
+//! A batch that has records anyway may also say, in a synced record, how far the active
+//! segment was durable when it was logged (the end of the latest batch announced
+//! durable), once that has moved on by an eighth of a segment (at most 1 MiB) since the
+//! last one: after a power loss, recovery cuts damage in the last segment that no
+//! synced record vouches for as a torn write, valid records after it or not. Coarser
+//! marks only leave more of the tail to be cut if it is damaged.
 
 use std::collections::VecDeque;
 use std::sync::mpsc::{Receiver, Sender};
@@ -23,6 +30,9 @@ use super::record::{self, SegmentHeader};
 use super::recovery::Recovered;
 use super::writer::{Batch, Command, Durability};
 use crate::protocol::{MessageId, Payload, QueueName};
+
+/// The most a segment's durable end moves on before a synced record says so.
+const SYNCED_RECORD_GAP_MAX: u64 = 1 << 20;
 
 pub struct Journal {
     /// Records of the current turn, not yet a command.
@@ -54,6 +64,13 @@ pub struct Journal {
     segment_bytes: u64,
     /// One more than the highest id logged, for the next segment header.
     next_id: u64,
+    /// Batches submitted and not yet known durable: (sequence number, segment, its bytes
+    /// after the batch).
+    submitted_ends: VecDeque<(u64, u64, u64)>,
+    /// How far a segment is known durable: (segment, bytes), from the batches announced
+    /// durable; and the same for what the last synced record said.
+    durable_end: (u64, u64),
+    marked_end: (u64, u64),
     /// The batch holding the latest compaction's copies. The next compaction waits until
     /// it is durable, so compaction takes turns with the rest of the traffic instead of
     /// queueing a whole backlog of copies in front of it.
@@ -129,6 +146,9 @@ impl Journal {
             segment_bytes,
             next_id: recovered.next_id,
             last_compaction: 0,
+            submitted_ends: VecDeque::new(),
+            durable_end: (0, 0),
+            marked_end: (0, 0),
             _dir_lock: None,
         };
         for message in &recovered.messages {
@@ -215,6 +235,7 @@ impl Journal {
     /// Hands everything logged since the last submit to the writer. Returns its sequence
     /// number, or `None` when nothing was logged and nothing awaits the batch.
     pub fn submit(&mut self) -> Option<u64> {
+        self.mark_synced();
         self.remove_dead_prefix();
         self.seal_buffer();
         if self.commands.is_empty() && !self.next_awaited {
@@ -223,6 +244,9 @@ impl Journal {
         let awaited = std::mem::take(&mut self.next_awaited);
         let seq = self.next_seq;
         self.next_seq += 1;
+        let active = self.active();
+        self.submitted_ends
+            .push_back((seq, active.number, active.bytes));
         let batch = Batch {
             seq,
             commands: std::mem::take(&mut self.commands),
@@ -296,6 +320,35 @@ impl Journal {
         if let Some(writer) = self.writer.take() {
             let _ = writer.join();
         }
+    }
+
+    /// Adds a synced record to the records about to be submitted, if there are any (an
+    /// idle log is not written to for this), and the active segment is known durable
+    /// further than its last synced record said, and it fits without a rotation.
+    fn mark_synced(&mut self) {
+        if let Durability::Through(durable) = *self.durable.borrow() {
+            while let Some(&(seq, segment, end)) = self.submitted_ends.front() {
+                if seq > durable {
+                    break;
+                }
+                self.submitted_ends.pop_front();
+                self.durable_end = (segment, end);
+            }
+        }
+        let active = self.active();
+        let (segment, end) = self.durable_end;
+        let gap = (self.segment_bytes / 8).min(SYNCED_RECORD_GAP_MAX);
+        if self.buffer.is_empty()
+            || segment != active.number
+            || (segment, end) < (self.marked_end.0, self.marked_end.1 + gap)
+            || active.bytes + (record::SYNCED_RECORD_BYTES + record::SEALED_RECORD_BYTES) as u64
+                > self.segment_bytes
+        {
+            return;
+        }
+        let number = self.grow_active(record::SYNCED_RECORD_BYTES);
+        record::encode_synced(&mut self.buffer, number, end);
+        self.marked_end = (segment, end);
     }
 
     /// Counts a record of `record_bytes` into the active segment, first starting the next

@@ -1,7 +1,9 @@
 //! Durable storage: the append-only log under `--data-dir` (docs/STORAGE.md).
 //!
 //! - [`record`]: the byte format of segments and records, with CRC32C.
-//! - [`backend`]: the file operations, for real files or a crash simulator.
+//! - [`backend`]: plain file operations, on real files or a crash simulator.
+//! - [`segments`]: segments as files, and the policy for making and removing them
+//!   (reuse of removed segments' files, removal step by step).
 //! - `writer`: the thread that writes and syncs (group commit).
 //! - `remover`: the thread that deletes segments the log no longer needs.
 //! - [`journal`]: what the core task calls: log records, submit a turn, watch durability.
@@ -12,6 +14,7 @@ pub mod journal;
 pub mod record;
 pub mod recovery;
 mod remover;
+pub mod segments;
 mod writer;
 
 #[cfg(test)]
@@ -30,8 +33,9 @@ pub use journal::{Journal, LiveMessage};
 pub use recovery::{Recovered, RecoveredMessage, RecoveredSegment, RecoveryError};
 pub use writer::Durability;
 
-use backend::{Backend, FileBackend};
+use backend::{FileSystem, RealFs};
 use record::SegmentHeader;
+use segments::Segments;
 
 /// When the log calls fdatasync.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -108,7 +112,24 @@ impl Storage {
             .create(&config.dir)
             .map_err(dir_error)?;
         let lock = lock_dir(&config.dir)?;
-        let backend = FileBackend::new(&config.dir, config.segment_bytes);
+        let mut storage = Self::open_with(Arc::new(RealFs::new(&config.dir)), config)?;
+        storage.journal.hold_dir_lock(lock);
+        Ok(storage)
+    }
+
+    /// Opens the log on any file system (tests use the crash simulator).
+    ///
+    /// # Errors
+    /// As [`Storage::open`], but for locking.
+    pub fn open_with(
+        fs: Arc<dyn FileSystem>,
+        config: &StorageConfig,
+    ) -> Result<Storage, StorageError> {
+        let dir_error = |source| StorageError::Dir {
+            dir: config.dir.clone(),
+            source,
+        };
+        let backend = Arc::new(Segments::new(fs, config.segment_bytes));
         let interrupted = backend.remove_interrupted_removals().map_err(dir_error)?;
         if interrupted > 0 {
             info!(
@@ -124,21 +145,8 @@ impl Storage {
                 "a new log: prepared zero-filled segment files for its first segments to write over"
             );
         }
-        let mut storage = Self::open_with(Arc::new(backend), config)?;
-        storage.journal.hold_dir_lock(lock);
-        Ok(storage)
-    }
-
-    /// Opens the log on any backend (tests use the crash simulator).
-    ///
-    /// # Errors
-    /// As [`Storage::open`], but for locking.
-    pub fn open_with(
-        backend: Arc<dyn Backend>,
-        config: &StorageConfig,
-    ) -> Result<Storage, StorageError> {
         let started = std::time::Instant::now();
-        let mut recovered = recovery::recover(backend.as_ref(), config.repair)?;
+        let mut recovered = recovery::recover(&backend, config.repair)?;
         let recovery_time = started.elapsed();
         // Every start writes to a new segment, numbered after every segment file there is
         // (one that --repair skipped included); the old ones go once nothing in them is
@@ -155,7 +163,7 @@ impl Storage {
             active.sync_data().map_err(StorageError::NewSegment)?;
             backend.sync_dir().map_err(StorageError::NewSegment)?;
         }
-        remove_empty_segments(backend.as_ref(), &mut recovered, config.fsync)
+        remove_empty_segments(&backend, &mut recovered, config.fsync)
             .map_err(StorageError::NewSegment)?;
         let (batches, receiver) = std::sync::mpsc::channel();
         let (durable_tx, durable_rx) = watch::channel(writer::Durability::Through(0));
@@ -199,7 +207,7 @@ impl Storage {
 /// pinned by live messages would leave one more file. Nothing is lost with them: they
 /// hold no message, and the new active segment, already durable, carries the next id.
 fn remove_empty_segments(
-    backend: &dyn Backend,
+    backend: &Segments,
     recovered: &mut Recovered,
     fsync: FsyncPolicy,
 ) -> std::io::Result<()> {

@@ -10,6 +10,8 @@
 //!   kind 2 delivered: id u64, repeated
 //!   kind 3 acked:     id u64, repeated
 //!   kind 4 sealed:    (no body) the segment ends here; what follows is not part of it
+//!   kind 5 synced:    offset u64 (version 3): every byte of this segment before that
+//!                     offset was on stable storage before this record was written
 //! ```
 //! Integers are little-endian. A record's CRC covers its length field, segment, kind and
 //! body, so a torn length is caught like a torn body. A record is checked when encoded
@@ -23,6 +25,12 @@
 //! stop) ends with a sealed record, so that a reused file need not be cut to its records,
 //! and keeps all its blocks for its next reuse. Version 1 records, without the segment
 //! field, are still read.
+//!
+//! Synced records (version 3) tell recovery how far the segment was known durable: after
+//! a power loss, the bytes written since the last sync may reach the disk in any order,
+//! so damage followed by valid records is a torn tail when no synced record after the
+//! damage vouches for the bytes at the damage, and corruption of stable data when one
+//! does. Version 2 segments, without them, are read as before.
 
 use thiserror::Error;
 
@@ -30,7 +38,9 @@ use crate::protocol::{MessageId, Payload, QueueName};
 
 pub const MAGIC: &[u8; 8] = b"FERRYLOG";
 /// The version this build writes.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
+/// The first version with synced records.
+pub const SYNCED_RECORDS_VERSION: u32 = 3;
 /// The oldest version this build reads: version 1 records have no segment field.
 pub const OLDEST_READABLE_VERSION: u32 = 1;
 pub const HEADER_BYTES: usize = 32;
@@ -50,6 +60,7 @@ const KIND_PUBLISH: u8 = 1;
 const KIND_DELIVERED: u8 = 2;
 const KIND_ACKED: u8 = 3;
 const KIND_SEALED: u8 = 4;
+const KIND_SYNCED: u8 = 5;
 /// id, deliveries, queue length.
 const PUBLISH_FIXED_BYTES: usize = 8 + 4 + 1;
 
@@ -152,6 +163,8 @@ pub enum Record {
     Acked(Vec<MessageId>),
     /// The end of the segment.
     Sealed,
+    /// Every byte of the segment before this offset was durable when it was written.
+    Synced(u64),
 }
 
 /// Appends a publish record for segment `segment` to `dst`.
@@ -197,6 +210,16 @@ pub fn encode_sealed(dst: &mut Vec<u8>, segment: u64) {
 
 /// Bytes the record that ends a segment takes.
 pub const SEALED_RECORD_BYTES: usize = RECORD_PREFIX_BYTES + 1;
+
+/// Appends a record saying that the segment's bytes before `offset` are durable.
+pub fn encode_synced(dst: &mut Vec<u8>, segment: u64, offset: u64) {
+    encode_record(dst, segment, KIND_SYNCED, 8, |body| {
+        body.extend_from_slice(&offset.to_le_bytes());
+    });
+}
+
+/// Bytes a synced record takes.
+pub const SYNCED_RECORD_BYTES: usize = RECORD_PREFIX_BYTES + 1 + 8;
 
 /// Bytes a delivered or acked record of `count` ids takes on disk.
 pub fn ids_record_bytes(count: usize) -> usize {
@@ -306,6 +329,10 @@ pub fn decode_record(bytes: &[u8], header: &SegmentHeader) -> Decoded {
         }
         KIND_SEALED if body.is_empty() => Record::Sealed,
         KIND_SEALED => return Decoded::Corrupt("sealed record with a body"),
+        KIND_SYNCED if header.version >= SYNCED_RECORDS_VERSION => match body.try_into() {
+            Ok(offset) => Record::Synced(u64::from_le_bytes(offset)),
+            Err(_) => return Decoded::Corrupt("synced record of the wrong length"),
+        },
         _ => return Decoded::Corrupt("unknown record kind"),
     };
     Decoded::Record(record, prefix_bytes + len)
@@ -368,6 +395,7 @@ mod tests {
             },
             Record::Acked(vec![MessageId(1), MessageId(u64::MAX)]),
             Record::Acked(vec![]),
+            Record::Synced(4096),
             Record::Sealed,
         ];
         let mut bytes = Vec::new();
@@ -382,6 +410,7 @@ mod tests {
                 Record::Delivered(ids) => encode_delivered(&mut bytes, SEGMENT, ids),
                 Record::Acked(ids) => encode_acked(&mut bytes, SEGMENT, ids),
                 Record::Sealed => encode_sealed(&mut bytes, SEGMENT),
+                Record::Synced(offset) => encode_synced(&mut bytes, SEGMENT, *offset),
             }
         }
         (bytes, records)
@@ -421,6 +450,17 @@ mod tests {
         let mut sealed = Vec::new();
         encode_sealed(&mut sealed, SEGMENT);
         assert_eq!(sealed.len(), SEALED_RECORD_BYTES);
+        let mut synced = Vec::new();
+        encode_synced(&mut synced, SEGMENT, 1);
+        assert_eq!(synced.len(), SYNCED_RECORD_BYTES);
+        let version_2 = SegmentHeader {
+            version: 2,
+            ..segment_header(SEGMENT)
+        };
+        assert!(
+            matches!(decode_record(&synced, &version_2), Decoded::Corrupt(_)),
+            "a version 2 segment has no synced records"
+        );
     }
 
     #[test]
@@ -470,12 +510,20 @@ mod tests {
         };
         assert_eq!(SegmentHeader::decode(&version_1.encode()), Ok(version_1));
         let future = SegmentHeader {
-            version: 3,
+            version: FORMAT_VERSION + 1,
             ..header
         };
         let err = SegmentHeader::decode(&future.encode()).unwrap_err();
-        assert_eq!(err, HeaderError::UnknownVersion { found: 3 });
-        assert!(err.to_string().contains("this build reads versions 1 to 2"));
+        assert_eq!(
+            err,
+            HeaderError::UnknownVersion {
+                found: FORMAT_VERSION + 1
+            }
+        );
+        assert!(
+            err.to_string()
+                .contains(&format!("this build reads versions 1 to {FORMAT_VERSION}"))
+        );
         let mut foreign = bytes;
         foreign[0] = b'X';
         assert!(matches!(

@@ -1,13 +1,15 @@
 //! Rebuilding the broker's state from the log at start: replay every segment in order.
 //!
 //! A segment ends at its sealed record, or at the end of its file; what follows a sealed
-//! record is a reused file's old contents. Damage is judged by where it is. At the end of
-//! the last segment, a partial or invalid record with no valid record of the segment
-//! after it is a write torn by a crash (or, in a reused file, its old contents): it is
-//! truncated away and logged, and every intact record before it is kept. Anywhere else,
-//! damage means data was lost or altered after it was written: the broker refuses to
-//! start and says where, unless `--repair` tells it to skip the damaged bytes (loudly,
-//! naming them).
+//! record is a reused file's old contents. Damage is judged by where it is. In the last
+//! segment, damage that no later record shows to have been durable is a write torn by a
+//! crash (or, in a reused file, its old contents): nothing valid follows it, or (format
+//! 3) nothing that follows is a synced record vouching for the bytes where it is, since
+//! a power loss may keep pages written after the last sync and lose earlier ones. It is
+//! truncated away with everything after it, and logged; every intact record before it is
+//! kept. Anywhere else, damage means data was lost or altered after it was written: the
+//! broker refuses to start and says where, unless `--repair` tells it to skip the damaged
+//! bytes (loudly, naming them).
 
 use std::collections::HashSet;
 use std::io::Read;
@@ -16,8 +18,8 @@ use rustc_hash::FxHashMap;
 use thiserror::Error;
 use tracing::{error, warn};
 
-use super::backend::Backend;
 use super::record::{self, Decoded, HeaderError, Record, SegmentHeader};
+use super::segments::Segments;
 use crate::protocol::{MessageId, Payload, QueueName};
 
 /// A message that was confirmed and not acked when the broker stopped.
@@ -171,7 +173,7 @@ impl Replay {
                     self.ack(id);
                 }
             }
-            Record::Sealed => {}
+            Record::Sealed | Record::Synced(_) => {}
         }
     }
 
@@ -250,14 +252,14 @@ const READ_CHUNK_BYTES: usize = 1 << 20;
 /// # Errors
 /// [`RecoveryError`] when a segment cannot be read, or is damaged anywhere but at the
 /// end of the log (unless `repair`).
-pub fn recover(backend: &dyn Backend, repair: bool) -> Result<Recovered, RecoveryError> {
+pub fn recover(backend: &Segments, repair: bool) -> Result<Recovered, RecoveryError> {
     recover_in_chunks(backend, repair, READ_CHUNK_BYTES)
 }
 
 /// [`recover`], reading segments `chunk` bytes at a time (tests use tiny chunks, so that
 /// records and headers straddle them).
 pub(crate) fn recover_in_chunks(
-    backend: &dyn Backend,
+    backend: &Segments,
     repair: bool,
     chunk: usize,
 ) -> Result<Recovered, RecoveryError> {
@@ -367,16 +369,25 @@ pub(crate) fn recover_in_chunks(
             };
             // Damage is judged by what follows it, up to the end of the segment.
             let next_valid = find_valid_record(&mut window, offset + 1, &header)?;
+            let torn = last
+                && match next_valid {
+                    None => true,
+                    Some(at) => {
+                        header.version >= record::SYNCED_RECORDS_VERSION
+                            && !synced_past(backend, number, chunk, &header, at, offset)?
+                    }
+                };
+            if torn {
+                let length = window.length()?;
+                let cut = length - offset;
+                warn!(%segment, offset, cut, problem, "the log ends here; what follows is a write torn by a crash (anything after the last sync), or the old contents of a reused file: cutting it");
+                backend.truncate_segment(number, offset as u64)?;
+                recovered.truncated_bytes += cut as u64;
+                break;
+            }
             // Read to the end when nothing valid follows.
             let end = window.end();
             match next_valid {
-                None if last => {
-                    let cut = end - offset;
-                    warn!(%segment, offset, cut, problem, "the log ends here; what follows is a write torn by a crash, or the old contents of a reused file: cutting it");
-                    backend.truncate_segment(number, offset as u64)?;
-                    recovered.truncated_bytes += cut as u64;
-                    offset = end;
-                }
                 _ if !repair => {
                     return Err(RecoveryError::Corrupt {
                         segment,
@@ -402,6 +413,37 @@ pub(crate) fn recover_in_chunks(
     recovered.records = replay.records;
     recovered.messages = replay.into_messages();
     Ok(recovered)
+}
+
+/// Whether a synced record at or after file offset `from` (where a valid record starts)
+/// says that the bytes at `damage` were durable: then the damage is not a torn write but
+/// stable data altered. Reads the segment with a window of its own, so that the caller's
+/// keeps what it holds.
+fn synced_past(
+    backend: &Segments,
+    number: u64,
+    chunk: usize,
+    header: &SegmentHeader,
+    from: usize,
+    damage: usize,
+) -> std::io::Result<bool> {
+    let mut window = SegmentWindow::open(backend, number, chunk)?;
+    while window.end() <= from && window.read_more(window.end())? {}
+    if window.end() < from {
+        return Ok(false);
+    }
+    let mut at = from;
+    while let Some(found) = find_valid_record(&mut window, at, header)? {
+        match record::decode_record(window.from(found), header) {
+            Decoded::Record(Record::Synced(offset), _) if offset > damage as u64 => {
+                return Ok(true);
+            }
+            Decoded::Record(_, used) => at = found + used,
+            // Not reached: what was found valid decodes the same way again.
+            Decoded::Incomplete | Decoded::Corrupt(_) => at = found + 1,
+        }
+    }
+    Ok(false)
 }
 
 /// Whether a segment, in `window` from its start, has no valid record of segment
@@ -507,7 +549,7 @@ struct SegmentWindow {
 }
 
 impl SegmentWindow {
-    fn open(backend: &dyn Backend, number: u64, chunk: usize) -> std::io::Result<Self> {
+    fn open(backend: &Segments, number: u64, chunk: usize) -> std::io::Result<Self> {
         Ok(SegmentWindow {
             reader: backend.open_segment(number)?,
             bytes: Vec::new(),
@@ -642,8 +684,9 @@ mod tests {
                 );
             }
             // The same, read from a segment a few bytes at a time.
-            let backend = super::super::backend::SimBackend::default();
-            backend.put_segment(1, &bytes);
+            let disk = super::super::backend::SimFs::default();
+            disk.put(&super::super::segments::segment_file_name(1), &bytes);
+            let backend = Segments::new(std::sync::Arc::new(disk), 1 << 20);
             let mut window = SegmentWindow::open(&backend, 1, chunk).unwrap();
             while window.end() < from && window.read_more(0).unwrap() {}
             let streamed = find_valid_record(&mut window, from, &header).unwrap();

@@ -18,7 +18,7 @@ use std::thread::JoinHandle;
 use tracing::{error, info};
 
 use super::FsyncPolicy;
-use super::backend::Backend;
+use super::segments::Segments;
 
 /// Handle to the remover thread; dropping it waits for the removals asked for so far.
 pub(crate) struct Remover {
@@ -27,7 +27,7 @@ pub(crate) struct Remover {
 }
 
 impl Remover {
-    pub fn spawn(backend: Arc<dyn Backend>, fsync: FsyncPolicy) -> std::io::Result<Remover> {
+    pub fn spawn(backend: Arc<Segments>, fsync: FsyncPolicy) -> std::io::Result<Remover> {
         let (requests, received) = channel();
         let thread = std::thread::Builder::new()
             .name("ferry-log-remove".into())
@@ -56,7 +56,7 @@ impl Drop for Remover {
     }
 }
 
-fn serve(backend: &dyn Backend, fsync: FsyncPolicy, requests: &Receiver<u64>) {
+fn serve(backend: &Segments, fsync: FsyncPolicy, requests: &Receiver<u64>) {
     while let Ok(mut below) = requests.recv() {
         // Requests that queued up meanwhile: the newest covers them all.
         while let Ok(newer) = requests.try_recv() {
@@ -66,7 +66,7 @@ fn serve(backend: &dyn Backend, fsync: FsyncPolicy, requests: &Receiver<u64>) {
     }
 }
 
-fn remove_below(backend: &dyn Backend, fsync: FsyncPolicy, below: u64) {
+fn remove_below(backend: &Segments, fsync: FsyncPolicy, below: u64) {
     let segments = match backend.list_segments() {
         Ok(segments) => segments,
         Err(e) => {
@@ -107,58 +107,80 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
-    use crate::storage::backend::{SegmentWriter, SimBackend};
+    use crate::storage::backend::{FileSystem, FileWriter, SimFs};
+    use crate::storage::segments::segment_file_name;
 
-    /// The simulated disk, except that removing one chosen segment fails.
+    /// The simulated disk, except that taking one chosen file out of the log fails.
     struct RefusesToRemove {
-        disk: SimBackend,
-        refused: Mutex<Option<u64>>,
+        disk: SimFs,
+        refused: Mutex<Option<String>>,
     }
 
-    impl Backend for RefusesToRemove {
-        fn list_segments(&self) -> io::Result<Vec<u64>> {
-            self.disk.list_segments()
-        }
-        fn open_segment(&self, number: u64) -> io::Result<Box<dyn io::Read + Send>> {
-            self.disk.open_segment(number)
-        }
-        fn create_segment(&self, number: u64) -> io::Result<Box<dyn SegmentWriter>> {
-            self.disk.create_segment(number)
-        }
-        fn truncate_segment(&self, number: u64, len: u64) -> io::Result<()> {
-            self.disk.truncate_segment(number, len)
-        }
-        fn remove_segment(&self, number: u64) -> io::Result<()> {
-            if *self.refused.lock().unwrap() == Some(number) {
-                return Err(io::Error::other("refused by the test"));
+    impl RefusesToRemove {
+        fn check(&self, name: &str) -> io::Result<()> {
+            match &*self.refused.lock().unwrap() {
+                Some(refused) if refused == name => Err(io::Error::other("refused by the test")),
+                _ => Ok(()),
             }
-            self.disk.remove_segment(number)
+        }
+    }
+
+    impl FileSystem for RefusesToRemove {
+        fn list(&self) -> io::Result<Vec<String>> {
+            self.disk.list()
+        }
+        fn open(&self, name: &str) -> io::Result<Box<dyn io::Read + Send>> {
+            self.disk.open(name)
+        }
+        fn create(&self, name: &str) -> io::Result<Box<dyn FileWriter>> {
+            self.disk.create(name)
+        }
+        fn overwrite(&self, name: &str) -> io::Result<Box<dyn FileWriter>> {
+            self.disk.overwrite(name)
+        }
+        fn len(&self, name: &str) -> io::Result<u64> {
+            self.disk.len(name)
+        }
+        fn set_len(&self, name: &str, len: u64) -> io::Result<()> {
+            self.disk.set_len(name, len)
+        }
+        fn sync_file(&self, name: &str) -> io::Result<()> {
+            self.disk.sync_file(name)
+        }
+        fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+            self.check(from)?;
+            self.disk.rename(from, to)
+        }
+        fn remove(&self, name: &str) -> io::Result<()> {
+            self.check(name)?;
+            self.disk.remove(name)
         }
         fn sync_dir(&self) -> io::Result<()> {
             self.disk.sync_dir()
         }
-        fn describe(&self, number: u64) -> String {
-            self.disk.describe(number)
+        fn describe(&self, name: &str) -> String {
+            self.disk.describe(name)
         }
     }
 
     #[test]
     fn a_failed_removal_keeps_every_newer_segment_and_is_retried_next_time() {
-        let backend = RefusesToRemove {
-            disk: SimBackend::default(),
-            refused: Mutex::new(Some(2)),
-        };
+        let disk = Arc::new(RefusesToRemove {
+            disk: SimFs::default(),
+            refused: Mutex::new(Some(segment_file_name(2))),
+        });
+        let segments = Segments::new(disk.clone(), 1 << 20);
         for number in 1..=4 {
-            backend.create_segment(number).unwrap();
+            segments.create_segment(number).unwrap();
         }
-        remove_below(&backend, FsyncPolicy::Always, 4);
+        remove_below(&segments, FsyncPolicy::Always, 4);
         assert_eq!(
-            backend.list_segments().unwrap(),
+            segments.list_segments().unwrap(),
             [2, 3, 4],
             "segment 3 may hold the acks of messages in segment 2"
         );
-        *backend.refused.lock().unwrap() = None;
-        remove_below(&backend, FsyncPolicy::Always, 4);
-        assert_eq!(backend.list_segments().unwrap(), [4]);
+        *disk.refused.lock().unwrap() = None;
+        remove_below(&segments, FsyncPolicy::Always, 4);
+        assert_eq!(segments.list_segments().unwrap(), [4]);
     }
 }

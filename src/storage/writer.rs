@@ -22,9 +22,10 @@ use tokio::sync::watch;
 use tracing::error;
 
 use super::FsyncPolicy;
-use super::backend::{Backend, SegmentWriter};
+use super::backend::FileWriter;
 use super::record::SegmentHeader;
 use super::remover::Remover;
+use super::segments::Segments;
 
 /// One step for the writer, in log order.
 pub(crate) enum Command {
@@ -61,8 +62,8 @@ pub enum Durability {
 }
 
 pub(crate) struct Writer {
-    pub backend: Arc<dyn Backend>,
-    pub active: Box<dyn SegmentWriter>,
+    pub backend: Arc<Segments>,
+    pub active: Box<dyn FileWriter>,
     pub fsync: FsyncPolicy,
     pub batches: Receiver<Batch>,
     pub durable: watch::Sender<Durability>,
