@@ -8,11 +8,15 @@
 //! - [`client`]: [`Producer`] and [`Consumer`], used by the CLI and the tests.
 //! - [`storage`]: the durable log under `--data-dir`: segments, group commit, recovery.
 //! - [`transport`]: plain TCP or TLS streams, for the broker and the clients.
+//! - `fuzz_checks`: the properties the fuzz targets check, shared with the test that
+//!   replays their corpora.
 //!
 //! The `ferry` binary (`src/main.rs`) is the command line over all of it.
 
 pub mod broker;
 pub mod client;
+#[doc(hidden)]
+pub mod fuzz_checks;
 pub mod protocol;
 pub mod storage;
 pub mod transport;
