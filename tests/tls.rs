@@ -256,3 +256,41 @@ async fn the_register_timeout_counts_from_the_connect_not_from_the_handshake() {
         "register_timeout came {waited:?} after the connect; the timeout is {timeout:?}"
     );
 }
+
+/// rustls takes what a connection writes into its own buffer whether or not the socket
+/// takes it, so a TLS client that reads nothing can leave bytes that only a flush would
+/// send: closing such a connection (after a fatal error, a half-close, or at the end of
+/// a shutdown) flushed without a deadline, and a graceful shutdown waited forever.
+#[tokio::test]
+async fn tls_clients_that_never_read_cannot_hold_up_a_shutdown() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, cert) = tls_broker(dir.path(), 100).await;
+    let tls = ClientTls::with_ca_file(&cert).unwrap();
+    let mut held = Vec::new();
+    // Plenty of garbage, each frame answered with an error the client never reads; then
+    // nothing more, a fatal length, or the end of the client's side.
+    for (frames, ending) in [(60_000, 0u8), (30_000, 1), (30_000, 2)] {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let tcp = socket.connect(broker.addr).await.unwrap();
+        let mut stream = tls.connect("localhost", tcp).await.unwrap();
+        let mut bytes = common::frame(&json!({"type": "register", "role": "producer"}));
+        for _ in 0..frames {
+            bytes.extend(common::frame_of_body(b"x"));
+        }
+        if ending == 1 {
+            bytes.extend(u32::MAX.to_be_bytes());
+        }
+        let patience = Duration::from_millis(500);
+        let _ = tokio::time::timeout(patience, stream.write_all(&bytes)).await;
+        let _ = tokio::time::timeout(patience, stream.flush()).await;
+        if ending == 2 {
+            let _ = tokio::time::timeout(patience, stream.shutdown()).await;
+        }
+        held.push(stream);
+    }
+    // within() fails the test if the shutdown takes longer than common::WAIT.
+    broker.shutdown().await;
+    drop(held);
+}

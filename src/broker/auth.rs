@@ -53,6 +53,10 @@ impl fmt::Debug for Grant {
     }
 }
 
+/// Longest token a grant may have: a register carrying it must fit the 8 KiB a first
+/// frame may take.
+pub const TOKEN_BYTES_MAX: usize = 1024;
+
 /// The SHA-256 digest of a token: what grants keep and compare, in constant time.
 type TokenDigest = [u8; 32];
 
@@ -156,6 +160,15 @@ impl Access {
             let raw = raw.into_inner();
             if raw.token.get_ref().is_empty() {
                 return Err((raw.token.span(), "token is empty".into()));
+            }
+            let token_bytes = raw.token.get_ref().len();
+            if token_bytes > TOKEN_BYTES_MAX {
+                return Err((
+                    raw.token.span(),
+                    format!(
+                        "token is {token_bytes} bytes; use at most {TOKEN_BYTES_MAX} (a register, token included, must fit a first frame)"
+                    ),
+                ));
             }
             if raw.roles.is_empty() {
                 return Err((
@@ -339,6 +352,14 @@ queues = ["*"]
         let (line, message) =
             line_of_error("[[grant]]\ntoken = \"\"\nroles = [\"producer\"]\nqueues = [\"q\"]\n");
         assert_eq!((line, message.as_str()), (2, "token is empty"));
+
+        let long = format!(
+            "[[grant]]\ntoken = \"{}\"\nroles = [\"producer\"]\nqueues = [\"q\"]\n",
+            "t".repeat(TOKEN_BYTES_MAX + 1)
+        );
+        let (line, message) = line_of_error(&long);
+        assert_eq!(line, 2);
+        assert!(message.contains("at most 1024"), "{message}");
 
         let (line, _) = line_of_error(
             "[[grant]]\ntoken = \"t\"\nroles = [\"producer\"]\nqueues = [\"q\"]\ncolour = 1\n",

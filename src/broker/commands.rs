@@ -2,7 +2,7 @@
 //! (its commands, in order) and receives [`ToConnection`] messages (replies in the order
 //! of its commands, deliveries, and deliveries taken back).
 
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 
 use super::core::{ConsumerId, Delivery};
 use crate::protocol::{ErrorCode, MessageId, Payload, QueueName, Role};
@@ -32,6 +32,24 @@ pub(crate) struct Request {
     /// With a register: where the core task sends this connection its replies and
     /// deliveries from then on.
     pub route: Option<mpsc::UnboundedSender<ToConnection>>,
+    /// The share of the bytes requests may hold on their way to the core that this one
+    /// holds (its payloads): given back once it is applied.
+    pub budget: Option<OwnedSemaphorePermit>,
+}
+
+/// Payload bytes that requests on their way to the core task may hold in all: past it,
+/// connections wait to send. The channel's count of requests alone would let a thousand
+/// requests of a megabyte each wait there, uncounted by `--max-memory`.
+pub const REQUEST_BYTES_MAX: usize = 64 << 20;
+
+impl Command {
+    /// Payload bytes the command carries.
+    pub fn payload_bytes(&self) -> usize {
+        match self {
+            Command::Publish(payload) => payload.len(),
+            _ => 0,
+        }
+    }
 }
 
 /// What a connection asks of the core. Each command for which [`Command::is_answered`]

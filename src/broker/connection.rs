@@ -6,20 +6,23 @@
 //!
 //! Closing: after a fatal error the connection shuts its write side and reads (and
 //! discards) for a moment before closing, so a client that was still sending sees the
-//! error frame instead of a connection reset.
+//! error frame instead of a connection reset. Every shutdown of the write side has a
+//! deadline: over TLS it first flushes what rustls buffered (the session counts bytes as
+//! written once rustls took them), which a client that does not read would make wait
+//! forever.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use super::commands::{Command, ConnectionId, Request, ToConnection};
+use super::commands::{Command, ConnectionId, REQUEST_BYTES_MAX, Request, ToConnection};
 use super::metrics::BrokerMetrics;
-use super::session::{Ending, Session};
+use super::session::{Ending, SHUTDOWN_FLUSH_TIMEOUT, Session};
 use super::sleep_until;
 use crate::transport::{Progress, Stream, poll_io};
 
@@ -33,6 +36,9 @@ pub(crate) struct Connection {
     session: Session,
     metrics: Arc<BrokerMetrics>,
     core: mpsc::Sender<Request>,
+    /// Payload bytes requests on their way to the core may hold, shared by every
+    /// connection ([`REQUEST_BYTES_MAX`]).
+    request_bytes: Arc<Semaphore>,
     /// Where the core task sends this connection's replies and deliveries: the sender
     /// goes to the core task with the register.
     route: mpsc::UnboundedSender<ToConnection>,
@@ -48,6 +54,7 @@ impl Connection {
         session: Session,
         metrics: Arc<BrokerMetrics>,
         core: mpsc::Sender<Request>,
+        request_bytes: Arc<Semaphore>,
     ) -> Self {
         let (route, from_core) = mpsc::unbounded_channel();
         Connection {
@@ -56,6 +63,7 @@ impl Connection {
             session,
             metrics,
             core,
+            request_bytes,
             route,
             from_core,
             throttled: false,
@@ -68,9 +76,10 @@ impl Connection {
         let _ = self.stream.tcp().set_nodelay(true);
         let mut shutting_down = false;
         let ending = loop {
-            if !self.send_commands().await {
+            if !self.send_commands().await && !shutting_down {
                 // The core task is gone: the broker is shutting down.
-                self.session.handle_shutdown(Instant::now().into_std());
+                shutting_down = true;
+                self.shut_down();
             }
             let throttled = self.session.is_throttled();
             self.set_throttled(throttled);
@@ -84,11 +93,7 @@ impl Connection {
                 biased;
                 () = close_all.cancelled(), if !shutting_down => {
                     shutting_down = true;
-                    // The core task's last act may have been to release replies to us.
-                    while let Ok(message) = self.from_core.try_recv() {
-                        self.session.handle_core(Instant::now().into_std(), message);
-                    }
-                    self.session.handle_shutdown(Instant::now().into_std());
+                    self.shut_down();
                 }
                 Some(message) = self.from_core.recv() => {
                     let now = Instant::now().into_std();
@@ -118,6 +123,16 @@ impl Connection {
         self.close(ending).await;
     }
 
+    /// Ends the session at the end of shutdown, after what the core task's last acts
+    /// released to it: replies it owes come before the end.
+    fn shut_down(&mut self) {
+        let now = Instant::now().into_std();
+        while let Ok(message) = self.from_core.try_recv() {
+            self.session.handle_core(now, message);
+        }
+        self.session.handle_shutdown(now);
+    }
+
     /// Passes the session's commands on to the core task; false if it is gone.
     async fn send_commands(&mut self) -> bool {
         let Some(commands) = self.session.poll_commands() else {
@@ -126,10 +141,21 @@ impl Connection {
         let registers = commands
             .iter()
             .any(|command| matches!(command, Command::Register { .. }));
+        let bytes: usize = commands.iter().map(Command::payload_bytes).sum();
+        let budget = if bytes == 0 {
+            None
+        } else {
+            let share = u32::try_from(bytes.min(REQUEST_BYTES_MAX)).unwrap_or(u32::MAX);
+            match self.request_bytes.clone().acquire_many_owned(share).await {
+                Ok(permit) => Some(permit),
+                Err(_) => return false,
+            }
+        };
         let request = Request {
             conn: self.id,
             commands,
             route: registers.then(|| self.route.clone()),
+            budget,
         };
         self.core.send(request).await.is_ok()
     }
@@ -150,23 +176,32 @@ impl Connection {
         match ending {
             Ending::Fatal => close_after_fatal_error(&mut self.stream).await,
             Ending::Shutdown => {
-                let _ = self.stream.shutdown().await;
+                shut_write_side(&mut self.stream).await;
                 debug!("closed at the end of shutdown");
             }
             Ending::Broken(e) => debug!(error = %e, "connection failed"),
             Ending::PeerClosed => {
-                let _ = self.stream.shutdown().await;
+                shut_write_side(&mut self.stream).await;
                 debug!("closed by the client");
             }
         }
     }
 }
 
+/// Shuts the write side of `stream`, giving up after [`SHUTDOWN_FLUSH_TIMEOUT`]; says
+/// whether it was shut.
+async fn shut_write_side(stream: &mut Stream) -> bool {
+    matches!(
+        tokio::time::timeout(SHUTDOWN_FLUSH_TIMEOUT, stream.shutdown()).await,
+        Ok(Ok(()))
+    )
+}
+
 /// Closes gracefully after a fatal error frame was written: shut the write side, then
 /// read and discard briefly, so unread client bytes do not turn the close into a reset
 /// that could destroy the error frame before the client reads it.
 pub(crate) async fn close_after_fatal_error(stream: &mut Stream) {
-    if stream.shutdown().await.is_err() {
+    if !shut_write_side(stream).await {
         return;
     }
     let mut discarded = 0;

@@ -130,11 +130,13 @@ impl CoreTask {
                         // Every sender is gone: the server ended without a drain.
                         break ShutdownReport { drain: self.gate.drain_report(), completed: false };
                     }
-                    for request in batch.drain(..) {
-                        if let Some(route) = request.route {
-                            self.routes.insert(request.conn, route);
+                    for Request { conn, commands, route, budget } in batch.drain(..) {
+                        if let Some(route) = route {
+                            self.routes.insert(conn, route);
                         }
-                        self.gate.apply(request.conn, request.commands);
+                        self.gate.apply(conn, commands);
+                        // Its payloads are the core's now, counted by --max-memory.
+                        drop(budget);
                     }
                 }
                 // Nothing to do here: every turn ends with the timeouts that are due.

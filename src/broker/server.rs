@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, field, info, info_span, warn};
 
-use super::commands::{ConnectionId, Request};
+use super::commands::{ConnectionId, REQUEST_BYTES_MAX, Request};
 use super::config::BrokerConfig;
 use super::connection::{Connection, close_after_fatal_error};
 use super::core_task::{CoreTask, ShutdownReport, StorageFailed};
@@ -147,6 +147,7 @@ impl Server {
             access: config.access.clone(),
         });
         let slots = Arc::new(Semaphore::new(config.max_connections));
+        let request_bytes = Arc::new(Semaphore::new(REQUEST_BYTES_MAX));
         let refusal_slots = Arc::new(Semaphore::new(REFUSALS_MAX));
         let close_all = CancellationToken::new();
         let connections = TaskTracker::new();
@@ -185,6 +186,7 @@ impl Server {
                     let core_tx = core_tx.clone();
                     let close_all = close_all.clone();
                     let metrics = metrics.clone();
+                    let request_bytes = request_bytes.clone();
                     metrics.connection_opened();
                     connections.spawn(
                         async move {
@@ -192,9 +194,16 @@ impl Server {
                                 open_stream(tcp, tls.as_ref(), register_deadline).await
                             {
                                 let session = Session::new(settings, register_deadline.into_std());
-                                Connection::new(id, stream, session, metrics.clone(), core_tx)
-                                    .run(close_all)
-                                    .await;
+                                Connection::new(
+                                    id,
+                                    stream,
+                                    session,
+                                    metrics.clone(),
+                                    core_tx,
+                                    request_bytes,
+                                )
+                                .run(close_all)
+                                .await;
                             }
                             metrics.connection_closed();
                             drop(slot);

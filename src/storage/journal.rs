@@ -12,12 +12,14 @@
 //! whole prefixes of the log are removed, which keeps recovery a plain replay: an ack
 //! record never goes while the publish it cancels remains.
 //!
-//! A batch that has records anyway may also say, in a synced record, how far the active
+//! With `--fsync always`, each batch also says, in a synced record, how far the active
 //! segment was durable when it was logged (the end of the latest batch announced
-//! durable), once that has moved on by an eighth of a segment (at most 1 MiB) since the
-//! last one: after a power loss, recovery cuts damage in the last segment that no
-//! synced record vouches for as a torn write, valid records after it or not. Coarser
-//! marks only leave more of the tail to be cut if it is damaged.
+//! durable), whenever that has moved on; and when the log goes idle, one batch of a
+//! synced record alone says it of the last batch (a batch of a synced record alone
+//! never calls for another, so an idle log is written to once). After a power loss,
+//! recovery cuts damage in the last segment that no synced record vouches for as a torn
+//! write, valid records after it or not; damage a synced record vouches for is stable
+//! data altered, and refused. With `--fsync never` nothing is ever vouched for.
 
 use std::collections::VecDeque;
 use std::sync::mpsc::{Receiver, Sender};
@@ -30,9 +32,6 @@ use super::record::{self, SegmentHeader};
 use super::recovery::Recovered;
 use super::writer::{Batch, Command, Durability};
 use crate::protocol::{MessageId, Payload, QueueName};
-
-/// The most a segment's durable end moves on before a synced record says so.
-const SYNCED_RECORD_GAP_MAX: u64 = 1 << 20;
 
 pub struct Journal {
     /// Records of the current turn, not yet a command.
@@ -65,8 +64,10 @@ pub struct Journal {
     /// One more than the highest id logged, for the next segment header.
     next_id: u64,
     /// Batches submitted and not yet known durable: (sequence number, segment, its bytes
-    /// after the batch).
-    submitted_ends: VecDeque<(u64, u64, u64)>,
+    /// after the batch, whether it held only a synced record).
+    submitted_ends: VecDeque<(u64, u64, u64, bool)>,
+    /// Whether synced records are written: only when syncs happen (`--fsync always`).
+    vouches: bool,
     /// How far a segment is known durable: (segment, bytes), from the batches announced
     /// durable; and the same for what the last synced record said.
     durable_end: (u64, u64),
@@ -77,6 +78,15 @@ pub struct Journal {
     last_compaction: u64,
     /// Keeps other brokers out of the directory while the journal lives.
     _dir_lock: Option<nix::fcntl::Flock<std::fs::File>>,
+}
+
+/// The journal's ends of the channels to the writer thread, and the thread itself.
+pub(crate) struct WriterLink {
+    pub batches: Sender<Batch>,
+    /// Buffers the writer is done with, to fill again.
+    pub spare_buffers: Receiver<Vec<u8>>,
+    pub writer: JoinHandle<()>,
+    pub durable: watch::Receiver<Durability>,
 }
 
 /// A segment of the log and how much of it is still needed.
@@ -102,13 +112,11 @@ impl Journal {
     /// A journal writing to `active` (already created with its header), after the log
     /// that recovery found.
     pub(crate) fn new(
-        batches: Sender<Batch>,
-        spare_buffers: Receiver<Vec<u8>>,
-        writer: JoinHandle<()>,
-        durable: watch::Receiver<Durability>,
+        link: WriterLink,
         recovered: &Recovered,
         active: u64,
         segment_bytes: u64,
+        vouches: bool,
     ) -> Journal {
         let mut segments: VecDeque<SegmentUsage> = recovered
             .segments
@@ -129,10 +137,10 @@ impl Journal {
         let mut journal = Journal {
             buffer: Vec::new(),
             commands: Vec::new(),
-            batches: Some(batches),
-            spare_buffers,
-            writer: Some(writer),
-            durable,
+            batches: Some(link.batches),
+            spare_buffers: link.spare_buffers,
+            writer: Some(link.writer),
+            durable: link.durable,
             next_seq: 1,
             next_awaited: false,
             total_bytes: segments.iter().map(|s| s.bytes).sum(),
@@ -147,6 +155,7 @@ impl Journal {
             next_id: recovered.next_id,
             last_compaction: 0,
             submitted_ends: VecDeque::new(),
+            vouches,
             durable_end: (0, 0),
             marked_end: (0, 0),
             _dir_lock: None,
@@ -235,7 +244,8 @@ impl Journal {
     /// Hands everything logged since the last submit to the writer. Returns its sequence
     /// number, or `None` when nothing was logged and nothing awaits the batch.
     pub fn submit(&mut self) -> Option<u64> {
-        self.mark_synced();
+        let only_synced = self.buffer.is_empty() && self.commands.is_empty();
+        let marked = self.mark_synced();
         self.remove_dead_prefix();
         self.seal_buffer();
         if self.commands.is_empty() && !self.next_awaited {
@@ -246,7 +256,7 @@ impl Journal {
         self.next_seq += 1;
         let active = self.active();
         self.submitted_ends
-            .push_back((seq, active.number, active.bytes));
+            .push_back((seq, active.number, active.bytes, only_synced && marked));
         let batch = Batch {
             seq,
             commands: std::mem::take(&mut self.commands),
@@ -322,33 +332,35 @@ impl Journal {
         }
     }
 
-    /// Adds a synced record to the records about to be submitted, if there are any (an
-    /// idle log is not written to for this), and the active segment is known durable
-    /// further than its last synced record said, and it fits without a rotation.
-    fn mark_synced(&mut self) {
+    /// Adds a synced record to the batch about to be submitted when the active segment
+    /// is known durable further than its last synced record said (by a batch that held
+    /// more than a synced record) and it fits without a rotation; says whether it did.
+    fn mark_synced(&mut self) -> bool {
         if let Durability::Through(durable) = *self.durable.borrow() {
-            while let Some(&(seq, segment, end)) = self.submitted_ends.front() {
+            while let Some(&(seq, segment, end, only_synced)) = self.submitted_ends.front() {
                 if seq > durable {
                     break;
                 }
                 self.submitted_ends.pop_front();
-                self.durable_end = (segment, end);
+                if !only_synced {
+                    self.durable_end = (segment, end);
+                }
             }
         }
         let active = self.active();
         let (segment, end) = self.durable_end;
-        let gap = (self.segment_bytes / 8).min(SYNCED_RECORD_GAP_MAX);
-        if self.buffer.is_empty()
+        if !self.vouches
             || segment != active.number
-            || (segment, end) < (self.marked_end.0, self.marked_end.1 + gap)
+            || (segment, end) <= self.marked_end
             || active.bytes + (record::SYNCED_RECORD_BYTES + record::SEALED_RECORD_BYTES) as u64
                 > self.segment_bytes
         {
-            return;
+            return false;
         }
         let number = self.grow_active(record::SYNCED_RECORD_BYTES);
         record::encode_synced(&mut self.buffer, number, end);
         self.marked_end = (segment, end);
+        true
     }
 
     /// Counts a record of `record_bytes` into the active segment, first starting the next

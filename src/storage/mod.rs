@@ -186,13 +186,16 @@ impl Storage {
             .spawn(move || writer.run())
             .map_err(StorageError::NewSegment)?;
         let journal = Journal::new(
-            batches,
-            spare_receiver,
-            handle,
-            durable_rx,
+            journal::WriterLink {
+                batches,
+                spare_buffers: spare_receiver,
+                writer: handle,
+                durable: durable_rx,
+            },
             &recovered,
             number,
             config.segment_bytes,
+            config.fsync == FsyncPolicy::Always,
         );
         Ok(Storage {
             journal,

@@ -781,51 +781,72 @@ fn damage_after_the_last_sync_is_a_torn_tail_even_with_records_after_it() {
     }
 }
 
-/// The journal writes synced records as the log becomes durable, an eighth of a segment
-/// apart at least, and only into batches it writes anyway.
+/// The journal writes a synced record into each batch once the log is durable further
+/// than the last one said, and one alone when the log goes idle, and then no more.
 #[test]
 fn the_journal_records_how_far_the_log_is_durable() {
     let backend = SimFs::default();
-    let segment_bytes = 4096;
-    let mut storage = Storage::open_with(
-        Arc::new(backend.after_crash()),
-        &config(segment_bytes, false),
-    )
-    .unwrap();
-    let payload = Payload::from_text(&"m".repeat(50));
-    for id in 1..=40u64 {
+    let mut storage = open(&backend).unwrap();
+    let payload = Payload::from_text("m");
+    for id in 1..=5u64 {
         storage
             .journal
             .log_publish(MessageId(id), 0, &q("q"), &payload);
         submit_durably(&mut storage.journal);
     }
-    // Nothing logged: nothing submitted, no synced record alone.
-    assert_eq!(storage.journal.submit(), None);
+    // Idle now: one batch says how far the last one is durable, and then nothing more.
+    submit_durably(&mut storage.journal);
+    assert_eq!(
+        storage.journal.submit(),
+        None,
+        "an idle log is written to once"
+    );
+    let last = *segments(&backend).list_segments().unwrap().last().unwrap();
+    let bytes = backend.written(&segment_file_name(last)).unwrap();
+    let header = SegmentHeader::decode(&bytes).unwrap();
+    let mut at = record::HEADER_BYTES;
     let mut synced = Vec::new();
-    for number in segments(&backend).list_segments().unwrap() {
-        let bytes = backend.written(&segment_file_name(number)).unwrap();
-        let header = SegmentHeader::decode(&bytes).unwrap();
-        let mut at = record::HEADER_BYTES;
-        while let record::Decoded::Record(found, used) =
-            record::decode_record(&bytes[at..], &header)
-        {
-            if let record::Record::Synced(offset) = found {
-                assert!(
-                    offset as usize <= at,
-                    "a synced record vouches for what precedes it"
-                );
-                synced.push((number, offset));
-            }
-            at += used;
+    while let record::Decoded::Record(found, used) = record::decode_record(&bytes[at..], &header) {
+        if let record::Record::Synced(offset) = found {
+            assert!(
+                offset as usize <= at,
+                "a synced record vouches for what precedes it"
+            );
+            synced.push((offset, at as u64));
         }
+        at += used;
     }
-    assert!(synced.len() >= 4, "{synced:?}");
-    for pair in synced.windows(2) {
-        let ((a_segment, a), (b_segment, b)) = (pair[0], pair[1]);
-        assert!(
-            b_segment > a_segment || b >= a + segment_bytes / 8,
-            "{synced:?}"
-        );
+    // Each publish's batch after the first vouches for the one before; the idle batch,
+    // alone, for everything before it.
+    assert_eq!(synced.len(), 5, "{synced:?}");
+    assert!(synced.windows(2).all(|w| w[0].0 < w[1].0));
+    let (idle_claim, idle_at) = *synced.last().unwrap();
+    assert_eq!(idle_claim, idle_at);
+}
+
+/// With `--fsync never` nothing is on stable storage for sure, and nothing is vouched for.
+#[test]
+fn without_syncs_nothing_is_vouched_for() {
+    let backend = SimFs::default();
+    let config = StorageConfig {
+        fsync: FsyncPolicy::Never,
+        ..config(1 << 20, false)
+    };
+    let mut storage = Storage::open_with(Arc::new(backend.after_crash()), &config).unwrap();
+    for id in 1..=3u64 {
+        storage
+            .journal
+            .log_publish(MessageId(id), 0, &q("q"), &Payload::from_text("m"));
+        submit_durably(&mut storage.journal);
+    }
+    assert_eq!(storage.journal.submit(), None);
+    let last = *segments(&backend).list_segments().unwrap().last().unwrap();
+    let bytes = backend.written(&segment_file_name(last)).unwrap();
+    let header = SegmentHeader::decode(&bytes).unwrap();
+    let mut at = record::HEADER_BYTES;
+    while let record::Decoded::Record(found, used) = record::decode_record(&bytes[at..], &header) {
+        assert!(!matches!(found, record::Record::Synced(_)));
+        at += used;
     }
 }
 

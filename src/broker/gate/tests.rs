@@ -470,3 +470,31 @@ proptest! {
         run(&ops, durable)?;
     }
 }
+
+/// A connection's task can be found gone while requests of it are still on their way:
+/// they are dropped, with nobody to answer (and nothing to panic about).
+#[test]
+fn requests_of_a_connection_found_gone_are_dropped() {
+    let mut world = World::new(false);
+    let conn = ConnectionId(7);
+    let queue = QueueName::new("q").unwrap();
+    world.gate.apply(
+        conn,
+        vec![Command::Register {
+            role: Role::Producer,
+            queue,
+            prefetch: 1,
+        }],
+    );
+    world.gate.handle_gone(conn);
+    world
+        .gate
+        .apply(conn, vec![Command::Publish(Payload::from_text("late"))]);
+    world.gate.end_turn(world.now);
+    assert_eq!(world.gate.stats().published_total, 0);
+    let sent: Vec<_> = std::iter::from_fn(|| world.gate.poll_outbound()).collect();
+    assert_eq!(
+        sent,
+        [(conn, ToConnection::Replies(vec![Reply::Registered]))]
+    );
+}

@@ -283,7 +283,8 @@ impl Session {
         self.pump(now);
     }
 
-    /// The broker's drain is over: write what is encoded, briefly, then close.
+    /// The broker's drain is over (or its core task is gone): write what is encoded,
+    /// briefly, then close. Replies that come after this are not written.
     pub fn handle_shutdown(&mut self, now: Instant) {
         self.unanswered.clear();
         self.owed_by_core = 0;
@@ -491,6 +492,11 @@ impl Session {
     }
 
     fn on_reply(&mut self, reply: Reply) {
+        // After shutdown nothing owed is written any more: a late reply would take the
+        // place of one that was dropped.
+        if self.is_shutting_down() {
+            return;
+        }
         let slot = self.unanswered.pop_front();
         debug_assert!(matches!(slot, Some(Slot::Core)), "a reply to no command");
         self.owed_by_core = self.owed_by_core.saturating_sub(1);

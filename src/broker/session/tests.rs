@@ -664,3 +664,74 @@ proptest! {
         run(&steps)?;
     }
 }
+
+/// Feeds `bytes` to the session as one read.
+fn feed(session: &mut Session, now: Instant, bytes: &[u8]) {
+    let (read_buf, _, limit) = session.io_buffers();
+    assert!(limit >= bytes.len(), "the session reads {limit} bytes now");
+    read_buf.extend_from_slice(bytes);
+    session.handle_io(now, Some(bytes.len()), false);
+}
+
+/// The frames the session has encoded, as text.
+fn written(session: &mut Session) -> Vec<String> {
+    let mut out = std::mem::take(&mut session.out);
+    let mut decoder = FrameDecoder::new(usize::MAX >> 1);
+    std::iter::from_fn(|| decoder.decode(&mut out).unwrap())
+        .map(|body| String::from_utf8_lossy(&body).into_owned())
+        .collect()
+}
+
+/// At shutdown the replies still owed are dropped; a reply the core task released later
+/// must not be written in the place of another (a pipelining client would pair it with
+/// the wrong frame).
+#[test]
+fn replies_that_come_after_shutdown_are_not_written() {
+    let now = Instant::now();
+    let mut session = Session::new(settings(), now + REGISTER_TIMEOUT);
+    let mut bytes = BytesMut::new();
+    for body in [
+        &br#"{"type":"register","role":"producer"}"#[..],
+        br#"{"type":"publish","payload":"a"}"#,
+        b"not json",
+        br#"{"type":"publish","payload":"b"}"#,
+    ] {
+        write_frame(&mut bytes, |dst| dst.extend_from_slice(body));
+    }
+    feed(&mut session, now, &bytes);
+    session.poll_commands();
+    session.handle_core(now, ToConnection::Replies(vec![Reply::Registered]));
+    assert_eq!(written(&mut session), [r#"{"type":"ok"}"#]);
+    session.handle_shutdown(now);
+    session.handle_core(
+        now,
+        ToConnection::Replies(vec![
+            Reply::Published(MessageId(1)),
+            Reply::Published(MessageId(2)),
+        ]),
+    );
+    assert!(written(&mut session).is_empty());
+}
+
+/// The longest register a grant allows (its longest token, the longest queue name, every
+/// field) fits the first frame's limit.
+#[test]
+fn the_longest_register_fits_a_first_frame() {
+    let now = Instant::now();
+    let mut session = Session::new(settings(), now + REGISTER_TIMEOUT);
+    let register = json!({
+        "type": "register", "role": "consumer", "queue": "q".repeat(255), "prefetch": 65535,
+        "token": "t".repeat(crate::broker::auth::TOKEN_BYTES_MAX), "version": "1.1",
+    });
+    let mut bytes = BytesMut::new();
+    write_frame(&mut bytes, |dst| {
+        dst.extend_from_slice(register.to_string().as_bytes())
+    });
+    assert!(bytes.len() <= REGISTER_FRAME_BYTES_MAX + 4);
+    // A quiet connection reads 2 KiB at a time.
+    for piece in bytes.chunks(QUIET_READ_BYTES) {
+        feed(&mut session, now, piece);
+    }
+    let commands = session.poll_commands().expect("a register for the core");
+    assert!(matches!(commands[..], [Command::Register { .. }]));
+}
