@@ -31,7 +31,7 @@ fn loaded(queue: &QueueName, payload: &Payload) -> Core {
 /// The same, with every message delivered and in flight.
 fn delivered(queue: &QueueName, payload: &Payload, now: Instant) -> Core {
     let mut core = loaded(queue, payload);
-    while core.poll_delivery(now).is_some() {}
+    core.dispatch(now, drop);
     core
 }
 
@@ -59,9 +59,9 @@ fn bench_core(c: &mut Criterion) {
         b.iter_batched(
             || loaded(&queue, &payload),
             |mut core| {
-                while let Some(delivery) = core.poll_delivery(now) {
+                core.dispatch(now, |delivery| {
                     black_box(delivery);
-                }
+                });
                 core
             },
             BatchSize::SmallInput,
@@ -102,9 +102,12 @@ fn bench_core(c: &mut Criterion) {
                 core
             },
             |mut core| {
+                let mut made = Vec::new();
                 for _ in 0..BATCH {
                     core.publish(&queue, payload.clone()).unwrap();
-                    while let Some(delivery) = core.poll_delivery(now) {
+                    made.clear();
+                    core.dispatch(now, |delivery| made.push(delivery));
+                    for delivery in made.drain(..) {
                         core.ack(delivery.consumer, delivery.id).unwrap();
                     }
                 }

@@ -456,7 +456,9 @@ fn run(ops: &[Op], hold_new: bool) -> Result<(), TestCaseError> {
             }
             Op::Dispatch => {
                 let mut got: BTreeMap<usize, Vec<(u64, u64, u32)>> = BTreeMap::new();
-                while let Some(d) = core.poll_delivery(t(model.now_ms)) {
+                let mut made = Vec::new();
+                core.dispatch(t(model.now_ms), |d| made.push(d));
+                for d in made {
                     prop_assert!(
                         !model.acked.contains(&d.id.0),
                         "acked id {} delivered again",

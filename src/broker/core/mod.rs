@@ -4,8 +4,8 @@
 //!
 //! Inputs (`handle_*` in quinn-proto's terms): [`Core::subscribe`], [`Core::publish`],
 //! [`Core::ack`], [`Core::pause`], [`Core::resume`], [`Core::disconnect`],
-//! [`Core::handle_timeout`], [`Core::begin_drain`]. Outputs: [`Core::poll_delivery`]
-//! (the next message to hand to a consumer), [`Core::poll_timeout`] (when
+//! [`Core::handle_timeout`], [`Core::begin_drain`]. Outputs: [`Core::dispatch`]
+//! (every message it can hand to a consumer now), [`Core::poll_timeout`] (when
 //! `handle_timeout` must next be called) and [`Core::take_expired`] (deliveries their ack
 //! timeout took back).
 //!
@@ -401,7 +401,10 @@ impl Core {
         self.stats.memory_bytes -= message_cost(&acked.payload);
         self.stats.in_flight -= 1;
         self.stats.acked_total += 1;
-        if !holder.paused {
+        // Only a consumer that was full held its queue's dispatch back: one with room
+        // to spare already had it scheduled if anything was ready.
+        let was_full = holder.in_flight.len() + 1 == holder.prefetch;
+        if was_full && !holder.paused {
             let queue = holder.queue.clone();
             self.schedule_dispatch(&queue);
         }
@@ -521,53 +524,49 @@ impl Core {
         std::mem::take(&mut self.expired)
     }
 
-    /// The next delivery to make, if any queue has a ready message and a consumer with
-    /// spare prefetch. The message moves to the in-flight set with deadline
-    /// `now + ack_timeout`. Call until it returns `None`.
-    pub fn poll_delivery(&mut self, now: Instant) -> Option<Delivery> {
+    /// Makes every delivery the core can make now, handing each to `deliver` in order:
+    /// while a queue has a ready message and a consumer with spare prefetch, the message
+    /// moves to the in-flight set with deadline `now + ack_timeout`. Queues take turns in
+    /// the order they became deliverable; each is looked up once per turn, not once per
+    /// message.
+    pub fn dispatch(&mut self, now: Instant, mut deliver: impl FnMut(Delivery)) {
         let now = self.observe(now);
-        while let Some(name) = self.dispatch_queue.front() {
-            let Some(queue) = self.queues.get_mut(name) else {
-                self.dispatch_queue.pop_front();
+        let deadline = now + self.config.ack_timeout;
+        while let Some(name) = self.dispatch_queue.pop_front() {
+            let Some(queue) = self.queues.get_mut(&name) else {
                 continue;
             };
-            if queue
-                .ready
-                .front()
-                .is_some_and(|m| m.id.0 >= self.deliverable_below)
-            {
-                // The front message is not durable yet; later ones are newer still.
-                if !queue.at_watermark {
-                    queue.at_watermark = true;
-                    self.held_at_watermark.push(name.clone());
-                }
-                queue.dispatch_scheduled = false;
-                self.dispatch_queue.pop_front();
-                continue;
-            }
-            let delivered = queue.deliver_next(
-                &mut self.consumers,
-                &mut self.leases,
-                now + self.config.ack_timeout,
-                &mut self.stats.memory_bytes,
-            );
-            match delivered {
-                Some(delivery) => {
-                    self.stats.ready -= 1;
-                    self.stats.in_flight += 1;
-                    self.stats.delivered_total += 1;
-                    if let Some(count) = &mut self.drained_deliveries {
-                        *count += 1;
+            queue.dispatch_scheduled = false;
+            loop {
+                if queue
+                    .ready
+                    .front()
+                    .is_some_and(|m| m.id.0 >= self.deliverable_below)
+                {
+                    // The front message is not durable yet; later ones are newer still.
+                    if !queue.at_watermark {
+                        queue.at_watermark = true;
+                        self.held_at_watermark.push(name);
                     }
-                    return Some(delivery);
+                    break;
                 }
-                None => {
-                    queue.dispatch_scheduled = false;
-                    self.dispatch_queue.pop_front();
+                let Some(delivery) = queue.deliver_next(
+                    &mut self.consumers,
+                    &mut self.leases,
+                    deadline,
+                    &mut self.stats.memory_bytes,
+                ) else {
+                    break;
+                };
+                self.stats.ready -= 1;
+                self.stats.in_flight += 1;
+                self.stats.delivered_total += 1;
+                if let Some(count) = &mut self.drained_deliveries {
+                    *count += 1;
                 }
+                deliver(delivery);
             }
         }
-        None
     }
 
     /// Starts the graceful-shutdown drain: publishes are refused from now on, deliveries

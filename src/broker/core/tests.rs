@@ -43,9 +43,17 @@ fn publish_n(core: &mut Core, queue: &str, n: usize) -> Vec<MessageId> {
 
 /// Every delivery the core will make at `now`, as (consumer, id, attempt).
 fn drain(core: &mut Core, now: Instant) -> Vec<(ConsumerId, MessageId, u32)> {
-    std::iter::from_fn(|| core.poll_delivery(now))
+    deliveries(core, now)
+        .into_iter()
         .map(|d| (d.consumer, d.id, d.attempt))
         .collect()
+}
+
+/// Every delivery the core will make at `now`.
+fn deliveries(core: &mut Core, now: Instant) -> Vec<Delivery> {
+    let mut made = Vec::new();
+    core.dispatch(now, |d| made.push(d));
+    made
 }
 
 fn delivered_ids(deliveries: &[(ConsumerId, MessageId, u32)]) -> Vec<MessageId> {
@@ -65,7 +73,7 @@ fn rule1_ready_messages_are_delivered_in_fifo_order_with_their_payload() {
     let mut core = core();
     let published = publish_n(&mut core, "q", 5);
     core.subscribe(C1, q("q"), 100);
-    let delivered: Vec<_> = std::iter::from_fn(|| core.poll_delivery(t(0))).collect();
+    let delivered = deliveries(&mut core, t(0));
     assert_eq!(
         delivered.iter().map(|d| d.id).collect::<Vec<_>>(),
         published
@@ -222,7 +230,7 @@ fn rule5_an_expired_message_returns_to_the_front_with_the_next_attempt() {
         "at the front"
     );
 
-    let again: Vec<_> = std::iter::from_fn(|| core.poll_delivery(t(200))).collect();
+    let again = deliveries(&mut core, t(200));
     assert_eq!(again.len(), 1);
     assert_eq!((again[0].id, again[0].attempt), (first, 2));
     assert_eq!(again[0].payload, Payload::from_text("first"));

@@ -132,12 +132,13 @@ impl<L: Log> Gate<L> {
     /// does not know (its task was found gone, with requests still on their way) are
     /// dropped: nobody is left to answer.
     pub fn apply(&mut self, conn: ConnectionId, commands: Vec<Command>) {
+        // A register comes first in its batch, if at all.
+        let registers = matches!(commands.first(), Some(Command::Register { .. }));
+        if !registers && !self.connections.contains_key(&conn) {
+            return;
+        }
         let mut replies = Vec::with_capacity(commands.len());
         for command in commands {
-            let registering = matches!(command, Command::Register { .. });
-            if !registering && !self.connections.contains_key(&conn) {
-                continue;
-            }
             match command {
                 Command::Register {
                     role,
@@ -226,15 +227,17 @@ impl<L: Log> Gate<L> {
         for (conn, ids) in revoked {
             self.outbound.push_back((conn, ToConnection::Revoked(ids)));
         }
-        while let Some(delivery) = self.core.poll_delivery(now) {
-            if self.log.is_some() {
-                self.delivered.push(delivery.id);
+        let logged = self.log.is_some();
+        let (delivered, outgoing) = (&mut self.delivered, &mut self.outgoing);
+        self.core.dispatch(now, |delivery| {
+            if logged {
+                delivered.push(delivery.id);
             }
-            self.outgoing
+            outgoing
                 .entry(ConnectionId(delivery.consumer.0))
                 .or_default()
                 .push(delivery);
-        }
+        });
         for (conn, deliveries) in self.outgoing.drain() {
             self.outbound
                 .push_back((conn, ToConnection::Deliveries(deliveries)));
