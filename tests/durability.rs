@@ -339,13 +339,20 @@ async fn two_brokers_cannot_share_a_data_dir() {
 async fn fsync_never_still_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().to_str().unwrap();
-    let mut broker = BrokerProcess::start(&["--data-dir", data_dir, "--fsync", "never"]);
+    let args = ["--data-dir", data_dir, "--fsync", "never"];
+    kept_across_a_kill(&args, &args).await;
+}
+
+/// Publishes `kept` through a broker started with `args`, kills it (SIGKILL), and checks
+/// that a broker started again with `restart_args` delivers it.
+async fn kept_across_a_kill(args: &[&str], restart_args: &[&str]) {
+    let mut broker = BrokerProcess::start(args);
     let addr = broker.addr.to_string();
     let produced = run_ferry(&["producer", "--addr", &addr, "kept"], "", &[]).await;
-    assert!(produced.status.success());
+    assert!(produced.status.success(), "{produced:?}");
     broker.signal(nix::sys::signal::Signal::SIGKILL);
     broker.wait_exit(common::WAIT).await;
-    let broker = BrokerProcess::start(&["--data-dir", data_dir, "--fsync", "never"]);
+    let broker = BrokerProcess::start(restart_args);
     let addr = broker.addr.to_string();
     let consumed = run_ferry(&["consumer", "--addr", &addr, "--count", "1"], "", &[]).await;
     assert_eq!(String::from_utf8_lossy(&consumed.stdout), "kept\n");
@@ -406,17 +413,7 @@ async fn a_segment_of_zeroes_left_by_a_crash_at_its_creation_does_not_block_a_st
         if repair {
             args.push("--repair");
         }
-        let mut broker = BrokerProcess::start(&args);
-        let addr = broker.addr.to_string();
-        let produced = run_ferry(&["producer", "--addr", &addr, "kept"], "", &[]).await;
-        assert!(produced.status.success(), "{produced:?}");
-        broker.signal(nix::sys::signal::Signal::SIGKILL);
-        broker.wait_exit(common::WAIT).await;
-
-        let broker = BrokerProcess::start(&["--data-dir", data_dir]);
-        let addr = broker.addr.to_string();
-        let consumed = run_ferry(&["consumer", "--addr", &addr, "--count", "1"], "", &[]).await;
-        assert_eq!(String::from_utf8_lossy(&consumed.stdout), "kept\n");
+        kept_across_a_kill(&args, &["--data-dir", data_dir]).await;
     }
 }
 
