@@ -14,7 +14,7 @@ use thiserror::Error;
 use super::canonical;
 use super::codec::{write_frame, write_json_frame};
 use super::payload::validate_json_string;
-use super::{DEFAULT_PREFETCH, MessageId, QueueName, Role};
+use super::{DEFAULT_PREFETCH, MessageId, QueueName, Role, Version};
 
 /// A frame as a client encodes it.
 #[derive(Debug, Clone, Serialize)]
@@ -107,6 +107,8 @@ struct RawFields<'a> {
     #[serde(borrow)]
     token: Option<&'a RawValue>,
     #[serde(borrow)]
+    version: Option<&'a RawValue>,
+    #[serde(borrow)]
     payload: Option<&'a RawValue>,
     #[serde(borrow)]
     id: Option<&'a RawValue>,
@@ -119,6 +121,7 @@ impl RawFields<'_> {
         queue: None,
         prefetch: None,
         token: None,
+        version: None,
         payload: None,
         id: None,
     };
@@ -147,6 +150,8 @@ pub struct Register {
     /// Consumers only; producers get the default, which nothing reads.
     pub prefetch: u16,
     pub token: Option<String>,
+    /// The version asked for, if any (contract §8).
+    pub version: Option<Version>,
 }
 
 impl std::fmt::Debug for Register {
@@ -156,6 +161,7 @@ impl std::fmt::Debug for Register {
             .field("queue", &self.queue)
             .field("prefetch", &self.prefetch)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("version", &self.version)
             .finish()
     }
 }
@@ -245,7 +251,8 @@ impl<'a> InboundFrame<'a> {
     ///
     /// # Errors
     /// [`InvalidFrame::BadField`] for a missing or unknown role, a bad queue name, a
-    /// consumer's prefetch outside 1–65535, or a token that is not a string.
+    /// consumer's prefetch outside 1–65535, a token that is not a string, or a version
+    /// that is not a string `"1.N"` or `"1"`.
     pub fn register(&self) -> Result<Register, InvalidFrame> {
         let role_text: String =
             parse_field("role", self.raw().role, "a string")?.ok_or_else(|| {
@@ -288,11 +295,20 @@ impl<'a> InboundFrame<'a> {
                     .map_err(|_| InvalidFrame::bad_field("token", "must be a string"))
             })
             .transpose()?;
+        const VERSION: &str = "a string \"1.N\" (or \"1\")";
+        let version = match parse_field::<String>("version", self.raw().version, VERSION)? {
+            Some(text) => Some(Version::parse(&text).ok_or_else(|| {
+                let echoed: String = text.chars().take(ECHOED_TYPE_CHARS_MAX).collect();
+                InvalidFrame::bad_field("version", format!("is `{echoed}`; use {VERSION}"))
+            })?),
+            None => None,
+        };
         Ok(Register {
             role,
             queue,
             prefetch,
             token,
+            version,
         })
     }
 

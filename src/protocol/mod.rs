@@ -9,6 +9,7 @@
 //!   encoding for the broker and decoding for the client library.
 //! - `canonical`: the exact byte layouts of the hot frames, recognised without a JSON
 //!   parser, with serde_json as the fallback for every other spelling.
+//! - [`Version`]: the versions a `register` may ask for, and what it gets.
 //! - [`QueueName`], [`MessageId`], [`ErrorCode`], [`Payload`]: the vocabulary shared by
 //!   all of them.
 
@@ -19,10 +20,12 @@ mod error_code;
 mod payload;
 mod queue_name;
 pub mod server_frame;
+mod version;
 
 pub use error_code::ErrorCode;
 pub use payload::Payload;
 pub use queue_name::{InvalidQueueName, QueueName};
+pub use version::Version;
 
 use std::fmt;
 

@@ -9,13 +9,14 @@ use serde::{Deserialize, Serialize};
 
 use super::canonical;
 use super::codec::{write_frame, write_json_frame};
-use super::{ErrorCode, MessageId, Payload};
+use super::{ErrorCode, MessageId, Payload, Version};
 
 /// A frame as the broker encodes it.
 #[derive(Debug, Clone, Copy)]
 pub enum ServerFrame<'a> {
-    /// `{"type":"ok"}` after a register.
-    Registered,
+    /// `{"type":"ok"}` after a register, or `{"type":"ok","version":"1.N"}` after one
+    /// that asked for a version (contract §8).
+    Registered { version: Option<Version> },
     /// `{"type":"ok","id":42}` after a publish.
     Published(MessageId),
     /// `{"type":"message","id":42,"payload":"…","attempt":1}`.
@@ -46,7 +47,16 @@ impl ServerFrame<'_> {
     /// Appends this frame, length prefix included, to `dst`.
     pub fn encode(&self, dst: &mut BytesMut) {
         match *self {
-            ServerFrame::Registered => write_frame(dst, |b| b.put_slice(br#"{"type":"ok"}"#)),
+            ServerFrame::Registered { version: None } => {
+                write_frame(dst, |b| b.put_slice(br#"{"type":"ok"}"#))
+            }
+            ServerFrame::Registered {
+                version: Some(version),
+            } => write_frame(dst, |b| {
+                b.put_slice(br#"{"type":"ok","version":""#);
+                b.put_slice(version.to_string().as_bytes());
+                b.put_slice(br#""}"#);
+            }),
             ServerFrame::Published(id) => write_frame(dst, |b| {
                 b.put_slice(canonical::CONFIRM_PREFIX);
                 put_decimal(b, id.0);
@@ -226,8 +236,13 @@ mod tests {
 
     #[test]
     fn ok_frames_are_exactly_the_contract_bytes() {
-        let (body, decoded) = encoded(ServerFrame::Registered);
+        let (body, decoded) = encoded(ServerFrame::Registered { version: None });
         assert_eq!(body, br#"{"type":"ok"}"#);
+        assert_eq!(decoded, ReceivedFrame::Ok { id: None });
+        let (body, decoded) = encoded(ServerFrame::Registered {
+            version: Version::parse("1"),
+        });
+        assert_eq!(body, br#"{"type":"ok","version":"1.0"}"#);
         assert_eq!(decoded, ReceivedFrame::Ok { id: None });
         let (body, decoded) = encoded(ServerFrame::Published(MessageId(42)));
         assert_eq!(body, br#"{"type":"ok","id":42}"#);

@@ -274,10 +274,15 @@ impl RawClient {
 
     /// The next frame, parsed; fails the test if the connection ends first.
     pub async fn recv(&mut self) -> Value {
+        serde_json::from_slice(&self.recv_body().await).unwrap()
+    }
+
+    /// The next frame's body, byte for byte; fails the test if the connection ends first.
+    pub async fn recv_body(&mut self) -> Vec<u8> {
         within(async {
             loop {
                 if let Some(body) = self.decoder.decode(&mut self.buf).unwrap() {
-                    return serde_json::from_slice(&body).unwrap();
+                    return body.to_vec();
                 }
                 let n = self.stream.read_buf(&mut self.buf).await.expect("read");
                 assert!(n > 0, "connection closed while a frame was expected");

@@ -37,7 +37,7 @@ use super::core::Delivery;
 use crate::protocol::client_frame::{FrameType, InboundFrame, InvalidFrame};
 use crate::protocol::codec::{FrameDecoder, FrameError};
 use crate::protocol::server_frame::ServerFrame;
-use crate::protocol::{ErrorCode, MessageId, Payload, Role};
+use crate::protocol::{ErrorCode, MessageId, Payload, Role, Version};
 
 /// What every connection of a broker shares.
 #[derive(Debug)]
@@ -145,6 +145,9 @@ pub(crate) struct Session {
     frames_left: bool,
     out: BytesMut,
     role: Option<Role>,
+    /// The version negotiated at register, when the register asked for one; `None` is
+    /// 1.0 with the register's `ok` exactly as version 1.0 spells it.
+    version: Option<Version>,
     unanswered: VecDeque<Slot>,
     /// `Slot::Core` entries in `unanswered`.
     owed_by_core: usize,
@@ -179,6 +182,7 @@ impl Session {
             frames_left: false,
             out: BytesMut::new(),
             role: None,
+            version: None,
             unanswered: VecDeque::new(),
             owed_by_core: 0,
             local_bytes: 0,
@@ -470,11 +474,14 @@ impl Session {
         let span = Span::current();
         span.record("role", field::display(register.role));
         span.record("queue", field::display(&register.queue));
+        let version = register.version.map(Version::negotiate);
+        let speaks = version.unwrap_or(Version::V1_0);
         match register.role {
-            Role::Consumer => info!(prefetch = register.prefetch, "registered"),
-            Role::Producer => info!("registered"),
+            Role::Consumer => info!(prefetch = register.prefetch, version = %speaks, "registered"),
+            Role::Producer => info!(version = %speaks, "registered"),
         }
         self.role = Some(register.role);
+        self.version = version;
         // Frames after the register may be as large as the broker allows.
         self.decoder = FrameDecoder::new(self.settings.max_frame_bytes);
         self.send_to_core(Command::Register {
@@ -501,7 +508,10 @@ impl Session {
         debug_assert!(matches!(slot, Some(Slot::Core)), "a reply to no command");
         self.owed_by_core = self.owed_by_core.saturating_sub(1);
         match reply {
-            Reply::Registered => ServerFrame::Registered.encode(&mut self.out),
+            Reply::Registered => ServerFrame::Registered {
+                version: self.version,
+            }
+            .encode(&mut self.out),
             Reply::Published(id) => ServerFrame::Published(id).encode(&mut self.out),
             Reply::Acked => {}
             Reply::Refused { code, message, id } => {
