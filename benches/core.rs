@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use ferry::MessageId;
 use ferry::broker::core::{ConsumerId, Core, CoreConfig};
+use ferry::broker::policy::{Policies, QueuePolicy};
 use ferry::protocol::{Payload, QueueName};
 use std::hint::black_box;
 
@@ -13,7 +14,7 @@ const BATCH: u64 = 1000;
 
 fn core() -> Core {
     Core::new(CoreConfig {
-        ack_timeout: Duration::from_secs(5),
+        policies: Policies::uniform(QueuePolicy::new(Duration::from_secs(5))),
         max_memory_bytes: u64::MAX,
     })
 }

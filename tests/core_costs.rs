@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use ferry::MessageId;
 use ferry::broker::core::{ConsumerId, Core, CoreConfig, Delivery};
+use ferry::broker::policy::{Policies, QueuePolicy};
 use ferry::protocol::{Payload, QueueName};
 
 struct Counting;
@@ -55,7 +56,7 @@ static ALLOCATOR: Counting = Counting;
 
 fn core() -> Core {
     Core::new(CoreConfig {
-        ack_timeout: Duration::from_secs(1800),
+        policies: Policies::uniform(QueuePolicy::new(Duration::from_secs(1800))),
         max_memory_bytes: u64::MAX,
     })
 }

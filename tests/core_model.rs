@@ -19,6 +19,7 @@ use ferry::broker::core::{
     AckError, ConsumerId, Core, CoreConfig, MESSAGE_OVERHEAD_BYTES, PublishError,
     QUEUE_OVERHEAD_BYTES, READY_CHUNK_LEN, READY_SLOT_BYTES, TIMER_TICK,
 };
+use ferry::broker::policy::{PolicyFile, QueuePolicy};
 use ferry::protocol::{Payload, QueueName};
 use proptest::prelude::*;
 
@@ -33,6 +34,15 @@ fn t(ms: u64) -> Instant {
     static ORIGIN: OnceLock<Instant> = OnceLock::new();
     *ORIGIN.get_or_init(Instant::now) + Duration::from_millis(ms)
 }
+
+/// Each queue's lease, as the policies in `run` set it: `q0` takes the base, `q1` its
+/// exact table, `q2` a prefix table.
+fn ack_timeout_ms(queue: usize) -> u64 {
+    ACK_TIMEOUT_MS * (queue as u64 + 1)
+}
+
+const POLICIES: &str =
+    "[queues.\"q1\"]\nack_timeout = \"200ms\"\n[queues.\"q2*\"]\nack_timeout = \"300ms\"\n";
 
 fn queue_name(index: usize) -> QueueName {
     QueueName::new(&format!("q{index}")).unwrap()
@@ -201,7 +211,7 @@ impl Model {
                     .get_mut(&consumer)
                     .unwrap()
                     .in_flight
-                    .insert(id, (attempt, self.now_ms + ACK_TIMEOUT_MS));
+                    .insert(id, (attempt, self.now_ms + ack_timeout_ms(queue_index)));
                 self.ever_delivered.insert(id);
                 q.next = Some(q.ring[(pos + 1) % n]);
                 out.push((queue_index, consumer, id, attempt));
@@ -418,7 +428,9 @@ fn check(core: &mut Core, model: &Model) -> Result<(), TestCaseError> {
 
 fn run(ops: &[Op], hold_new: bool) -> Result<(), TestCaseError> {
     let mut core = Core::new(CoreConfig {
-        ack_timeout: Duration::from_millis(ACK_TIMEOUT_MS),
+        policies: PolicyFile::parse_text(POLICIES)
+            .unwrap()
+            .resolve(&QueuePolicy::new(Duration::from_millis(ACK_TIMEOUT_MS))),
         max_memory_bytes: MAX_MEMORY_BYTES,
     });
     let mut model = Model {

@@ -23,6 +23,7 @@ use subtle::ConstantTimeEq;
 use thiserror::Error;
 use toml::Spanned;
 
+use super::queue_pattern::QueuePattern;
 use crate::protocol::{QueueName, Role};
 
 /// Whether a register is allowed.
@@ -66,22 +67,6 @@ fn token_digest(token: &str) -> TokenDigest {
         .as_ref()
         .try_into()
         .expect("a SHA-256 digest is 32 bytes")
-}
-
-/// A queue a grant covers: an exact name, or every name starting with a prefix.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum QueuePattern {
-    Exact(QueueName),
-    Prefix(String),
-}
-
-impl QueuePattern {
-    fn matches(&self, queue: &QueueName) -> bool {
-        match self {
-            QueuePattern::Exact(name) => name == queue,
-            QueuePattern::Prefix(prefix) => queue.as_str().starts_with(prefix.as_str()),
-        }
-    }
 }
 
 /// Why a register was refused. The texts never contain the token.
@@ -197,7 +182,9 @@ impl Access {
             let queues = raw
                 .queues
                 .iter()
-                .map(|pattern| parse_pattern(pattern.get_ref()).map_err(|m| (pattern.span(), m)))
+                .map(|pattern| {
+                    QueuePattern::parse(pattern.get_ref()).map_err(|m| (pattern.span(), m))
+                })
                 .collect::<Result<_, _>>()?;
             grants.push(Grant {
                 token_digest: token_digest(raw.token.get_ref()),
@@ -240,21 +227,6 @@ impl Access {
             }),
             (false, _) => Err(Denied::UnknownToken),
         }
-    }
-}
-
-fn parse_pattern(pattern: &str) -> Result<QueuePattern, String> {
-    match pattern.strip_suffix('*') {
-        Some(prefix) => {
-            if !prefix.is_empty() {
-                // A prefix must itself be made of queue-name characters.
-                QueueName::new(prefix).map_err(|e| format!("queue pattern `{pattern}`: {e}"))?;
-            }
-            Ok(QueuePattern::Prefix(prefix.to_owned()))
-        }
-        None => QueueName::new(pattern)
-            .map(QueuePattern::Exact)
-            .map_err(|e| format!("queue pattern `{pattern}`: {e} (a trailing * makes a prefix)")),
     }
 }
 

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use super::auth::Access;
 use super::core::CoreConfig;
+use super::policy::{PolicyFile, QueuePolicy};
 use crate::protocol::DEFAULT_MAX_FRAME_BYTES;
 use crate::storage::StorageConfig;
 use crate::transport::ServerTls;
@@ -26,7 +27,10 @@ pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone)]
 pub struct BrokerConfig {
     pub addr: SocketAddr,
+    /// The ack timeout of every queue whose policy does not set one.
     pub ack_timeout: Duration,
+    /// The queue tables of `--config`.
+    pub queue_policies: PolicyFile,
     pub drain_timeout: Duration,
     pub max_frame_bytes: usize,
     pub max_memory_bytes: u64,
@@ -45,6 +49,7 @@ impl Default for BrokerConfig {
         BrokerConfig {
             addr: DEFAULT_ADDR.parse().expect("the default address parses"),
             ack_timeout: DEFAULT_ACK_TIMEOUT,
+            queue_policies: PolicyFile::default(),
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
             max_memory_bytes: DEFAULT_MAX_MEMORY_BYTES,
@@ -60,7 +65,9 @@ impl Default for BrokerConfig {
 impl BrokerConfig {
     pub(crate) fn core(&self) -> CoreConfig {
         CoreConfig {
-            ack_timeout: self.ack_timeout,
+            policies: self
+                .queue_policies
+                .resolve(&QueuePolicy::new(self.ack_timeout)),
             max_memory_bytes: self.max_memory_bytes,
         }
     }

@@ -11,6 +11,7 @@
 //! - `connection`: one task per client socket, the shell around its session.
 //! - [`server`]: the listener, the connection limit, signals to shutdown and the drain.
 //! - [`auth`]: the `--auth-file` grants.
+//! - [`policy`]: the queue policies of `--config`.
 //! - [`metrics`]: live figures, readable from any thread.
 //! - [`config`]: the broker's settings and the contract's defaults.
 
@@ -23,6 +24,8 @@ mod core_task;
 mod gate;
 mod held_replies;
 pub mod metrics;
+pub mod policy;
+mod queue_pattern;
 pub mod server;
 mod session;
 

@@ -17,6 +17,7 @@ use ferry::broker::auth::{Access, readable_by_others};
 use ferry::broker::config::{
     BrokerConfig, DEFAULT_ADDR, DEFAULT_MAX_CONNECTIONS, REGISTER_TIMEOUT,
 };
+use ferry::broker::policy::{PolicyFile, QueuePolicy};
 use ferry::protocol::DEFAULT_MAX_FRAME_BYTES;
 use ferry::storage::{FsyncPolicy, StorageConfig};
 use ferry::transport::ServerTls;
@@ -45,6 +46,10 @@ pub struct BrokerArgs {
     /// Most client connections at once; more get `too_many_connections`.
     #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS as u32, value_parser = clap::value_parser!(u32).range(1..))]
     max_connections: u32,
+    /// TOML file of queue policies: [queue_defaults] and [queues."NAME"] tables (a NAME
+    /// ending in * is a prefix). Keys: ack_timeout.
+    #[arg(long, env = "FERRY_CONFIG")]
+    config: Option<PathBuf>,
     /// TOML file of [[grant]] entries (token, roles, queues); without it the broker is open.
     #[arg(long)]
     auth_file: Option<PathBuf>,
@@ -121,6 +126,14 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<ExitCode> {
             Access::Open
         }
     };
+    let queue_policies = match &args.config {
+        Some(path) => {
+            let file = PolicyFile::load(path)?;
+            info!(path = %path.display(), queue_tables = file.queue_tables(), "queue policies loaded");
+            file
+        }
+        None => PolicyFile::default(),
+    };
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(ServerTls::from_pem_files(cert, key)?),
         _ => None,
@@ -128,6 +141,7 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<ExitCode> {
     let config = BrokerConfig {
         addr: args.addr,
         ack_timeout: args.ack_timeout,
+        queue_policies,
         drain_timeout: args.drain_timeout,
         max_frame_bytes: args.max_frame_bytes as usize,
         max_memory_bytes: args.max_memory.as_u64(),
@@ -156,8 +170,11 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<ExitCode> {
     let addr = server
         .local_addr()
         .context("cannot read the bound address")?;
+    let default_policy = config
+        .queue_policies
+        .default_policy(&QueuePolicy::new(config.ack_timeout));
     info!(
-        ack_timeout = %humantime::format_duration(config.ack_timeout),
+        ack_timeout = %humantime::format_duration(default_policy.ack_timeout),
         drain_timeout = %humantime::format_duration(config.drain_timeout),
         max_frame_bytes = config.max_frame_bytes,
         max_memory = %ByteSize(config.max_memory_bytes),

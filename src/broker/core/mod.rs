@@ -32,7 +32,8 @@ pub use chunked_deque::CHUNK_LEN as READY_CHUNK_LEN;
 pub use timers::TICK as TIMER_TICK;
 
 use std::collections::{HashMap, VecDeque};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Instant;
 
 // Maps keyed by ids the broker itself assigns use the fast Fx hash; a client cannot choose
 // those keys, so it cannot craft collisions. Queue names, which clients choose, keep the
@@ -41,6 +42,7 @@ use rustc_hash::FxHashMap;
 
 use thiserror::Error;
 
+use super::policy::{Policies, QueuePolicy};
 use crate::protocol::{ErrorCode, MessageId, Payload, QueueName};
 
 use chunked_deque::ChunkedDeque;
@@ -72,8 +74,9 @@ impl std::fmt::Display for ConsumerId {
 /// Settings of the core.
 #[derive(Debug, Clone)]
 pub struct CoreConfig {
-    /// How long a delivered message may stay unacked before it is requeued.
-    pub ack_timeout: Duration,
+    /// Each queue's policy (its ack timeout: how long a delivered message may stay
+    /// unacked before it is requeued).
+    pub policies: Policies,
     /// Most bytes the queued messages (ready and in flight) and their queues may cost
     /// together; see [`MESSAGE_OVERHEAD_BYTES`] and [`QUEUE_OVERHEAD_BYTES`].
     pub max_memory_bytes: u64,
@@ -179,8 +182,10 @@ pub struct Core {
     held_at_watermark: Vec<QueueName>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Queue {
+    /// Resolved when the queue is created, fixed for the broker's lifetime.
+    policy: Arc<QueuePolicy>,
     ready: ChunkedDeque<ReadyMessage>,
     /// In subscription order; `next_consumer` indexes the next one to try.
     consumers: Vec<ConsumerId>,
@@ -279,7 +284,8 @@ impl Core {
             deliveries,
         };
         let memory = &mut self.stats.memory_bytes;
-        Self::queue_entry(&mut self.queues, memory, queue).push_back(ready, memory);
+        Self::queue_entry(&mut self.queues, &self.config.policies, memory, queue)
+            .push_back(ready, memory);
     }
 
     /// The id the next publish will get.
@@ -317,7 +323,8 @@ impl Core {
             debug_assert!(false, "consumer {consumer} subscribed twice");
             return;
         }
-        Self::queue_entry(&mut self.queues, &mut self.stats.memory_bytes, &queue)
+        let memory = &mut self.stats.memory_bytes;
+        Self::queue_entry(&mut self.queues, &self.config.policies, memory, &queue)
             .consumers
             .push(consumer);
         self.consumers.insert(
@@ -373,7 +380,7 @@ impl Core {
         match existing {
             Some(existing) => existing.push_back(ready_message, memory),
             None => {
-                let mut created = Queue::default();
+                let mut created = Queue::new(self.config.policies.for_queue(queue));
                 created.push_back(ready_message, memory);
                 self.queues.insert(queue.clone(), created);
             }
@@ -526,16 +533,16 @@ impl Core {
 
     /// Makes every delivery the core can make now, handing each to `deliver` in order:
     /// while a queue has a ready message and a consumer with spare prefetch, the message
-    /// moves to the in-flight set with deadline `now + ack_timeout`. Queues take turns in
+    /// moves to the in-flight set with deadline `now +` its queue's ack timeout. Queues take turns in
     /// the order they became deliverable; each is looked up once per turn, not once per
     /// message.
     pub fn dispatch(&mut self, now: Instant, mut deliver: impl FnMut(Delivery)) {
         let now = self.observe(now);
-        let deadline = now + self.config.ack_timeout;
         while let Some(name) = self.dispatch_queue.pop_front() {
             let Some(queue) = self.queues.get_mut(&name) else {
                 continue;
             };
+            let deadline = now + queue.policy.ack_timeout;
             queue.dispatch_scheduled = false;
             loop {
                 if queue
@@ -645,13 +652,16 @@ impl Core {
     /// The queue named `name`, created (and counted in `memory_bytes`) if new.
     fn queue_entry<'q>(
         queues: &'q mut HashMap<QueueName, Queue>,
+        policies: &Policies,
         memory_bytes: &mut u64,
         name: &QueueName,
     ) -> &'q mut Queue {
         if !queues.contains_key(name) {
             *memory_bytes += queue_cost(name);
         }
-        queues.entry(name.clone()).or_default()
+        queues
+            .entry(name.clone())
+            .or_insert_with(|| Queue::new(policies.for_queue(name)))
     }
 
     fn schedule_dispatch(&mut self, name: &QueueName) {
@@ -667,6 +677,17 @@ impl Core {
 }
 
 impl Queue {
+    fn new(policy: Arc<QueuePolicy>) -> Queue {
+        Queue {
+            policy,
+            ready: ChunkedDeque::default(),
+            consumers: Vec::new(),
+            next_consumer: 0,
+            dispatch_scheduled: false,
+            at_watermark: false,
+        }
+    }
+
     /// What the chunks of its ready queue take.
     fn ready_bytes(&self) -> u64 {
         self.ready.capacity() as u64 * READY_SLOT_BYTES

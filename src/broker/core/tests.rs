@@ -2,8 +2,10 @@
 //! simulated time: `t(ms)` is a fixed origin plus `ms` milliseconds.
 
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use super::*;
+use crate::broker::policy::PolicyFile;
 
 const ACK_TIMEOUT: Duration = Duration::from_millis(200);
 
@@ -18,7 +20,7 @@ fn core() -> Core {
 
 fn core_with_memory(max_memory_bytes: u64) -> Core {
     Core::new(CoreConfig {
-        ack_timeout: ACK_TIMEOUT,
+        policies: Policies::uniform(QueuePolicy::new(ACK_TIMEOUT)),
         max_memory_bytes,
     })
 }
@@ -150,6 +152,36 @@ fn rule3_delivery_sets_the_deadline_to_now_plus_ack_timeout() {
     drain(&mut core, t(280));
     assert_next_timeout_for(&mut core, t(260) + ACK_TIMEOUT);
     assert_next_timeout_for(&mut core, t(280) + ACK_TIMEOUT);
+}
+
+/// Contract §11: each queue's lease is its own policy's ack timeout, fixed when the
+/// queue is created.
+#[test]
+fn each_queue_leases_its_deliveries_for_its_policys_ack_timeout() {
+    let file = PolicyFile::parse_text("[queues.\"fast*\"]\nack_timeout = \"50ms\"\n").unwrap();
+    let mut core = Core::new(CoreConfig {
+        policies: file.resolve(&QueuePolicy::new(ACK_TIMEOUT)),
+        max_memory_bytes: u64::MAX,
+    });
+    core.subscribe(C1, q("fast-lane"), 10);
+    core.subscribe(C2, q("slow"), 10);
+    publish(&mut core, "fast-lane", "f");
+    publish(&mut core, "slow", "s");
+    assert_eq!(drain(&mut core, t(0)).len(), 2);
+    core.handle_timeout(t(50));
+    assert_eq!(
+        core.take_expired(),
+        [(C1, MessageId(1))],
+        "fast-lane's 50 ms"
+    );
+    core.handle_timeout(t(0) + ACK_TIMEOUT - Duration::from_nanos(1));
+    assert_eq!(core.take_expired(), []);
+    core.handle_timeout(t(0) + ACK_TIMEOUT);
+    assert_eq!(
+        core.take_expired(),
+        [(C2, MessageId(2))],
+        "the default lease"
+    );
 }
 
 #[test]

@@ -17,6 +17,7 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::broker::core::{CoreConfig, TIMER_TICK};
+use crate::broker::policy::{Policies, QueuePolicy};
 
 const ACK_TIMEOUT: Duration = Duration::from_millis(100);
 const CONNECTIONS: u64 = 6;
@@ -167,7 +168,7 @@ struct World {
 impl World {
     fn new(durable: bool) -> World {
         let core = Core::new(CoreConfig {
-            ack_timeout: ACK_TIMEOUT,
+            policies: Policies::uniform(QueuePolicy::new(ACK_TIMEOUT)),
             max_memory_bytes: u64::MAX,
         });
         let log = durable.then(FakeLog::default);

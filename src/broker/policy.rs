@@ -1,0 +1,399 @@
+//! Queue policies (contract §11): the queue tables of `ferry broker --config PATH`.
+//!
+//! ```toml
+//! [queue_defaults]          # every queue, under the tables below
+//! ack_timeout = "30s"
+//!
+//! [queues."orders"]         # an exact name
+//! ack_timeout = "2m"
+//!
+//! [queues."tenant-a.*"]     # a prefix: the longest matching prefix wins;
+//! ack_timeout = "10s"       # an exact name beats every prefix
+//! ```
+//! A key a queue's table does not set comes from `[queue_defaults]`, then from the
+//! broker's flags (`--ack-timeout`). A queue's policy is fixed when the broker starts.
+//!
+//! Keys are served as the features they govern are: a key of the contract's table that
+//! this build does not act on yet is refused at start, so a policy is never silently
+//! ignored. Every refusal names the file, the table and the key.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+
+use super::queue_pattern::QueuePattern;
+use crate::protocol::QueueName;
+
+/// What one queue's policy says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuePolicy {
+    /// The lease of a delivery from this queue.
+    pub ack_timeout: Duration,
+}
+
+impl QueuePolicy {
+    /// The contract's defaults, with this ack timeout (the broker's `--ack-timeout`).
+    pub fn new(ack_timeout: Duration) -> QueuePolicy {
+        QueuePolicy { ack_timeout }
+    }
+}
+
+/// The keys of the contract's policy table that this build does not act on yet, each
+/// with what it comes with.
+const KEYS_NOT_SERVED: [(&str, &str); 11] = [
+    ("max_lease", "touch and per-consumer leases (protocol 1.1)"),
+    ("max_deliveries", "dead-lettering (protocol 1.1)"),
+    ("dead_letter_queue", "dead-lettering (protocol 1.1)"),
+    ("discard_dead_letters", "dead-lettering (protocol 1.1)"),
+    ("backoff_initial", "nack (protocol 1.1)"),
+    ("backoff_multiplier", "nack (protocol 1.1)"),
+    ("backoff_max", "nack (protocol 1.1)"),
+    ("max_delay", "delayed messages (protocol 1.1)"),
+    ("max_length", "length limits (protocol 1.1, part 2)"),
+    ("overflow", "length limits (protocol 1.1, part 2)"),
+    ("dedup_window", "dedup keys (protocol 1.1, part 2)"),
+];
+
+/// The keys this build serves, as the refusal of an unknown key lists them.
+const KEYS_SERVED: &str = "ack_timeout";
+
+/// One table of the file: the keys it sets.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct PolicyTable {
+    ack_timeout: Option<Duration>,
+}
+
+impl PolicyTable {
+    /// This table's keys, and `base`'s where it sets none.
+    fn over(&self, base: &QueuePolicy) -> QueuePolicy {
+        QueuePolicy {
+            ack_timeout: self.ack_timeout.unwrap_or(base.ack_timeout),
+        }
+    }
+}
+
+/// The queue tables of a config file, as written.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PolicyFile {
+    defaults: PolicyTable,
+    tables: Vec<(QueuePattern, PolicyTable)>,
+}
+
+/// Why the config file cannot be used. The broker refuses to start on any of these.
+#[derive(Debug, Error)]
+pub enum ConfigFileError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {problem}")]
+    Invalid { path: PathBuf, problem: Problem },
+}
+
+/// What is wrong in a config file, and where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The table, as the file writes it (`[queues."orders"]`); `None` for the file as a
+    /// whole.
+    table: Option<String>,
+    key: Option<String>,
+    message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.table, &self.key) {
+            (Some(table), Some(key)) => write!(f, "{table} {key}: {}", self.message),
+            (Some(table), None) => write!(f, "{table}: {}", self.message),
+            (None, Some(key)) => write!(f, "{key}: {}", self.message),
+            (None, None) => f.write_str(&self.message),
+        }
+    }
+}
+
+impl PolicyFile {
+    /// Reads the queue tables of the TOML file at `path`.
+    ///
+    /// # Errors
+    /// [`ConfigFileError`] when the file cannot be read or is not valid TOML, or holds an
+    /// unknown table or key, a bad queue pattern, or a value of the wrong type or range.
+    pub fn load(path: &Path) -> Result<PolicyFile, ConfigFileError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigFileError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse_text(&text).map_err(|problem| ConfigFileError::Invalid {
+            path: path.to_owned(),
+            problem,
+        })
+    }
+
+    /// Reads queue tables from TOML text (what [`PolicyFile::load`] reads from a file).
+    ///
+    /// # Errors
+    /// The [`Problem`], naming the table and the key.
+    pub fn parse_text(text: &str) -> Result<PolicyFile, Problem> {
+        let document: toml::Table = toml::from_str(text).map_err(|e| Problem {
+            table: None,
+            key: None,
+            message: format!("not valid TOML: {}", e.message().trim_end()),
+        })?;
+        let mut file = PolicyFile::default();
+        for (name, value) in &document {
+            match (name.as_str(), value) {
+                ("queue_defaults", toml::Value::Table(table)) => {
+                    file.defaults = parse_table("[queue_defaults]", table)?;
+                }
+                ("queues", toml::Value::Table(queues)) => {
+                    for (pattern, value) in queues {
+                        let table_name = format!("[queues.{}]", toml_key(pattern));
+                        let problem = |key: Option<&str>, message: String| Problem {
+                            table: Some(table_name.clone()),
+                            key: key.map(str::to_owned),
+                            message,
+                        };
+                        let parsed = QueuePattern::parse(pattern).map_err(|m| problem(None, m))?;
+                        let toml::Value::Table(table) = value else {
+                            return Err(problem(None, "must be a table of policy keys".to_owned()));
+                        };
+                        file.tables.push((parsed, parse_table(&table_name, table)?));
+                    }
+                }
+                ("queue_defaults" | "queues", _) => {
+                    return Err(Problem {
+                        table: None,
+                        key: Some(name.clone()),
+                        message: "must be a table".to_owned(),
+                    });
+                }
+                (unknown, _) => {
+                    return Err(Problem {
+                        table: Some(format!("[{}]", toml_key(unknown))),
+                        key: None,
+                        message: "unknown table; use [queue_defaults] or [queues.\"NAME\"] (a trailing * in NAME makes a prefix)".to_owned(),
+                    });
+                }
+            }
+        }
+        Ok(file)
+    }
+
+    /// How many queue tables the file has, `[queue_defaults]` aside.
+    pub fn queue_tables(&self) -> usize {
+        self.tables.len()
+    }
+
+    /// The policy of a queue no table matches: `base` under `[queue_defaults]`.
+    pub fn default_policy(&self, base: &QueuePolicy) -> QueuePolicy {
+        self.defaults.over(base)
+    }
+
+    /// Every queue's policy: `base` (the broker's flags) under `[queue_defaults]` under
+    /// the queue's own table.
+    pub fn resolve(&self, base: &QueuePolicy) -> Policies {
+        let defaults = self.default_policy(base);
+        let mut policies = Policies::uniform(defaults.clone());
+        for (pattern, table) in &self.tables {
+            let policy = Arc::new(table.over(&defaults));
+            match pattern {
+                QueuePattern::Exact(name) => {
+                    policies.exact.insert(name.clone(), policy);
+                }
+                QueuePattern::Prefix(prefix) => policies.prefixes.push((prefix.clone(), policy)),
+            }
+        }
+        // Longest first: the first that matches is the longest.
+        policies
+            .prefixes
+            .sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
+        policies
+    }
+}
+
+/// A table key as TOML writes it: bare when it can be, quoted otherwise.
+fn toml_key(key: &str) -> String {
+    let bare = !key.is_empty()
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if bare {
+        key.to_owned()
+    } else {
+        toml::Value::String(key.to_owned()).to_string()
+    }
+}
+
+fn parse_table(table_name: &str, table: &toml::Table) -> Result<PolicyTable, Problem> {
+    let mut parsed = PolicyTable::default();
+    for (key, value) in table {
+        let problem = |message: String| Problem {
+            table: Some(table_name.to_owned()),
+            key: Some(key.clone()),
+            message,
+        };
+        match key.as_str() {
+            "ack_timeout" => {
+                let timeout = duration(value).map_err(problem)?;
+                if timeout.is_zero() {
+                    return Err(problem("must be more than zero".to_owned()));
+                }
+                parsed.ack_timeout = Some(timeout);
+            }
+            other => {
+                let message = match KEYS_NOT_SERVED.iter().find(|(k, _)| *k == other) {
+                    Some((_, comes_with)) => format!(
+                        "not served by this build yet (it comes with {comes_with}); remove it"
+                    ),
+                    None => format!("unknown key; this build serves: {KEYS_SERVED}"),
+                };
+                return Err(problem(message));
+            }
+        }
+    }
+    Ok(parsed)
+}
+
+/// A duration written as a string with units, as the flags take them.
+fn duration(value: &toml::Value) -> Result<Duration, String> {
+    let toml::Value::String(text) = value else {
+        return Err(format!(
+            "is {value}; use a duration string such as \"30s\", \"5m\" or \"12h\""
+        ));
+    };
+    humantime::parse_duration(text).map_err(|e| {
+        format!("`{text}` is not a duration ({e}); use e.g. \"30s\", \"5m\" or \"12h\"")
+    })
+}
+
+/// Every queue's policy, as resolved when the broker starts.
+#[derive(Debug, Clone)]
+pub struct Policies {
+    default: Arc<QueuePolicy>,
+    exact: HashMap<QueueName, Arc<QueuePolicy>>,
+    /// Longest prefix first.
+    prefixes: Vec<(String, Arc<QueuePolicy>)>,
+}
+
+impl Policies {
+    /// The same policy for every queue: a broker without a config file.
+    pub fn uniform(policy: QueuePolicy) -> Policies {
+        Policies {
+            default: Arc::new(policy),
+            exact: HashMap::new(),
+            prefixes: Vec::new(),
+        }
+    }
+
+    /// The policy of the queue named `name`: its exact table's, else its longest
+    /// matching prefix's, else the defaults.
+    pub fn for_queue(&self, name: &QueueName) -> Arc<QueuePolicy> {
+        if let Some(policy) = self.exact.get(name) {
+            return policy.clone();
+        }
+        self.prefixes
+            .iter()
+            .find(|(prefix, _)| name.as_str().starts_with(prefix.as_str()))
+            .map_or_else(|| self.default.clone(), |(_, policy)| policy.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: QueuePolicy = QueuePolicy {
+        ack_timeout: Duration::from_secs(5),
+    };
+
+    fn ack_timeout(policies: &Policies, queue: &str) -> Duration {
+        policies
+            .for_queue(&QueueName::new(queue).unwrap())
+            .ack_timeout
+    }
+
+    #[test]
+    fn an_exact_name_beats_every_prefix_and_the_longest_prefix_wins() {
+        let file = PolicyFile::parse_text(
+            r#"
+            [queue_defaults]
+            ack_timeout = "30s"
+            [queues."tenant-a.*"]
+            ack_timeout = "10s"
+            [queues."tenant-a.orders*"]
+            ack_timeout = "20s"
+            [queues."tenant-a.orders"]
+            ack_timeout = "2m"
+            [queues."other"]
+            "#,
+        )
+        .unwrap();
+        let policies = file.resolve(&BASE);
+        assert_eq!(
+            ack_timeout(&policies, "tenant-a.orders"),
+            Duration::from_secs(120)
+        );
+        assert_eq!(
+            ack_timeout(&policies, "tenant-a.orders-eu"),
+            Duration::from_secs(20)
+        );
+        assert_eq!(
+            ack_timeout(&policies, "tenant-a.billing"),
+            Duration::from_secs(10)
+        );
+        // A table that does not set the key takes it from [queue_defaults].
+        assert_eq!(ack_timeout(&policies, "other"), Duration::from_secs(30));
+        assert_eq!(ack_timeout(&policies, "unlisted"), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn without_queue_defaults_the_flags_are_the_defaults() {
+        let policies = PolicyFile::parse_text("[queues.\"a*\"]\nack_timeout = \"1s\"\n")
+            .unwrap()
+            .resolve(&BASE);
+        assert_eq!(ack_timeout(&policies, "abc"), Duration::from_secs(1));
+        assert_eq!(ack_timeout(&policies, "b"), BASE.ack_timeout);
+        let policies = PolicyFile::parse_text("").unwrap().resolve(&BASE);
+        assert_eq!(ack_timeout(&policies, "b"), BASE.ack_timeout);
+    }
+
+    #[test]
+    fn every_refusal_names_the_table_and_the_key() {
+        let refusal = |text: &str| PolicyFile::parse_text(text).unwrap_err().to_string();
+        assert_eq!(
+            refusal("[queue_defaults]\ncolour = \"blue\"\n"),
+            "[queue_defaults] colour: unknown key; this build serves: ack_timeout"
+        );
+        assert_eq!(
+            refusal("[queues.\"orders\"]\nack_timeout = 30\n"),
+            "[queues.orders] ack_timeout: is 30; use a duration string such as \"30s\", \"5m\" or \"12h\""
+        );
+        assert!(
+            refusal("[queues.\"orders\"]\nack_timeout = \"soon\"\n")
+                .starts_with("[queues.orders] ack_timeout: `soon` is not a duration")
+        );
+        assert_eq!(
+            refusal("[queues.\"o\"]\nack_timeout = \"0s\"\n"),
+            "[queues.o] ack_timeout: must be more than zero"
+        );
+        assert!(
+            refusal("[queues.\"orders\"]\nmax_deliveries = 5\n")
+                .starts_with("[queues.orders] max_deliveries: not served by this build yet")
+        );
+        assert!(
+            refusal("[queues.\"x y\"]\nack_timeout = \"1s\"\n")
+                .starts_with("[queues.\"x y\"]: queue pattern `x y`")
+        );
+        assert!(refusal("[broker]\naddr = \"x\"\n").starts_with("[broker]: unknown table"));
+        assert_eq!(refusal("queues = 3\n"), "queues: must be a table");
+        assert_eq!(
+            refusal("[queues]\norders = 3\n"),
+            "[queues.orders]: must be a table of policy keys"
+        );
+        assert!(refusal("[queues\n").starts_with("not valid TOML"));
+    }
+}
