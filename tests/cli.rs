@@ -143,13 +143,23 @@ async fn bad_flags_and_unreachable_brokers_fail_with_a_reason() {
     let bad_prefetch = run_ferry(&["consumer", "--addr", &addr, "--prefetch", "0"], "", &[]).await;
     assert!(!bad_prefetch.status.success());
 
-    let bad_timeout = run_ferry(
-        &["broker", "--addr", "127.0.0.1:0", "--ack-timeout", "0s"],
-        "",
-        &[],
-    )
-    .await;
-    assert!(!bad_timeout.status.success());
+    for flags in [
+        ["--ack-timeout", "0s"],
+        ["--ack-timeout", "400days"],
+        ["--drain-timeout", "10000000000000000000s"],
+    ] {
+        let refused = run_ferry(
+            &["broker", "--addr", "127.0.0.1:0", flags[0], flags[1]],
+            "",
+            &[],
+        )
+        .await;
+        assert!(!refused.status.success(), "{flags:?} accepted");
+        assert!(
+            String::from_utf8_lossy(&refused.stderr).contains("out of range"),
+            "{flags:?}: {refused:?}"
+        );
+    }
     let bad_duration = run_ferry(
         &["broker", "--addr", "127.0.0.1:0", "--drain-timeout", "soon"],
         "",

@@ -61,9 +61,6 @@ fn core() -> Core {
     })
 }
 
-/// A growing `VecDeque` reallocates, and copies, its whole contents at every doubling:
-/// at two million 32-byte entries, 64 MiB in one publish. The ready queue's chunks never
-/// move; only its spine of chunk pointers grows, 8 bytes per 64 messages.
 /// Every delivery the core will make at `now`.
 fn deliveries(core: &mut Core, now: Instant) -> Vec<Delivery> {
     let mut made = Vec::new();
@@ -71,6 +68,9 @@ fn deliveries(core: &mut Core, now: Instant) -> Vec<Delivery> {
     made
 }
 
+/// A growing `VecDeque` reallocates, and copies, its whole contents at every doubling:
+/// at two million 32-byte entries, 64 MiB in one publish. The ready queue's chunks never
+/// move; only its spine of chunk pointers grows, 8 bytes per 64 messages.
 #[test]
 fn no_publish_into_a_deep_backlog_allocates_in_proportion_to_it() {
     let mut core = core();

@@ -73,7 +73,19 @@ async fn a_config_file_it_cannot_honour_stops_the_broker_naming_file_table_and_k
             "[queues.\"x y\"]\nack_timeout = \"1s\"\n",
             "[queues.\"x y\"]: queue pattern `x y`",
         ),
+        (
+            "[queues.\"big\"]\nack_timeout = \"10000000000000000000s\"\n",
+            "is out of range; use 1ms to 365days",
+        ),
+        (
+            "[queues.\"tiny\"]\nack_timeout = \"1ns\"\n",
+            "[queues.tiny] ack_timeout: 1ns is out of range; use 1ms to 365days",
+        ),
         ("[tables]\n", "[tables]: unknown table"),
+        (
+            "ack_timeout = \"1s\"\n",
+            "ack_timeout: a key outside any table",
+        ),
         (
             "[queues.\"orders\"]\nmax_deliveries = 5\n",
             "[queues.orders] max_deliveries: not served by this build yet",

@@ -16,6 +16,8 @@ pub const DEFAULT_ADDR: &str = "127.0.0.1:7878";
 pub const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default `--drain-timeout`.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest `--drain-timeout`: a year, which keeps the drain's deadline computable.
+pub const DRAIN_TIMEOUT_MAX: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Default `--max-memory`: 1 GiB of queued payload bytes.
 pub const DEFAULT_MAX_MEMORY_BYTES: u64 = 1 << 30;
 /// Default `--max-connections`.

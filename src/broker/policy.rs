@@ -42,6 +42,23 @@ impl QueuePolicy {
     }
 }
 
+/// The ack timeouts a queue may have: the contract counts leases in milliseconds, and a
+/// year is past any job a lease could stand for (and keeps every deadline computable).
+pub const ACK_TIMEOUT_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_millis(1)..=Duration::from_secs(365 * 24 * 3600);
+
+/// Checks an ack timeout against [`ACK_TIMEOUT_RANGE`]; the error says what to use.
+pub fn check_ack_timeout(timeout: Duration) -> Result<Duration, String> {
+    if ACK_TIMEOUT_RANGE.contains(&timeout) {
+        Ok(timeout)
+    } else {
+        Err(format!(
+            "{} is out of range; use 1ms to 365days",
+            humantime::format_duration(timeout)
+        ))
+    }
+}
+
 /// The keys of the contract's policy table that this build does not act on yet, each
 /// with what it comes with.
 const KEYS_NOT_SERVED: [(&str, &str); 11] = [
@@ -141,7 +158,7 @@ impl PolicyFile {
         let document: toml::Table = toml::from_str(text).map_err(|e| Problem {
             table: None,
             key: None,
-            message: format!("not valid TOML: {}", e.message().trim_end()),
+            message: format!("not valid TOML: {}", e.to_string().trim_end()),
         })?;
         let mut file = PolicyFile::default();
         for (name, value) in &document {
@@ -171,11 +188,25 @@ impl PolicyFile {
                         message: "must be a table".to_owned(),
                     });
                 }
-                (unknown, _) => {
+                ("broker", toml::Value::Table(_)) => {
+                    return Err(Problem {
+                        table: Some("[broker]".to_owned()),
+                        key: None,
+                        message: "not served by this build yet (broker settings are flags for now); remove it".to_owned(),
+                    });
+                }
+                (unknown, toml::Value::Table(_)) => {
                     return Err(Problem {
                         table: Some(format!("[{}]", toml_key(unknown))),
                         key: None,
                         message: "unknown table; use [queue_defaults] or [queues.\"NAME\"] (a trailing * in NAME makes a prefix)".to_owned(),
+                    });
+                }
+                (unknown, _) => {
+                    return Err(Problem {
+                        table: None,
+                        key: Some(unknown.to_owned()),
+                        message: "a key outside any table; policy keys go in [queue_defaults] or [queues.\"NAME\"]".to_owned(),
                     });
                 }
             }
@@ -238,11 +269,8 @@ fn parse_table(table_name: &str, table: &toml::Table) -> Result<PolicyTable, Pro
         };
         match key.as_str() {
             "ack_timeout" => {
-                let timeout = duration(value).map_err(problem)?;
-                if timeout.is_zero() {
-                    return Err(problem("must be more than zero".to_owned()));
-                }
-                parsed.ack_timeout = Some(timeout);
+                let timeout = duration(value).and_then(check_ack_timeout);
+                parsed.ack_timeout = Some(timeout.map_err(problem)?);
             }
             other => {
                 let message = match KEYS_NOT_SERVED.iter().find(|(k, _)| *k == other) {
@@ -376,10 +404,15 @@ mod tests {
             refusal("[queues.\"orders\"]\nack_timeout = \"soon\"\n")
                 .starts_with("[queues.orders] ack_timeout: `soon` is not a duration")
         );
-        assert_eq!(
-            refusal("[queues.\"o\"]\nack_timeout = \"0s\"\n"),
-            "[queues.o] ack_timeout: must be more than zero"
-        );
+        for out_of_range in ["0s", "999us", "366days"] {
+            let text = format!("[queues.\"o\"]\nack_timeout = \"{out_of_range}\"\n");
+            let message = refusal(&text);
+            assert!(
+                message.starts_with("[queues.o] ack_timeout: ")
+                    && message.ends_with("is out of range; use 1ms to 365days"),
+                "{message}"
+            );
+        }
         assert!(
             refusal("[queues.\"orders\"]\nmax_deliveries = 5\n")
                 .starts_with("[queues.orders] max_deliveries: not served by this build yet")
@@ -388,12 +421,22 @@ mod tests {
             refusal("[queues.\"x y\"]\nack_timeout = \"1s\"\n")
                 .starts_with("[queues.\"x y\"]: queue pattern `x y`")
         );
-        assert!(refusal("[broker]\naddr = \"x\"\n").starts_with("[broker]: unknown table"));
+        assert!(
+            refusal("[broker]\naddr = \"x\"\n")
+                .starts_with("[broker]: not served by this build yet")
+        );
+        assert!(refusal("[colours]\nred = 1\n").starts_with("[colours]: unknown table"));
+        assert_eq!(
+            refusal("ack_timeout = \"1s\"\n"),
+            "ack_timeout: a key outside any table; policy keys go in [queue_defaults] or [queues.\"NAME\"]"
+        );
         assert_eq!(refusal("queues = 3\n"), "queues: must be a table");
         assert_eq!(
             refusal("[queues]\norders = 3\n"),
             "[queues.orders]: must be a table of policy keys"
         );
         assert!(refusal("[queues\n").starts_with("not valid TOML"));
+        let duplicate = refusal("[queues.\"o\"]\nack_timeout = \"1s\"\nack_timeout = \"2s\"\n");
+        assert!(duplicate.contains("line 3"), "{duplicate}");
     }
 }

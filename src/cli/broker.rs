@@ -15,9 +15,9 @@ use tracing::{error, info, warn};
 use ferry::broker::Server;
 use ferry::broker::auth::{Access, readable_by_others};
 use ferry::broker::config::{
-    BrokerConfig, DEFAULT_ADDR, DEFAULT_MAX_CONNECTIONS, REGISTER_TIMEOUT,
+    BrokerConfig, DEFAULT_ADDR, DEFAULT_MAX_CONNECTIONS, DRAIN_TIMEOUT_MAX, REGISTER_TIMEOUT,
 };
-use ferry::broker::policy::{PolicyFile, QueuePolicy};
+use ferry::broker::policy::{PolicyFile, QueuePolicy, check_ack_timeout};
 use ferry::protocol::DEFAULT_MAX_FRAME_BYTES;
 use ferry::storage::{FsyncPolicy, StorageConfig};
 use ferry::transport::ServerTls;
@@ -31,10 +31,12 @@ pub struct BrokerArgs {
     #[arg(long, env = "FERRY_ADDR", default_value = DEFAULT_ADDR)]
     addr: SocketAddr,
     /// How long a delivered message may stay unacked before it is delivered again.
-    #[arg(long, default_value = "5s", value_parser = parse_positive_duration)]
+    /// 1ms to 365days.
+    #[arg(long, default_value = "5s", value_parser = parse_ack_timeout)]
     ack_timeout: Duration,
-    /// How long a graceful shutdown may wait for in-flight work before closing anyway.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    /// How long a graceful shutdown may wait for in-flight work before closing anyway
+    /// (at most 365days).
+    #[arg(long, default_value = "30s", value_parser = parse_drain_timeout)]
     drain_timeout: Duration,
     /// Largest frame body a client may send, in bytes.
     #[arg(long, default_value_t = DEFAULT_MAX_FRAME_BYTES as u32, value_parser = clap::value_parser!(u32).range(1..))]
@@ -98,12 +100,18 @@ fn describe_storage(storage: &Option<StorageConfig>) -> String {
     }
 }
 
-fn parse_positive_duration(text: &str) -> Result<Duration, String> {
-    match humantime::parse_duration(text) {
-        Ok(d) if d.is_zero() => Err("must be more than zero".into()),
-        Ok(d) => Ok(d),
-        Err(e) => Err(e.to_string()),
+fn parse_ack_timeout(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text)
+        .map_err(|e| e.to_string())
+        .and_then(check_ack_timeout)
+}
+
+fn parse_drain_timeout(text: &str) -> Result<Duration, String> {
+    let timeout = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if timeout > DRAIN_TIMEOUT_MAX {
+        return Err("is out of range; use at most 365days".into());
     }
+    Ok(timeout)
 }
 
 pub async fn run(args: BrokerArgs) -> anyhow::Result<ExitCode> {

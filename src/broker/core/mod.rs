@@ -42,7 +42,7 @@ use rustc_hash::FxHashMap;
 
 use thiserror::Error;
 
-use super::policy::{Policies, QueuePolicy};
+use super::policy::{ACK_TIMEOUT_RANGE, Policies, QueuePolicy};
 use crate::protocol::{ErrorCode, MessageId, Payload, QueueName};
 
 use chunked_deque::ChunkedDeque;
@@ -542,7 +542,10 @@ impl Core {
             let Some(queue) = self.queues.get_mut(&name) else {
                 continue;
             };
-            let deadline = now + queue.policy.ack_timeout;
+            // A policy's timeout is at most a year (ACK_TIMEOUT_RANGE); one built past
+            // that by hand waits as long as a year, rather than overflow.
+            let lease = queue.policy.ack_timeout.min(*ACK_TIMEOUT_RANGE.end());
+            let deadline = now + lease;
             queue.dispatch_scheduled = false;
             loop {
                 if queue
