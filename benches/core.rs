@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use ferry::MessageId;
-use ferry::broker::core::{ConsumerId, Core, CoreConfig};
+use ferry::broker::core::{ConsumerId, Core, CoreConfig, WallClock};
 use ferry::broker::policy::{Policies, QueuePolicy};
 use ferry::protocol::{Payload, QueueName};
 use std::hint::black_box;
@@ -16,6 +16,7 @@ fn core() -> Core {
     Core::new(CoreConfig {
         policies: Policies::uniform(QueuePolicy::new(Duration::from_secs(5))),
         max_memory_bytes: u64::MAX,
+        wall_clock: WallClock::now(),
     })
 }
 

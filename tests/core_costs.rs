@@ -9,7 +9,7 @@ use std::cell::Cell;
 use std::time::{Duration, Instant};
 
 use ferry::MessageId;
-use ferry::broker::core::{ConsumerId, Core, CoreConfig, Delivery};
+use ferry::broker::core::{ConsumerId, Core, CoreConfig, Delivery, WallClock};
 use ferry::broker::policy::{Policies, QueuePolicy};
 use ferry::protocol::{Payload, QueueName};
 
@@ -58,6 +58,7 @@ fn core() -> Core {
     Core::new(CoreConfig {
         policies: Policies::uniform(QueuePolicy::new(Duration::from_secs(1800))),
         max_memory_bytes: u64::MAX,
+        wall_clock: WallClock::now(),
     })
 }
 

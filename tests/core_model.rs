@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use ferry::MessageId;
 use ferry::broker::core::{
     AckError, ConsumerId, Core, CoreConfig, MESSAGE_OVERHEAD_BYTES, PublishError,
-    QUEUE_OVERHEAD_BYTES, READY_CHUNK_LEN, READY_SLOT_BYTES, TIMER_TICK,
+    QUEUE_OVERHEAD_BYTES, READY_CHUNK_LEN, READY_SLOT_BYTES, TIMER_TICK, WallClock,
 };
 use ferry::broker::policy::{PolicyFile, QueuePolicy};
 use ferry::protocol::{Payload, QueueName};
@@ -41,8 +41,19 @@ fn ack_timeout_ms(queue: usize) -> u64 {
     ACK_TIMEOUT_MS * (queue as u64 + 1)
 }
 
-const POLICIES: &str =
-    "[queues.\"q1\"]\nack_timeout = \"200ms\"\n[queues.\"q2*\"]\nack_timeout = \"300ms\"\n";
+/// Each queue's `max_deliveries` (0: none) and dead-letter queue: `q0` discards its dead
+/// letters, `q1` sends them to `q2`, which has no limit.
+fn dead_letter_policy(queue: usize) -> (u32, Option<usize>) {
+    match queue {
+        0 => (3, None),
+        1 => (2, Some(2)),
+        _ => (0, None),
+    }
+}
+
+const POLICIES: &str = "[queues.\"q0\"]\nmax_deliveries = 3\ndiscard_dead_letters = true\n\
+    [queues.\"q1\"]\nack_timeout = \"200ms\"\nmax_deliveries = 2\ndead_letter_queue = \"q2\"\n\
+    [queues.\"q2*\"]\nack_timeout = \"300ms\"\n";
 
 fn queue_name(index: usize) -> QueueName {
     QueueName::new(&format!("q{index}")).unwrap()
@@ -135,6 +146,10 @@ struct Model {
     published: Vec<u64>,
     acked: HashSet<u64>,
     ever_delivered: HashSet<u64>,
+    /// Moved to a dead-letter queue (at its back, so outside the order of the others).
+    dead_lettered: HashSet<u64>,
+    /// Dead letters dropped.
+    discarded: HashSet<u64>,
     /// Ids from here on are not deliverable (durable storage's watermark).
     deliverable_below: u64,
 }
@@ -232,11 +247,35 @@ impl Model {
         true
     }
 
-    fn requeue(&mut self, queue: usize, mut returning: Vec<(u64, u32)>) {
+    /// Rules 5, 14 and 15: back to the front, or, at the limit, dead-lettered.
+    fn return_messages(&mut self, queue: usize, mut returning: Vec<(u64, u32)>) {
         returning.sort();
+        let (limit, dead_letter_queue) = dead_letter_policy(queue);
+        let (dead, back): (Vec<_>, Vec<_>) = returning
+            .into_iter()
+            .partition(|(_, deliveries)| limit > 0 && *deliveries >= limit);
         let q = self.queues.get_mut(&queue).unwrap();
-        for message in returning.into_iter().rev() {
+        for message in back.into_iter().rev() {
             q.ready.push_front(message);
+        }
+        for (id, _) in dead {
+            match dead_letter_queue {
+                Some(target) => {
+                    if !self.queues.contains_key(&target) {
+                        self.memory += queue_cost(target);
+                    }
+                    self.queues
+                        .entry(target)
+                        .or_default()
+                        .ready
+                        .push_back((id, 0));
+                    self.dead_lettered.insert(id);
+                }
+                None => {
+                    self.memory -= self.sizes[&id] + MESSAGE_OVERHEAD_BYTES;
+                    self.discarded.insert(id);
+                }
+            }
         }
     }
 
@@ -256,7 +295,7 @@ impl Model {
             .into_iter()
             .map(|(id, (attempt, _))| (id, attempt))
             .collect();
-        self.requeue(gone.queue, returning);
+        self.return_messages(gone.queue, returning);
         let q = &self.queues[&gone.queue];
         if q.ready.is_empty() && q.ring.is_empty() {
             self.queues.remove(&gone.queue);
@@ -283,7 +322,7 @@ impl Model {
             }
         }
         for (queue, returning) in expired {
-            self.requeue(queue, returning);
+            self.return_messages(queue, returning);
         }
         taken_back
     }
@@ -319,7 +358,15 @@ fn check(core: &mut Core, model: &Model) -> Result<(), TestCaseError> {
             .collect();
         let model_ready: Vec<u64> = q.ready.iter().map(|(id, _)| *id).collect();
         prop_assert_eq!(&core_ready, &model_ready, "ready queue q{}", index);
-        // Redelivered before never-delivered; never-delivered in publish order.
+        for id in &core_ready {
+            prop_assert!(placed.insert(*id, "ready").is_none(), "id {} twice", id);
+        }
+        // Redelivered before never-delivered; never-delivered in publish order (dead
+        // letters, at the back of theirs, aside).
+        let core_ready: Vec<u64> = core_ready
+            .into_iter()
+            .filter(|id| !model.dead_lettered.contains(id))
+            .collect();
         let first_fresh = core_ready
             .iter()
             .position(|id| !model.ever_delivered.contains(id))
@@ -333,9 +380,6 @@ fn check(core: &mut Core, model: &Model) -> Result<(), TestCaseError> {
             core_ready
         );
         prop_assert!(core_ready[first_fresh..].windows(2).all(|w| w[0] < w[1]));
-        for id in core_ready {
-            prop_assert!(placed.insert(id, "ready").is_none(), "id {} twice", id);
-        }
     }
     for consumer in 0..CONSUMERS {
         let core_in_flight: Vec<u64> = core
@@ -372,6 +416,13 @@ fn check(core: &mut Core, model: &Model) -> Result<(), TestCaseError> {
             id
         );
     }
+    for id in &model.discarded {
+        prop_assert!(
+            placed.insert(*id, "discarded").is_none(),
+            "discarded id {} is still held",
+            id
+        );
+    }
     prop_assert_eq!(
         placed.len(),
         model.published.len(),
@@ -405,6 +456,8 @@ fn check(core: &mut Core, model: &Model) -> Result<(), TestCaseError> {
         ready_slots
     );
     prop_assert_eq!(stats.acked_total, model.acked.len() as u64);
+    prop_assert_eq!(stats.discarded_total, model.discarded.len() as u64);
+    prop_assert_eq!(stats.dead_lettered_total, model.dead_lettered.len() as u64);
     match (core.poll_timeout(), model.earliest_deadline()) {
         (None, None) => {}
         (Some(next), Some(earliest)) => prop_assert!(
@@ -432,6 +485,7 @@ fn run(ops: &[Op], hold_new: bool) -> Result<(), TestCaseError> {
             .unwrap()
             .resolve(&QueuePolicy::new(Duration::from_millis(ACK_TIMEOUT_MS))),
         max_memory_bytes: MAX_MEMORY_BYTES,
+        wall_clock: WallClock::now(),
     });
     let mut model = Model {
         deliverable_below: u64::MAX,
@@ -472,8 +526,8 @@ fn run(ops: &[Op], hold_new: bool) -> Result<(), TestCaseError> {
                 core.dispatch(t(model.now_ms), |d| made.push(d));
                 for d in made {
                     prop_assert!(
-                        !model.acked.contains(&d.id.0),
-                        "acked id {} delivered again",
+                        !model.acked.contains(&d.id.0) && !model.discarded.contains(&d.id.0),
+                        "acked or discarded id {} delivered again",
                         d.id
                     );
                     let queue = model.consumers[&d.consumer.0].queue;

@@ -5,6 +5,7 @@
 mod common;
 
 use common::{BrokerProcess, RawClient, run_ferry};
+use nix::sys::signal::Signal;
 use serde_json::json;
 
 fn write_config(dir: &tempfile::TempDir, text: &str) -> String {
@@ -88,7 +89,15 @@ async fn a_config_file_it_cannot_honour_stops_the_broker_naming_file_table_and_k
         ),
         (
             "[queues.\"orders\"]\nmax_deliveries = 5\n",
-            "[queues.orders] max_deliveries: not served by this build yet",
+            "[queues.orders] max_deliveries: is 5 with no dead_letter_queue",
+        ),
+        (
+            "[queues.\"a\"]\ndead_letter_queue = \"b\"\n[queues.\"b\"]\ndead_letter_queue = \"a\"\n",
+            "[queues.a] dead_letter_queue: dead letters would go round: b -> a -> b",
+        ),
+        (
+            "[queues.\"orders\"]\nmax_lease = \"1h\"\n",
+            "[queues.orders] max_lease: not served by this build yet",
         ),
         ("[queues\n", "not valid TOML"),
     ] {
@@ -123,4 +132,112 @@ async fn a_config_file_it_cannot_honour_stops_the_broker_naming_file_table_and_k
     .await;
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("cannot read config file"));
+}
+
+const JOBS: &str = "[queues.\"jobs\"]\nack_timeout = \"200ms\"\nmax_deliveries = 2\ndead_letter_queue = \"jobs.dlq\"\n";
+
+/// Publishes `payload` to `queue` and returns its id.
+async fn publish(broker: &BrokerProcess, queue: &str, payload: &str) -> u64 {
+    let mut producer = RawClient::producer(broker.addr, queue).await;
+    producer
+        .send(json!({"type": "publish", "payload": payload}))
+        .await;
+    producer.expect_ok().await["id"].as_u64().unwrap()
+}
+
+/// Rules 14 and 15 for a version 1.0 consumer: after its second unacked delivery the
+/// message stops coming from `jobs` and comes from `jobs.dlq`, same id, attempt 1.
+/// Returns the broker and the dead letter's id.
+async fn dead_letter_one(args: &[&str]) -> (BrokerProcess, u64) {
+    let broker = BrokerProcess::start(args);
+    let mut worker = RawClient::consumer(broker.addr, "jobs", 10).await;
+    let id = publish(&broker, "jobs", "job").await;
+    for attempt in [1, 2] {
+        let delivery = worker.expect_message().await;
+        assert_eq!(
+            (delivery["id"].as_u64(), delivery["attempt"].as_u64()),
+            (Some(id), Some(attempt))
+        );
+    }
+    let mut dead_letters = RawClient::consumer(broker.addr, "jobs.dlq", 10).await;
+    let dead = dead_letters.expect_message().await;
+    assert_eq!(
+        (
+            dead["id"].as_u64(),
+            dead["payload"].as_str(),
+            dead["attempt"].as_u64()
+        ),
+        (Some(id), Some("job"), Some(1))
+    );
+    // Past its lease on jobs.dlq (no limit there) it comes back there, not to jobs.
+    let again = dead_letters.expect_message().await;
+    assert_eq!(
+        (again["id"].as_u64(), again["attempt"].as_u64()),
+        (Some(id), Some(2))
+    );
+    let next = publish(&broker, "jobs", "next").await;
+    let delivery = worker.expect_message().await;
+    assert_eq!(
+        (delivery["id"].as_u64(), delivery["attempt"].as_u64()),
+        (Some(next), Some(1))
+    );
+    worker.send(json!({"type": "ack", "id": next})).await;
+    worker.sync().await;
+    (broker, id)
+}
+
+#[tokio::test]
+async fn a_message_past_max_deliveries_moves_to_the_dead_letter_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(&dir, JOBS);
+    dead_letter_one(&["--config", &config]).await;
+}
+
+/// With --data-dir, the dead letter stays in the dead-letter queue across `kill -9`.
+#[tokio::test]
+async fn a_dead_letter_stays_in_its_dead_letter_queue_across_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(&dir, JOBS);
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    let args = ["--config", &config, "--data-dir", data];
+    let (mut broker, id) = dead_letter_one(&args).await;
+    broker.signal(Signal::SIGKILL);
+    broker.wait_exit(common::WAIT).await;
+
+    let broker = BrokerProcess::start(&args);
+    let mut dead_letters = RawClient::consumer(broker.addr, "jobs.dlq", 10).await;
+    let dead = dead_letters.expect_message().await;
+    assert_eq!(
+        (dead["id"].as_u64(), dead["payload"].as_str()),
+        (Some(id), Some("job"))
+    );
+    dead_letters.send(json!({"type": "ack", "id": id})).await;
+    // Nothing of it is left on jobs: the next message there is the first a consumer gets.
+    let mut worker = RawClient::consumer(broker.addr, "jobs", 10).await;
+    let next = publish(&broker, "jobs", "after").await;
+    assert_eq!(worker.expect_message().await["id"].as_u64(), Some(next));
+}
+
+/// A queue whose policy opted into discarding drops a message past its limit.
+#[tokio::test]
+async fn an_opted_in_queue_discards_its_dead_letters() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        &dir,
+        "[queues.\"lossy\"]\nack_timeout = \"200ms\"\nmax_deliveries = 1\ndiscard_dead_letters = true\n",
+    );
+    let broker = BrokerProcess::start_with(&["--config", &config], |command| {
+        command.env("RUST_LOG", "info,ferry::broker::gate=debug");
+    });
+    let mut worker = RawClient::consumer(broker.addr, "lossy", 10).await;
+    let id = publish(&broker, "lossy", "gone").await;
+    assert_eq!(worker.expect_message().await["id"].as_u64(), Some(id));
+    broker.wait_for_log("dead letter discarded").await;
+    let next = publish(&broker, "lossy", "next").await;
+    assert_eq!(
+        worker.expect_message().await["id"].as_u64(),
+        Some(next),
+        "not the discarded one"
+    );
 }

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::auth::Access;
-use super::core::CoreConfig;
+use super::core::{CoreConfig, WallClock};
 use super::policy::{PolicyFile, QueuePolicy};
 use crate::protocol::DEFAULT_MAX_FRAME_BYTES;
 use crate::storage::StorageConfig;
@@ -71,6 +71,7 @@ impl BrokerConfig {
                 .queue_policies
                 .resolve(&QueuePolicy::new(self.ack_timeout)),
             max_memory_bytes: self.max_memory_bytes,
+            wall_clock: WallClock::now(),
         }
     }
 }

@@ -74,6 +74,7 @@ impl CoreTask {
                         message.id,
                         message.payload,
                         message.deliveries,
+                        message.dead_letter,
                     );
                 }
                 core.skip_ids_below(recovered.next_id);

@@ -19,6 +19,8 @@ pub struct BrokerMetrics {
     published_total: AtomicU64,
     delivered_total: AtomicU64,
     acked_total: AtomicU64,
+    dead_lettered_total: AtomicU64,
+    discarded_total: AtomicU64,
 }
 
 /// The figures at one moment (each read on its own; they may be a turn apart).
@@ -45,6 +47,8 @@ impl BrokerMetrics {
                 published_total: self.published_total.load(Relaxed),
                 delivered_total: self.delivered_total.load(Relaxed),
                 acked_total: self.acked_total.load(Relaxed),
+                dead_lettered_total: self.dead_lettered_total.load(Relaxed),
+                discarded_total: self.discarded_total.load(Relaxed),
             },
         }
     }
@@ -58,6 +62,9 @@ impl BrokerMetrics {
         self.published_total.store(stats.published_total, Relaxed);
         self.delivered_total.store(stats.delivered_total, Relaxed);
         self.acked_total.store(stats.acked_total, Relaxed);
+        self.dead_lettered_total
+            .store(stats.dead_lettered_total, Relaxed);
+        self.discarded_total.store(stats.discarded_total, Relaxed);
     }
 
     pub(crate) fn connection_opened(&self) {

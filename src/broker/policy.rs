@@ -6,6 +6,8 @@
 //!
 //! [queues."orders"]         # an exact name
 //! ack_timeout = "2m"
+//! max_deliveries = 5        # then to orders.dlq (rules 14 and 15)
+//! dead_letter_queue = "orders.dlq"
 //!
 //! [queues."tenant-a.*"]     # a prefix: the longest matching prefix wins;
 //! ack_timeout = "10s"       # an exact name beats every prefix
@@ -33,12 +35,23 @@ use crate::protocol::QueueName;
 pub struct QueuePolicy {
     /// The lease of a delivery from this queue.
     pub ack_timeout: Duration,
+    /// Deliveries after which a returned message is dead-lettered; 0 is no limit.
+    pub max_deliveries: u32,
+    /// Where this queue's dead letters go; without one they are discarded, which
+    /// `discard_dead_letters` must have opted into.
+    pub dead_letter_queue: Option<QueueName>,
+    pub discard_dead_letters: bool,
 }
 
 impl QueuePolicy {
     /// The contract's defaults, with this ack timeout (the broker's `--ack-timeout`).
     pub fn new(ack_timeout: Duration) -> QueuePolicy {
-        QueuePolicy { ack_timeout }
+        QueuePolicy {
+            ack_timeout,
+            max_deliveries: 0,
+            dead_letter_queue: None,
+            discard_dead_letters: false,
+        }
     }
 }
 
@@ -61,11 +74,8 @@ pub fn check_ack_timeout(timeout: Duration) -> Result<Duration, String> {
 
 /// The keys of the contract's policy table that this build does not act on yet, each
 /// with what it comes with.
-const KEYS_NOT_SERVED: [(&str, &str); 11] = [
+const KEYS_NOT_SERVED: [(&str, &str); 8] = [
     ("max_lease", "touch and per-consumer leases (protocol 1.1)"),
-    ("max_deliveries", "dead-lettering (protocol 1.1)"),
-    ("dead_letter_queue", "dead-lettering (protocol 1.1)"),
-    ("discard_dead_letters", "dead-lettering (protocol 1.1)"),
     ("backoff_initial", "nack (protocol 1.1)"),
     ("backoff_multiplier", "nack (protocol 1.1)"),
     ("backoff_max", "nack (protocol 1.1)"),
@@ -76,12 +86,15 @@ const KEYS_NOT_SERVED: [(&str, &str); 11] = [
 ];
 
 /// The keys this build serves, as the refusal of an unknown key lists them.
-const KEYS_SERVED: &str = "ack_timeout";
+const KEYS_SERVED: &str = "ack_timeout, max_deliveries, dead_letter_queue, discard_dead_letters";
 
 /// One table of the file: the keys it sets.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct PolicyTable {
     ack_timeout: Option<Duration>,
+    max_deliveries: Option<u32>,
+    dead_letter_queue: Option<QueueName>,
+    discard_dead_letters: Option<bool>,
 }
 
 impl PolicyTable {
@@ -89,6 +102,14 @@ impl PolicyTable {
     fn over(&self, base: &QueuePolicy) -> QueuePolicy {
         QueuePolicy {
             ack_timeout: self.ack_timeout.unwrap_or(base.ack_timeout),
+            max_deliveries: self.max_deliveries.unwrap_or(base.max_deliveries),
+            dead_letter_queue: self
+                .dead_letter_queue
+                .clone()
+                .or_else(|| base.dead_letter_queue.clone()),
+            discard_dead_letters: self
+                .discard_dead_letters
+                .unwrap_or(base.discard_dead_letters),
         }
     }
 }
@@ -97,7 +118,8 @@ impl PolicyTable {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PolicyFile {
     defaults: PolicyTable,
-    tables: Vec<(QueuePattern, PolicyTable)>,
+    /// Each queue table: its name as the file writes it, its pattern, its keys.
+    tables: Vec<(String, QueuePattern, PolicyTable)>,
 }
 
 /// Why the config file cannot be used. The broker refuses to start on any of these.
@@ -178,7 +200,8 @@ impl PolicyFile {
                         let toml::Value::Table(table) = value else {
                             return Err(problem(None, "must be a table of policy keys".to_owned()));
                         };
-                        file.tables.push((parsed, parse_table(&table_name, table)?));
+                        let keys = parse_table(&table_name, table)?;
+                        file.tables.push((table_name, parsed, keys));
                     }
                 }
                 ("queue_defaults" | "queues", _) => {
@@ -211,7 +234,61 @@ impl PolicyFile {
                 }
             }
         }
+        file.check_dead_letters()?;
         Ok(file)
+    }
+
+    /// Every table's effective policy must say where its dead letters go (or opt into
+    /// dropping them), and no chain of dead-letter queues may come back on itself.
+    fn check_dead_letters(&self) -> Result<(), Problem> {
+        // Dead-letter keys come from the file alone: any base will do.
+        let base = QueuePolicy::new(Duration::from_secs(1));
+        let policies = self.resolve(&base);
+        let defaults = self.default_policy(&base);
+        let effective = std::iter::once(("[queue_defaults]".to_owned(), defaults.clone())).chain(
+            self.tables
+                .iter()
+                .map(|(name, _, table)| (name.clone(), table.over(&defaults))),
+        );
+        for (table, policy) in effective {
+            let problem = |key: &str, message: String| Problem {
+                table: Some(table.clone()),
+                key: Some(key.to_owned()),
+                message,
+            };
+            if policy.max_deliveries > 0
+                && policy.dead_letter_queue.is_none()
+                && !policy.discard_dead_letters
+            {
+                return Err(problem(
+                    "max_deliveries",
+                    format!(
+                        "is {} with no dead_letter_queue: name one, or set discard_dead_letters = true to drop such messages",
+                        policy.max_deliveries
+                    ),
+                ));
+            }
+            let Some(first) = policy.dead_letter_queue else {
+                continue;
+            };
+            let mut chain = vec![first];
+            while let Some(next) = policies
+                .for_queue(chain.last().expect("never empty"))
+                .dead_letter_queue
+                .clone()
+            {
+                let looped = chain.contains(&next);
+                chain.push(next);
+                if looped {
+                    let names: Vec<&str> = chain.iter().map(QueueName::as_str).collect();
+                    return Err(problem(
+                        "dead_letter_queue",
+                        format!("dead letters would go round: {}", names.join(" -> ")),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// How many queue tables the file has, `[queue_defaults]` aside.
@@ -229,7 +306,7 @@ impl PolicyFile {
     pub fn resolve(&self, base: &QueuePolicy) -> Policies {
         let defaults = self.default_policy(base);
         let mut policies = Policies::uniform(defaults.clone());
-        for (pattern, table) in &self.tables {
+        for (_, pattern, table) in &self.tables {
             let policy = Arc::new(table.over(&defaults));
             match pattern {
                 QueuePattern::Exact(name) => {
@@ -271,6 +348,31 @@ fn parse_table(table_name: &str, table: &toml::Table) -> Result<PolicyTable, Pro
             "ack_timeout" => {
                 let timeout = duration(value).and_then(check_ack_timeout);
                 parsed.ack_timeout = Some(timeout.map_err(problem)?);
+            }
+            "max_deliveries" => {
+                let count = match value {
+                    toml::Value::Integer(n) => u32::try_from(*n).ok(),
+                    _ => None,
+                };
+                let count = count.ok_or_else(|| {
+                    problem(format!(
+                        "is {value}; use an integer from 0 (no limit) to 4294967295"
+                    ))
+                })?;
+                parsed.max_deliveries = Some(count);
+            }
+            "dead_letter_queue" => {
+                let toml::Value::String(name) = value else {
+                    return Err(problem(format!("is {value}; use a queue name in quotes")));
+                };
+                let queue = QueueName::new(name).map_err(|e| problem(e.to_string()))?;
+                parsed.dead_letter_queue = Some(queue);
+            }
+            "discard_dead_letters" => {
+                let toml::Value::Boolean(discard) = value else {
+                    return Err(problem(format!("is {value}; use true or false")));
+                };
+                parsed.discard_dead_letters = Some(*discard);
             }
             other => {
                 let message = match KEYS_NOT_SERVED.iter().find(|(k, _)| *k == other) {
@@ -336,6 +438,9 @@ mod tests {
 
     const BASE: QueuePolicy = QueuePolicy {
         ack_timeout: Duration::from_secs(5),
+        max_deliveries: 0,
+        dead_letter_queue: None,
+        discard_dead_letters: false,
     };
 
     fn ack_timeout(policies: &Policies, queue: &str) -> Duration {
@@ -390,11 +495,94 @@ mod tests {
     }
 
     #[test]
+    fn dead_letter_keys_resolve_like_the_others() {
+        let policies = PolicyFile::parse_text(
+            r#"
+            [queue_defaults]
+            max_deliveries = 3
+            discard_dead_letters = true
+            [queues."orders"]
+            dead_letter_queue = "dlq"
+            [queues."dlq"]
+            max_deliveries = 0
+            [queues."scratch*"]
+            dead_letter_queue = "scratch-dlq"
+            [queues."scratch-dlq"]
+            max_deliveries = 0
+            [queues."lossy"]
+            max_deliveries = 1
+            discard_dead_letters = true
+            "#,
+        )
+        .unwrap()
+        .resolve(&BASE);
+        let policy = |name: &str| policies.for_queue(&QueueName::new(name).unwrap());
+        assert_eq!(policy("orders").max_deliveries, 3);
+        assert_eq!(
+            policy("orders").dead_letter_queue,
+            Some(QueueName::new("dlq").unwrap())
+        );
+        assert_eq!(policy("dlq").max_deliveries, 0);
+        assert_eq!(policy("scratch-1").max_deliveries, 3);
+        assert_eq!(
+            policy("scratch-1").dead_letter_queue,
+            Some(QueueName::new("scratch-dlq").unwrap())
+        );
+        assert!(policy("lossy").discard_dead_letters);
+        assert_eq!(policy("lossy").dead_letter_queue, None);
+        assert_eq!(policy("other").dead_letter_queue, None);
+    }
+
+    #[test]
+    fn dead_letters_must_have_somewhere_to_go_and_never_go_round() {
+        let refusal = |text: &str| PolicyFile::parse_text(text).unwrap_err().to_string();
+        assert_eq!(
+            refusal("[queues.\"orders\"]\nmax_deliveries = 5\n"),
+            "[queues.orders] max_deliveries: is 5 with no dead_letter_queue: name one, or set discard_dead_letters = true to drop such messages"
+        );
+        assert!(
+            refusal("[queue_defaults]\nmax_deliveries = 2\n")
+                .starts_with("[queue_defaults] max_deliveries: is 2 with no dead_letter_queue")
+        );
+        assert_eq!(
+            refusal("[queues.\"a\"]\ndead_letter_queue = \"a\"\n"),
+            "[queues.a] dead_letter_queue: dead letters would go round: a -> a"
+        );
+        assert_eq!(
+            refusal(
+                "[queues.\"a\"]\ndead_letter_queue = \"b\"\n[queues.\"b\"]\ndead_letter_queue = \"c\"\n[queues.\"c\"]\ndead_letter_queue = \"b\"\n"
+            ),
+            "[queues.a] dead_letter_queue: dead letters would go round: b -> c -> b"
+        );
+        // The defaults' queue takes the defaults too: it would be its own.
+        assert_eq!(
+            refusal("[queue_defaults]\ndead_letter_queue = \"dlq\"\n"),
+            "[queue_defaults] dead_letter_queue: dead letters would go round: dlq -> dlq"
+        );
+        assert!(
+            refusal("[queues.\"a\"]\nmax_deliveries = -1\n")
+                .starts_with("[queues.a] max_deliveries: is -1; use an integer")
+        );
+        assert!(
+            refusal("[queues.\"a\"]\ndead_letter_queue = \"x y\"\n")
+                .starts_with("[queues.a] dead_letter_queue: queue name `x y` has a space")
+        );
+        assert!(
+            refusal("[queues.\"a\"]\ndiscard_dead_letters = \"yes\"\n")
+                .starts_with("[queues.a] discard_dead_letters: is \"yes\"; use true or false")
+        );
+        PolicyFile::parse_text(
+            "[queue_defaults]\ndead_letter_queue = \"dlq\"\n[queues.\"dlq\"]\ndiscard_dead_letters = true\nmax_deliveries = 0\n",
+        )
+        .unwrap_err();
+    }
+
+    #[test]
     fn every_refusal_names_the_table_and_the_key() {
         let refusal = |text: &str| PolicyFile::parse_text(text).unwrap_err().to_string();
         assert_eq!(
             refusal("[queue_defaults]\ncolour = \"blue\"\n"),
-            "[queue_defaults] colour: unknown key; this build serves: ack_timeout"
+            "[queue_defaults] colour: unknown key; this build serves: ack_timeout, max_deliveries, dead_letter_queue, discard_dead_letters"
         );
         assert_eq!(
             refusal("[queues.\"orders\"]\nack_timeout = 30\n"),
@@ -414,8 +602,8 @@ mod tests {
             );
         }
         assert!(
-            refusal("[queues.\"orders\"]\nmax_deliveries = 5\n")
-                .starts_with("[queues.orders] max_deliveries: not served by this build yet")
+            refusal("[queues.\"orders\"]\nmax_lease = \"1h\"\n")
+                .starts_with("[queues.orders] max_lease: not served by this build yet")
         );
         assert!(
             refusal("[queues.\"x y\"]\nack_timeout = \"1s\"\n")

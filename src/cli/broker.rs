@@ -49,7 +49,8 @@ pub struct BrokerArgs {
     #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS as u32, value_parser = clap::value_parser!(u32).range(1..))]
     max_connections: u32,
     /// TOML file of queue policies: [queue_defaults] and [queues."NAME"] tables (a NAME
-    /// ending in * is a prefix). Keys: ack_timeout.
+    /// ending in * is a prefix). Keys: ack_timeout, max_deliveries, dead_letter_queue,
+    /// discard_dead_letters.
     #[arg(long, env = "FERRY_CONFIG")]
     config: Option<PathBuf>,
     /// TOML file of [[grant]] entries (token, roles, queues); without it the broker is open.

@@ -9,6 +9,7 @@
 //!   encoding for the broker and decoding for the client library.
 //! - `canonical`: the exact byte layouts of the hot frames, recognised without a JSON
 //!   parser, with serde_json as the fallback for every other spelling.
+//! - [`DeadLetter`]: the record a dead-lettered message carries.
 //! - [`Version`]: the versions a `register` may ask for, and what it gets.
 //! - [`QueueName`], [`MessageId`], [`ErrorCode`], [`Payload`]: the vocabulary shared by
 //!   all of them.
@@ -16,12 +17,14 @@
 mod canonical;
 pub mod client_frame;
 pub mod codec;
+mod dead_letter;
 mod error_code;
 mod payload;
 mod queue_name;
 pub mod server_frame;
 mod version;
 
+pub use dead_letter::{DeadLetter, DeadLetterReason};
 pub use error_code::ErrorCode;
 pub use payload::Payload;
 pub use queue_name::{InvalidQueueName, QueueName};

@@ -31,7 +31,7 @@ use tokio::sync::watch;
 use super::record::{self, SegmentHeader};
 use super::recovery::Recovered;
 use super::writer::{Batch, Command, Durability};
-use crate::protocol::{MessageId, Payload, QueueName};
+use crate::protocol::{DeadLetter, MessageId, Payload, QueueName};
 
 pub struct Journal {
     /// Records of the current turn, not yet a command.
@@ -106,6 +106,7 @@ pub struct LiveMessage<'a> {
     pub deliveries: u32,
     pub queue: &'a QueueName,
     pub payload: &'a Payload,
+    pub dead_letter: Option<&'a DeadLetter>,
 }
 
 impl Journal {
@@ -147,7 +148,7 @@ impl Journal {
             live_bytes: recovered
                 .messages
                 .iter()
-                .map(|m| record::publish_record_bytes(&m.queue, &m.payload) as u64)
+                .map(|m| record::live_record_bytes(&m.queue, &m.payload, m.dead_letter.as_ref()))
                 .sum(),
             segments,
             copied: FxHashMap::default(),
@@ -182,10 +183,19 @@ impl Journal {
         deliveries: u32,
         queue: &QueueName,
         payload: &Payload,
+        dead_letter: Option<&DeadLetter>,
     ) {
-        let record_bytes = record::publish_record_bytes(queue, payload);
+        let record_bytes = record::live_record_bytes(queue, payload, dead_letter) as usize;
         let segment = self.roll_over_before(record_bytes);
-        record::encode_publish(&mut self.buffer, segment, id, deliveries, queue, payload);
+        record::encode_publish(
+            &mut self.buffer,
+            segment,
+            id,
+            deliveries,
+            queue,
+            payload,
+            dead_letter,
+        );
         // Its confirm and its delivery, or the next compaction, wait for it.
         self.next_awaited = true;
         if id.0 >= self.next_id {
@@ -202,6 +212,22 @@ impl Journal {
         self.count_live(self.segments.len() - 1, 1);
     }
 
+    /// Logs a live message moved into another queue (dead-lettered), with attempt
+    /// counting from 0 again and its new dead-letter record; its records took
+    /// `replaced_bytes` before (see [`record::live_record_bytes`]).
+    pub fn log_moved(
+        &mut self,
+        id: MessageId,
+        queue: &QueueName,
+        payload: &Payload,
+        dead_letter: &DeadLetter,
+        replaced_bytes: u64,
+    ) {
+        self.log_publish(id, 0, queue, payload, Some(dead_letter));
+        self.forget_live_bytes(replaced_bytes);
+        self.live_bytes += record::live_record_bytes(queue, payload, Some(dead_letter));
+    }
+
     pub fn log_delivered(&mut self, ids: &[MessageId]) {
         if !ids.is_empty() {
             let segment = self.roll_over_before(record::ids_record_bytes(ids.len()));
@@ -210,9 +236,9 @@ impl Journal {
     }
 
     /// Logs acks of the messages `ids`, whose publish records took `record_bytes` in all
-    /// (see [`record::publish_record_bytes`]).
+    /// (see [`record::live_record_bytes`]).
     pub fn log_acked(&mut self, ids: &[MessageId], record_bytes: u64) {
-        self.live_bytes -= record_bytes;
+        self.forget_live_bytes(record_bytes);
         if !ids.is_empty() {
             let segment = self.roll_over_before(record::ids_record_bytes(ids.len()));
             record::encode_acked(&mut self.buffer, segment, ids);
@@ -277,6 +303,23 @@ impl Journal {
     /// Whether old segments are pinned by a few live messages (the log holds more than
     /// twice what its live messages take in it, plus two segments), and the previous
     /// compaction is durable.
+    /// Counts `bytes` of live records no longer live. A caller that counted differently
+    /// from [`record::live_record_bytes`] is a bug; in a release build it must not wrap
+    /// the count round (compaction would then never come due, and the log would grow).
+    fn forget_live_bytes(&mut self, bytes: u64) {
+        debug_assert!(
+            bytes <= self.live_bytes,
+            "more live bytes forgotten than counted"
+        );
+        self.live_bytes = self.live_bytes.saturating_sub(bytes);
+    }
+
+    /// Bytes the live messages' records would take compacted.
+    #[cfg(test)]
+    pub fn live_bytes(&self) -> u64 {
+        self.live_bytes
+    }
+
     pub fn wants_compaction(&self) -> bool {
         let previous_done = matches!(
             *self.durable.borrow(),
@@ -308,6 +351,7 @@ impl Journal {
                     message.deliveries,
                     message.queue,
                     message.payload,
+                    message.dead_letter,
                 );
                 copied += 1;
             }

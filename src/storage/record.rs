@@ -12,6 +12,9 @@
 //!   kind 4 sealed:    (no body) the segment ends here; what follows is not part of it
 //!   kind 5 synced:    offset u64 (version 3): every byte of this segment before that
 //!                     offset was on stable storage before this record was written
+//!   kind 6 dead-lettered publish (version 4): id u64 | deliveries u32 | reason u8
+//!                     | attempts u32 | at (ms since the epoch) u64 | source queue length u8
+//!                     | source queue | queue length u8 | queue | payload literal
 //! ```
 //! Integers are little-endian. A record's CRC covers its length field, segment, kind and
 //! body, so a torn length is caught like a torn body. A record is checked when encoded
@@ -31,16 +34,23 @@
 //! so damage followed by valid records is a torn tail when no synced record after the
 //! damage vouches for the bytes at the damage, and corruption of stable data when one
 //! does. Version 2 segments, without them, are read as before.
+//!
+//! Dead-lettered publishes (version 4): a message dead-lettered into another queue is
+//! logged as a publish record of the same id in that queue (which replaces the earlier
+//! one, as a compaction copy does) that also carries its dead-letter record: one record,
+//! so that a torn write cannot keep the move without the record.
 
 use thiserror::Error;
 
-use crate::protocol::{MessageId, Payload, QueueName};
+use crate::protocol::{DeadLetter, DeadLetterReason, MessageId, Payload, QueueName};
 
 pub const MAGIC: &[u8; 8] = b"FERRYLOG";
 /// The version this build writes.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 /// The first version with synced records.
 pub const SYNCED_RECORDS_VERSION: u32 = 3;
+/// The first version with dead-letter records.
+pub const DEAD_LETTER_RECORDS_VERSION: u32 = 4;
 /// The oldest version this build reads: version 1 records have no segment field.
 pub const OLDEST_READABLE_VERSION: u32 = 1;
 pub const HEADER_BYTES: usize = 32;
@@ -61,6 +71,11 @@ const KIND_DELIVERED: u8 = 2;
 const KIND_ACKED: u8 = 3;
 const KIND_SEALED: u8 = 4;
 const KIND_SYNCED: u8 = 5;
+const KIND_DEAD_LETTERED_PUBLISH: u8 = 6;
+
+/// What a dead-letter record adds to a publish record: reason, attempts, at, and the
+/// source queue's length (its name comes on top).
+const DEAD_LETTER_FIXED_BYTES: usize = 1 + 4 + 8 + 1;
 /// id, deliveries, queue length.
 const PUBLISH_FIXED_BYTES: usize = 8 + 4 + 1;
 
@@ -158,6 +173,8 @@ pub enum Record {
         deliveries: u32,
         queue: QueueName,
         payload: Payload,
+        /// Its dead-letter record, when it was dead-lettered into `queue`.
+        dead_letter: Option<DeadLetter>,
     },
     Delivered(Vec<MessageId>),
     Acked(Vec<MessageId>),
@@ -167,7 +184,8 @@ pub enum Record {
     Synced(u64),
 }
 
-/// Appends a publish record for segment `segment` to `dst`.
+/// Appends a publish record for segment `segment` to `dst`: a dead-lettered one when the
+/// message carries a dead-letter record.
 pub fn encode_publish(
     dst: &mut Vec<u8>,
     segment: u64,
@@ -175,22 +193,52 @@ pub fn encode_publish(
     deliveries: u32,
     queue: &QueueName,
     payload: &Payload,
+    dead_letter: Option<&DeadLetter>,
 ) {
     let queue = queue.as_str().as_bytes();
-    let queue_len = u8::try_from(queue.len()).expect("queue names are at most 255 bytes");
+    let (kind, extra) = match dead_letter {
+        None => (KIND_PUBLISH, 0),
+        Some(record) => (KIND_DEAD_LETTERED_PUBLISH, dead_letter_bytes(record)),
+    };
     encode_record(
         dst,
         segment,
-        KIND_PUBLISH,
-        PUBLISH_FIXED_BYTES + queue.len() + payload.len(),
+        kind,
+        PUBLISH_FIXED_BYTES + extra + queue.len() + payload.len(),
         |body| {
             body.extend_from_slice(&id.0.to_le_bytes());
             body.extend_from_slice(&deliveries.to_le_bytes());
-            body.push(queue_len);
-            body.extend_from_slice(queue);
+            if let Some(record) = dead_letter {
+                body.push(record.reason.code());
+                body.extend_from_slice(&record.attempts.to_le_bytes());
+                body.extend_from_slice(&record.at_ms.to_le_bytes());
+                put_queue_name(body, record.queue.as_str().as_bytes());
+            }
+            put_queue_name(body, queue);
             body.extend_from_slice(payload.as_json());
         },
     );
+}
+
+fn put_queue_name(body: &mut Vec<u8>, name: &[u8]) {
+    body.push(u8::try_from(name.len()).expect("queue names are at most 255 bytes"));
+    body.extend_from_slice(name);
+}
+
+/// Bytes a dead-letter record adds to a publish record.
+fn dead_letter_bytes(record: &DeadLetter) -> usize {
+    DEAD_LETTER_FIXED_BYTES + record.queue.as_str().len()
+}
+
+/// Bytes a live message's publish record takes, its dead-letter record included. The
+/// journal counts live messages this way, so that what compaction writes is what it
+/// expected to write.
+pub fn live_record_bytes(
+    queue: &QueueName,
+    payload: &Payload,
+    dead_letter: Option<&DeadLetter>,
+) -> u64 {
+    (publish_record_bytes(queue, payload) + dead_letter.map_or(0, dead_letter_bytes)) as u64
 }
 
 /// Appends a record listing ids that were delivered once more.
@@ -309,10 +357,16 @@ pub fn decode_record(bytes: &[u8], header: &SegmentHeader) -> Decoded {
     }
     let (kind, body) = (record[prefix_bytes], &record[prefix_bytes + 1..]);
     let record = match kind {
-        KIND_PUBLISH => match decode_publish(body) {
+        KIND_PUBLISH => match decode_publish(body, false) {
             Ok(record) => record,
             Err(reason) => return Decoded::Corrupt(reason),
         },
+        KIND_DEAD_LETTERED_PUBLISH if header.version >= DEAD_LETTER_RECORDS_VERSION => {
+            match decode_publish(body, true) {
+                Ok(record) => record,
+                Err(reason) => return Decoded::Corrupt(reason),
+            }
+        }
         KIND_DELIVERED | KIND_ACKED => {
             if body.len() % 8 != 0 {
                 return Decoded::Corrupt("id list is not a whole number of ids");
@@ -338,29 +392,58 @@ pub fn decode_record(bytes: &[u8], header: &SegmentHeader) -> Decoded {
     Decoded::Record(record, prefix_bytes + len)
 }
 
-fn decode_publish(body: &[u8]) -> Result<Record, &'static str> {
+fn decode_publish(body: &[u8], dead_lettered: bool) -> Result<Record, &'static str> {
     if body.len() < PUBLISH_FIXED_BYTES {
         return Err("publish record too short");
     }
     let id = MessageId(u64::from_le_bytes(body[..8].try_into().expect("8 bytes")));
     let deliveries = u32::from_le_bytes(body[8..12].try_into().expect("4 bytes"));
-    let queue_len = usize::from(body[12]);
-    let rest = &body[PUBLISH_FIXED_BYTES..];
-    if rest.len() < queue_len {
-        return Err("publish record shorter than its queue name");
-    }
-    let queue = std::str::from_utf8(&rest[..queue_len])
-        .ok()
-        .and_then(|name| QueueName::new(name).ok())
-        .ok_or("publish record with an invalid queue name")?;
-    let payload = Payload::from_json_literal(&rest[queue_len..])
+    let mut rest = &body[12..];
+    let dead_letter = if dead_lettered {
+        if rest.len() < DEAD_LETTER_FIXED_BYTES {
+            return Err("dead-lettered publish record too short");
+        }
+        let reason = DeadLetterReason::from_code(rest[0])
+            .ok_or("dead-lettered publish record of an unknown reason")?;
+        let attempts = u32::from_le_bytes(rest[1..5].try_into().expect("4 bytes"));
+        let at_ms = u64::from_le_bytes(rest[5..13].try_into().expect("8 bytes"));
+        let (queue, after) = take_queue_name(&rest[13..])?;
+        rest = after;
+        Some(DeadLetter {
+            queue,
+            reason,
+            attempts,
+            at_ms,
+        })
+    } else {
+        None
+    };
+    let (queue, payload) = take_queue_name(rest)?;
+    let payload = Payload::from_json_literal(payload)
         .map_err(|_| "publish record with an invalid payload")?;
     Ok(Record::Publish {
         id,
         deliveries,
         queue,
         payload,
+        dead_letter,
     })
+}
+
+/// A queue name written as its length (one byte) and its bytes, and what follows it.
+fn take_queue_name(bytes: &[u8]) -> Result<(QueueName, &[u8]), &'static str> {
+    let (&len, rest) = bytes
+        .split_first()
+        .ok_or("record shorter than its queue name")?;
+    let len = usize::from(len);
+    if rest.len() < len {
+        return Err("record shorter than its queue name");
+    }
+    let name = std::str::from_utf8(&rest[..len])
+        .ok()
+        .and_then(|name| QueueName::new(name).ok())
+        .ok_or("record with an invalid queue name")?;
+    Ok((name, &rest[len..]))
 }
 
 #[cfg(test)]
@@ -385,6 +468,7 @@ mod tests {
                 deliveries: 0,
                 queue: q("orders"),
                 payload: Payload::from_text("first ✓"),
+                dead_letter: None,
             },
             Record::Delivered(vec![MessageId(1)]),
             Record::Publish {
@@ -392,10 +476,35 @@ mod tests {
                 deliveries: 7,
                 queue: q(&"x".repeat(255)),
                 payload: Payload::from_text(""),
+                dead_letter: None,
             },
             Record::Acked(vec![MessageId(1), MessageId(u64::MAX)]),
             Record::Acked(vec![]),
             Record::Synced(4096),
+            Record::Publish {
+                id: MessageId(1),
+                deliveries: 0,
+                queue: q("orders.dlq"),
+                payload: Payload::from_text("dead ✗"),
+                dead_letter: Some(DeadLetter {
+                    queue: q("orders"),
+                    reason: DeadLetterReason::MaxDeliveries,
+                    attempts: 5,
+                    at_ms: 1_767_225_700_000,
+                }),
+            },
+            Record::Publish {
+                id: MessageId(u64::MAX),
+                deliveries: u32::MAX,
+                queue: q(&"e".repeat(255)),
+                payload: Payload::from_text(""),
+                dead_letter: Some(DeadLetter {
+                    queue: q(&"d".repeat(255)),
+                    reason: DeadLetterReason::MaxDeliveries,
+                    attempts: u32::MAX,
+                    at_ms: u64::MAX,
+                }),
+            },
             Record::Sealed,
         ];
         let mut bytes = Vec::new();
@@ -406,7 +515,16 @@ mod tests {
                     deliveries,
                     queue,
                     payload,
-                } => encode_publish(&mut bytes, SEGMENT, *id, *deliveries, queue, payload),
+                    dead_letter,
+                } => encode_publish(
+                    &mut bytes,
+                    SEGMENT,
+                    *id,
+                    *deliveries,
+                    queue,
+                    payload,
+                    dead_letter.as_ref(),
+                ),
                 Record::Delivered(ids) => encode_delivered(&mut bytes, SEGMENT, ids),
                 Record::Acked(ids) => encode_acked(&mut bytes, SEGMENT, ids),
                 Record::Sealed => encode_sealed(&mut bytes, SEGMENT),
@@ -460,6 +578,42 @@ mod tests {
         assert!(
             matches!(decode_record(&synced, &version_2), Decoded::Corrupt(_)),
             "a version 2 segment has no synced records"
+        );
+        let record = DeadLetter {
+            queue: q("orders"),
+            reason: DeadLetterReason::MaxDeliveries,
+            attempts: 3,
+            at_ms: 1,
+        };
+        let payload = Payload::from_text("x");
+        let mut dead_letter = Vec::new();
+        let queue = q("orders.dlq");
+        encode_publish(
+            &mut dead_letter,
+            SEGMENT,
+            MessageId(9),
+            0,
+            &queue,
+            &payload,
+            Some(&record),
+        );
+        assert_eq!(
+            dead_letter.len() as u64,
+            live_record_bytes(&queue, &payload, Some(&record))
+        );
+        let mut plain = Vec::new();
+        encode_publish(&mut plain, SEGMENT, MessageId(9), 0, &queue, &payload, None);
+        assert_eq!(
+            plain.len() as u64,
+            live_record_bytes(&queue, &payload, None)
+        );
+        let version_3 = SegmentHeader {
+            version: 3,
+            ..segment_header(SEGMENT)
+        };
+        assert!(
+            matches!(decode_record(&dead_letter, &version_3), Decoded::Corrupt(_)),
+            "a version 3 segment has no dead-letter records"
         );
     }
 

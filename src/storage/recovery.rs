@@ -20,7 +20,7 @@ use tracing::{error, warn};
 
 use super::record::{self, Decoded, HeaderError, Record, SegmentHeader};
 use super::segments::Segments;
-use crate::protocol::{MessageId, Payload, QueueName};
+use crate::protocol::{DeadLetter, MessageId, Payload, QueueName};
 
 /// A message that was confirmed and not acked when the broker stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,6 +30,8 @@ pub struct RecoveredMessage {
     pub payload: Payload,
     /// Deliveries before the restart; the next one is attempt `deliveries + 1`.
     pub deliveries: u32,
+    /// Its dead-letter record, if it was dead-lettered into `queue`.
+    pub dead_letter: Option<DeadLetter>,
     /// The segment holding its latest publish record: the log needs it to know when a
     /// segment holds nothing live.
     pub segment: u64,
@@ -114,6 +116,7 @@ struct Slot {
     queue: QueueName,
     payload: Payload,
     deliveries: u32,
+    dead_letter: Option<DeadLetter>,
     acked: bool,
     segment: u64,
 }
@@ -125,6 +128,7 @@ impl Slot {
             queue: self.queue,
             payload: self.payload,
             deliveries: self.deliveries,
+            dead_letter: self.dead_letter,
             segment: self.segment,
         }
     }
@@ -143,6 +147,7 @@ impl Replay {
                 deliveries,
                 queue,
                 payload,
+                dead_letter,
             } => {
                 self.next_id = self.next_id.max(id.0.saturating_add(1));
                 let queue = match self.queues.get(&queue) {
@@ -157,6 +162,7 @@ impl Replay {
                     queue,
                     payload,
                     deliveries,
+                    dead_letter,
                     acked: false,
                     segment,
                 });
@@ -639,7 +645,15 @@ mod tests {
                 .prop_map(move |(segment, id, text_len)| {
                     let mut bytes = Vec::new();
                     let payload = Payload::from_text(&"p".repeat(text_len));
-                    record::encode_publish(&mut bytes, segment, MessageId(id), 0, &queue, &payload);
+                    record::encode_publish(
+                        &mut bytes,
+                        segment,
+                        MessageId(id),
+                        0,
+                        &queue,
+                        &payload,
+                        None,
+                    );
                     bytes
                 }),
             (segment(), any::<u64>()).prop_map(|(segment, id)| {

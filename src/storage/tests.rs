@@ -12,7 +12,7 @@ use super::backend::{RealFs, SimFs};
 use super::record::{self, SegmentHeader};
 use super::segments::{SPARE_FILES_MAX, Segments, segment_file_name};
 use super::*;
-use crate::protocol::{MessageId, Payload, QueueName};
+use crate::protocol::{DeadLetter, DeadLetterReason, MessageId, Payload, QueueName};
 
 fn q(name: &str) -> QueueName {
     QueueName::new(name).unwrap()
@@ -97,6 +97,7 @@ fn publish(bytes: &mut Vec<u8>, id: u64, text: &str) {
         0,
         &q("q"),
         &Payload::from_text(text),
+        None,
     );
 }
 
@@ -144,6 +145,7 @@ fn publishes_deliveries_and_acks_survive_a_clean_close() {
                 0,
                 &q(queue),
                 &Payload::from_text(&format!("m{id}")),
+                None,
             );
         }
         journal.log_delivered(&[MessageId(2), MessageId(3)]);
@@ -163,6 +165,83 @@ fn publishes_deliveries_and_acks_survive_a_clean_close() {
     assert_eq!(recovered.next_id, 5);
 }
 
+/// A dead-lettered message is logged as a publish of the same id in its new queue and a
+/// dead-letter record: after a restart it is there, attempt counting from 0, with its
+/// record; a compaction copy keeps both, and its ack takes exactly the bytes counted.
+#[test]
+fn a_dead_letter_survives_restarts_and_compaction_in_its_new_queue() {
+    let backend = SimFs::default();
+    let payload = Payload::from_text("job");
+    let record = DeadLetter {
+        queue: q("jobs"),
+        reason: DeadLetterReason::MaxDeliveries,
+        attempts: 2,
+        at_ms: 1_767_225_700_000,
+    };
+    run_once(&backend, |journal| {
+        journal.log_publish(MessageId(1), 0, &q("jobs"), &payload, None);
+        journal.log_publish(
+            MessageId(2),
+            0,
+            &q("jobs"),
+            &Payload::from_text("other"),
+            None,
+        );
+        journal.log_delivered(&[MessageId(1), MessageId(1)]);
+        let replaced = record::live_record_bytes(&q("jobs"), &payload, None);
+        journal.log_moved(MessageId(1), &q("jobs.dlq"), &payload, &record, replaced);
+    });
+    let recovered = |storage: &Storage| -> Vec<_> {
+        storage
+            .recovered
+            .messages
+            .iter()
+            .map(|m| {
+                (
+                    m.id.0,
+                    m.queue.as_str().to_owned(),
+                    m.deliveries,
+                    m.dead_letter.clone(),
+                )
+            })
+            .collect()
+    };
+    let mut storage = open(&backend).unwrap();
+    assert_eq!(
+        recovered(&storage),
+        [
+            (1, "jobs.dlq".to_owned(), 0, Some(record.clone())),
+            (2, "jobs".to_owned(), 0, None)
+        ]
+    );
+    // Compaction copies it with its record.
+    let live = [LiveMessage {
+        id: MessageId(1),
+        deliveries: 1,
+        queue: &q("jobs.dlq"),
+        payload: &payload,
+        dead_letter: Some(&record),
+    }];
+    storage.journal.compact_oldest(live.into_iter());
+    submit_durably(&mut storage.journal);
+    storage.journal.close();
+    let mut storage = open(&backend).unwrap();
+    assert_eq!(
+        recovered(&storage)[0],
+        (1, "jobs.dlq".to_owned(), 1, Some(record.clone()))
+    );
+    // Acked with the bytes its records are counted at, nothing live is left counted.
+    storage.journal.log_acked(
+        &[MessageId(1), MessageId(2)],
+        record::live_record_bytes(&q("jobs.dlq"), &payload, Some(&record))
+            + record::live_record_bytes(&q("jobs"), &Payload::from_text("other"), None),
+    );
+    assert_eq!(storage.journal.live_bytes(), 0);
+    submit_durably(&mut storage.journal);
+    storage.journal.close();
+    assert!(open(&backend).unwrap().recovered.messages.is_empty());
+}
+
 /// A batch of acks alone is not awaited by anything, so its sync may wait for the next
 /// publish; with no publish following, it must still be synced soon on its own.
 #[test]
@@ -172,7 +251,7 @@ fn acks_that_nothing_waits_for_still_reach_stable_storage() {
     for (id, text) in [(1, "a"), (2, "b")] {
         storage
             .journal
-            .log_publish(MessageId(id), 0, &q("q"), &Payload::from_text(text));
+            .log_publish(MessageId(id), 0, &q("q"), &Payload::from_text(text), None);
     }
     submit_durably(&mut storage.journal);
     storage.journal.log_delivered(&[MessageId(1)]);
@@ -352,7 +431,7 @@ fn run_through_reused_files(backend: &SimFs) -> usize {
     for id in 1..=300 {
         storage
             .journal
-            .log_publish(MessageId(id), 0, &q("q"), &payload);
+            .log_publish(MessageId(id), 0, &q("q"), &payload, None);
         if id < 296 {
             let bytes = record::publish_record_bytes(&q("q"), &payload) as u64;
             storage.journal.log_acked(&[MessageId(id)], bytes);
@@ -372,7 +451,13 @@ fn a_clean_stop_leaves_no_old_contents_after_the_last_record() {
     assert!(reused > 10, "only {reused} files reused");
     // A short life whose one segment is a reused file, much longer than what it writes.
     run_once(&backend, |journal| {
-        journal.log_publish(MessageId(301), 0, &q("q"), &Payload::from_text("one more"));
+        journal.log_publish(
+            MessageId(301),
+            0,
+            &q("q"),
+            &Payload::from_text("one more"),
+            None,
+        );
     });
     assert_eq!(backend.reused_files(), reused + 1);
     let last = *segments(&backend).list_segments().unwrap().last().unwrap();
@@ -406,7 +491,7 @@ fn a_crash_in_a_reused_file_ends_the_log_at_its_old_contents() {
     for id in 301..306 {
         storage
             .journal
-            .log_publish(MessageId(id), 0, &q("q"), &payload);
+            .log_publish(MessageId(id), 0, &q("q"), &payload, None);
     }
     submit_durably(&mut storage.journal);
     let storage = lose_power_and_reopen(&backend, storage);
@@ -483,6 +568,7 @@ fn replay_handles_sweeps_copies_and_copies_of_removed_segments() {
                 1,
                 &q("q"),
                 &Payload::from_text("copy"),
+                None,
             );
             record::encode_publish(
                 b,
@@ -491,6 +577,7 @@ fn replay_handles_sweeps_copies_and_copies_of_removed_segments() {
                 2,
                 &q("old"),
                 &Payload::from_text("three"),
+                None,
             );
             record::encode_publish(
                 b,
@@ -499,6 +586,7 @@ fn replay_handles_sweeps_copies_and_copies_of_removed_segments() {
                 0,
                 &q("old"),
                 &Payload::from_text("seven"),
+                None,
             );
             record::encode_delivered(b, 2, &[MessageId(3), MessageId(9_500)]);
             record::encode_acked(b, 2, &[MessageId(7), MessageId(9_010)]);
@@ -536,7 +624,13 @@ fn replay_handles_sweeps_copies_and_copies_of_removed_segments() {
 fn restarts_without_traffic_leave_no_empty_segments_behind() {
     let backend = SimFs::default();
     run_once(&backend, |journal| {
-        journal.log_publish(MessageId(1), 0, &q("q"), &Payload::from_text("pinned"));
+        journal.log_publish(
+            MessageId(1),
+            0,
+            &q("q"),
+            &Payload::from_text("pinned"),
+            None,
+        );
     });
     for _ in 0..5 {
         open(&backend).unwrap().journal.close();
@@ -555,7 +649,7 @@ fn restarts_without_traffic_leave_no_empty_segments_behind() {
 fn ids_go_on_after_the_highest_ever_issued_even_when_everything_was_acked() {
     let backend = SimFs::default();
     run_once(&backend, |journal| {
-        journal.log_publish(MessageId(41), 0, &q("q"), &Payload::from_text("x"));
+        journal.log_publish(MessageId(41), 0, &q("q"), &Payload::from_text("x"), None);
         journal.log_acked(&[MessageId(41)], record_bytes("q", "x"));
     });
     // After a restart, segment 1 holds nothing live: the first submit (a batch with the
@@ -791,7 +885,7 @@ fn the_journal_records_how_far_the_log_is_durable() {
     for id in 1..=5u64 {
         storage
             .journal
-            .log_publish(MessageId(id), 0, &q("q"), &payload);
+            .log_publish(MessageId(id), 0, &q("q"), &payload, None);
         submit_durably(&mut storage.journal);
     }
     // Idle now: one batch says how far the last one is durable, and then nothing more.
@@ -836,7 +930,7 @@ fn without_syncs_nothing_is_vouched_for() {
     for id in 1..=3u64 {
         storage
             .journal
-            .log_publish(MessageId(id), 0, &q("q"), &Payload::from_text("m"));
+            .log_publish(MessageId(id), 0, &q("q"), &Payload::from_text("m"), None);
         submit_durably(&mut storage.journal);
     }
     assert_eq!(storage.journal.submit(), None);
@@ -873,12 +967,12 @@ fn a_failing_disk_stops_confirming() {
     let mut storage = open(&backend).unwrap();
     storage
         .journal
-        .log_publish(MessageId(1), 0, &q("q"), &Payload::from_text("x"));
+        .log_publish(MessageId(1), 0, &q("q"), &Payload::from_text("x"), None);
     submit_durably(&mut storage.journal);
     backend.fail_from_now_on();
     storage
         .journal
-        .log_publish(MessageId(2), 0, &q("q"), &Payload::from_text("y"));
+        .log_publish(MessageId(2), 0, &q("q"), &Payload::from_text("y"), None);
     storage.journal.submit();
     poll_until(
         || {
@@ -892,7 +986,7 @@ fn a_failing_disk_stops_confirming() {
     // And it stays failed: later batches are never announced durable.
     storage
         .journal
-        .log_publish(MessageId(3), 0, &q("q"), &Payload::from_text("z"));
+        .log_publish(MessageId(3), 0, &q("q"), &Payload::from_text("z"), None);
     storage.journal.submit();
     assert!(matches!(
         &*storage.journal.durability().borrow(),
@@ -921,7 +1015,7 @@ fn run_log_size_test(keep_every: u64, bound: impl Fn(u64, u64) -> u64) -> bool {
     for id in 1..=5_000u64 {
         storage
             .journal
-            .log_publish(MessageId(id), 0, &q_name, &payload);
+            .log_publish(MessageId(id), 0, &q_name, &payload, None);
         live.insert(id, ());
         if id > 10 && (id - 10) % keep_every != 0 {
             storage
@@ -937,6 +1031,7 @@ fn run_log_size_test(keep_every: u64, bound: impl Fn(u64, u64) -> u64) -> bool {
                 deliveries: 0,
                 queue: &q_name,
                 payload: &payload,
+                dead_letter: None,
             });
             storage.journal.compact_oldest(messages);
             compacted = true;
@@ -1013,7 +1108,7 @@ fn compaction_settles_whatever_the_queue_names_take_in_the_records() {
     for id in 1..=2_000u64 {
         storage
             .journal
-            .log_publish(MessageId(id), 0, &queue, &payload);
+            .log_publish(MessageId(id), 0, &queue, &payload, None);
         // Every other message is acked: half the log becomes dead.
         if id % 2 == 0 {
             storage
@@ -1038,6 +1133,7 @@ fn compaction_settles_whatever_the_queue_names_take_in_the_records() {
                 deliveries: 0,
                 queue: &queue,
                 payload: &payload,
+                dead_letter: None,
             }));
         submit_durably(&mut storage.journal);
     }
@@ -1052,6 +1148,8 @@ enum Step {
     Publish,
     Deliver(usize),
     Ack(usize),
+    /// Dead-letters a live message into `dlq`.
+    Move(usize),
     Submit,
     WaitDurable,
     Compact,
@@ -1067,6 +1165,7 @@ fn step() -> impl Strategy<Value = Step> {
         6 => Just(Step::Publish),
         2 => any::<usize>().prop_map(Step::Deliver),
         4 => any::<usize>().prop_map(Step::Ack),
+        1 => any::<usize>().prop_map(Step::Move),
         4 => Just(Step::Submit),
         2 => Just(Step::WaitDurable),
         1 => Just(Step::Compact),
@@ -1075,13 +1174,27 @@ fn step() -> impl Strategy<Value = Step> {
     ]
 }
 
+/// A live message as the test logged it.
+#[derive(Clone)]
+struct ModelMessage {
+    queue: QueueName,
+    payload: Payload,
+    /// Deliveries logged.
+    deliveries: u32,
+    dead_letter: Option<DeadLetter>,
+    /// The batch of its first publish record.
+    publish_batch: u64,
+    /// What it was before each of its moves since the last restart, with the batch of
+    /// that move: until that batch is durable, a crash may bring it back as it was.
+    before_moves: Vec<(ModelMessage, u64)>,
+}
+
 /// What the test knows: every id ever logged with its record, and which batch logged
 /// each publish, delivery and ack.
 #[derive(Default)]
 struct Model {
     next_id: u64,
-    /// id -> (queue, payload, deliveries logged, batch of its publish record)
-    live: std::collections::BTreeMap<u64, (QueueName, Payload, u32, u64)>,
+    live: std::collections::BTreeMap<u64, ModelMessage>,
     /// id -> batch of its ack record
     acked: std::collections::BTreeMap<u64, u64>,
     /// Highest batch the journal announced durable.
@@ -1097,6 +1210,7 @@ fn run_crash_test(steps: &[Step]) -> Result<(), TestCaseError> {
         ..Model::default()
     };
     let queues = [q("a"), q("b")];
+    let dlq = q("dead-letters");
     for step in steps {
         let batch = storage.journal.pending_seq();
         match *step {
@@ -1110,22 +1224,62 @@ fn run_crash_test(steps: &[Step]) -> Result<(), TestCaseError> {
                 ));
                 storage
                     .journal
-                    .log_publish(MessageId(id), 0, &queue, &payload);
-                model.live.insert(id, (queue, payload, 0, batch));
+                    .log_publish(MessageId(id), 0, &queue, &payload, None);
+                model.live.insert(
+                    id,
+                    ModelMessage {
+                        queue,
+                        payload,
+                        deliveries: 0,
+                        dead_letter: None,
+                        publish_batch: batch,
+                        before_moves: Vec::new(),
+                    },
+                );
             }
-            Step::Deliver(pick) | Step::Ack(pick) if !model.live.is_empty() => {
+            Step::Deliver(pick) | Step::Ack(pick) | Step::Move(pick) if !model.live.is_empty() => {
                 let id = *model.live.keys().nth(pick % model.live.len()).unwrap();
-                if let Step::Deliver(_) = step {
-                    storage.journal.log_delivered(&[MessageId(id)]);
-                    model.live.get_mut(&id).unwrap().2 += 1;
-                } else {
-                    let (queue, payload, ..) = model.live.remove(&id).unwrap();
-                    let bytes = record::publish_record_bytes(&queue, &payload) as u64;
-                    storage.journal.log_acked(&[MessageId(id)], bytes);
-                    model.acked.insert(id, batch);
+                match step {
+                    Step::Deliver(_) => {
+                        storage.journal.log_delivered(&[MessageId(id)]);
+                        model.live.get_mut(&id).unwrap().deliveries += 1;
+                    }
+                    Step::Ack(_) => {
+                        let m = model.live.remove(&id).unwrap();
+                        let bytes =
+                            record::live_record_bytes(&m.queue, &m.payload, m.dead_letter.as_ref());
+                        storage.journal.log_acked(&[MessageId(id)], bytes);
+                        model.acked.insert(id, batch);
+                    }
+                    _ => {
+                        let m = model.live.get_mut(&id).unwrap();
+                        let record = DeadLetter {
+                            queue: m.queue.clone(),
+                            reason: DeadLetterReason::MaxDeliveries,
+                            attempts: m.deliveries,
+                            at_ms: id,
+                        };
+                        let replaced =
+                            record::live_record_bytes(&m.queue, &m.payload, m.dead_letter.as_ref());
+                        storage.journal.log_moved(
+                            MessageId(id),
+                            &dlq,
+                            &m.payload,
+                            &record,
+                            replaced,
+                        );
+                        let before = ModelMessage {
+                            before_moves: Vec::new(),
+                            ..m.clone()
+                        };
+                        m.queue = dlq.clone();
+                        m.deliveries = 0;
+                        m.dead_letter = Some(record);
+                        m.before_moves.push((before, batch));
+                    }
                 }
             }
-            Step::Deliver(_) | Step::Ack(_) => {}
+            Step::Deliver(_) | Step::Ack(_) | Step::Move(_) => {}
             Step::Submit => {
                 storage.journal.submit();
             }
@@ -1135,15 +1289,13 @@ fn run_crash_test(steps: &[Step]) -> Result<(), TestCaseError> {
                 }
             }
             Step::Compact => {
-                let live = model
-                    .live
-                    .iter()
-                    .map(|(id, (queue, payload, deliveries, _))| LiveMessage {
-                        id: MessageId(*id),
-                        deliveries: *deliveries,
-                        queue,
-                        payload,
-                    });
+                let live = model.live.iter().map(|(id, m)| LiveMessage {
+                    id: MessageId(*id),
+                    deliveries: m.deliveries,
+                    queue: &m.queue,
+                    payload: &m.payload,
+                    dead_letter: m.dead_letter.as_ref(),
+                });
                 // Copies keep the batch of the original publish in the model: the
                 // original stays until the copy is durable.
                 storage.journal.compact_oldest(live);
@@ -1179,27 +1331,40 @@ fn run_crash_test(steps: &[Step]) -> Result<(), TestCaseError> {
                         "id {} came back although its ack was durable",
                         id
                     );
-                    if let Some((queue, payload, deliveries, _)) = model.live.get(&id) {
-                        prop_assert_eq!(&message.queue, queue);
-                        prop_assert_eq!(&message.payload, payload);
-                        prop_assert!(message.deliveries <= *deliveries);
+                    if let Some(logged) = model.live.get(&id) {
+                        // As logged last, or, if its move was not yet durable, as before.
+                        let matches = |m: &ModelMessage| {
+                            message.queue == m.queue
+                                && message.payload == m.payload
+                                && message.dead_letter == m.dead_letter
+                                && message.deliveries <= m.deliveries
+                        };
+                        let as_before = logged.before_moves.iter().any(|(before, move_batch)| {
+                            *move_batch > model.durable && matches(before)
+                        });
+                        prop_assert!(
+                            matches(logged) || as_before,
+                            "id {} recovered as {:?}",
+                            id,
+                            message
+                        );
                     }
                 }
                 let present: std::collections::BTreeSet<u64> =
                     recovered.messages.iter().map(|m| m.id.0).collect();
-                for (id, (_, _, _, publish_batch)) in &model.live {
+                for (id, m) in &model.live {
                     prop_assert!(
-                        *publish_batch > model.durable || present.contains(id),
+                        m.publish_batch > model.durable || present.contains(id),
                         "id {} was durably confirmed (batch {}, durable {}) and is gone",
                         id,
-                        publish_batch,
+                        m.publish_batch,
                         model.durable
                     );
                 }
                 let highest_durable = model
                     .live
                     .iter()
-                    .filter(|(_, m)| m.3 <= model.durable)
+                    .filter(|(_, m)| m.publish_batch <= model.durable)
                     .map(|(id, _)| *id)
                     .max();
                 prop_assert!(
@@ -1212,10 +1377,15 @@ fn run_crash_test(steps: &[Step]) -> Result<(), TestCaseError> {
                     .messages
                     .iter()
                     .map(|m| {
-                        (
-                            m.id.0,
-                            (m.queue.clone(), m.payload.clone(), m.deliveries, 0),
-                        )
+                        let message = ModelMessage {
+                            queue: m.queue.clone(),
+                            payload: m.payload.clone(),
+                            deliveries: m.deliveries,
+                            dead_letter: m.dead_letter.clone(),
+                            publish_batch: 0,
+                            before_moves: Vec::new(),
+                        };
+                        (m.id.0, message)
                     })
                     .collect();
                 // Ids from the recovered next id on were never durable: they will be
@@ -1295,6 +1465,7 @@ fn encode_segment(number: u64, records: &[LogRecord]) -> Vec<u8> {
                 0,
                 &q("q"),
                 &Payload::from_text(&"p".repeat(*size)),
+                None,
             ),
             LogRecord::Delivered(list) => record::encode_delivered(&mut bytes, number, &ids(list)),
             LogRecord::Acked(list) => record::encode_acked(&mut bytes, number, &ids(list)),

@@ -6,8 +6,9 @@
 //! [`Core::ack`], [`Core::pause`], [`Core::resume`], [`Core::disconnect`],
 //! [`Core::handle_timeout`], [`Core::begin_drain`]. Outputs: [`Core::dispatch`]
 //! (every message it can hand to a consumer now), [`Core::poll_timeout`] (when
-//! `handle_timeout` must next be called) and [`Core::take_expired`] (deliveries their ack
-//! timeout took back).
+//! `handle_timeout` must next be called), [`Core::take_expired`] (deliveries their ack
+//! timeout took back) and [`Core::take_relocated`] (messages dead-lettered: moved to their
+//! queue's dead-letter queue, or dropped, when they came back after `max_deliveries`).
 //!
 //! State, per queue: a FIFO of ready messages (in chunks, so that no publish ever copies a
 //! deep backlog), and the queue's consumers in subscription order with a round-robin
@@ -43,7 +44,7 @@ use rustc_hash::FxHashMap;
 use thiserror::Error;
 
 use super::policy::{ACK_TIMEOUT_RANGE, Policies, QueuePolicy};
-use crate::protocol::{ErrorCode, MessageId, Payload, QueueName};
+use crate::protocol::{DeadLetter, DeadLetterReason, ErrorCode, MessageId, Payload, QueueName};
 
 use chunked_deque::ChunkedDeque;
 use timers::{TimerKey, TimerWheel};
@@ -74,12 +75,73 @@ impl std::fmt::Display for ConsumerId {
 /// Settings of the core.
 #[derive(Debug, Clone)]
 pub struct CoreConfig {
-    /// Each queue's policy (its ack timeout: how long a delivered message may stay
-    /// unacked before it is requeued).
+    /// Each queue's policy: its ack timeout (how long a delivered message may stay
+    /// unacked before it is requeued) and where its dead letters go.
     pub policies: Policies,
+    /// Where the core reads wall-clock time from (a dead letter's `at`).
+    pub wall_clock: WallClock,
     /// Most bytes the queued messages (ready and in flight) and their queues may cost
     /// together; see [`MESSAGE_OVERHEAD_BYTES`] and [`QUEUE_OVERHEAD_BYTES`].
     pub max_memory_bytes: u64,
+}
+
+/// Wall-clock time as the core reads it: the Unix time of one instant, from which it
+/// counts on with the instants it is given. The core has no clock of its own.
+#[derive(Debug, Clone, Copy)]
+pub struct WallClock {
+    pub at: Instant,
+    /// Milliseconds since the Unix epoch at `at`.
+    pub unix_ms: u64,
+}
+
+impl WallClock {
+    /// The real wall clock, read now.
+    pub fn now() -> WallClock {
+        let since_epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        WallClock {
+            at: Instant::now(),
+            unix_ms: u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX),
+        }
+    }
+
+    /// Milliseconds since the Unix epoch at `now`.
+    pub fn unix_ms_at(&self, now: Instant) -> u64 {
+        let elapsed = now.saturating_duration_since(self.at).as_millis();
+        self.unix_ms
+            .saturating_add(u64::try_from(elapsed).unwrap_or(u64::MAX))
+    }
+}
+
+/// A message the core moved or dropped for good other than by an ack, for the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Relocated {
+    /// Dead-lettered into `to`, with attempt counting from 0 again and `record`.
+    DeadLettered {
+        id: MessageId,
+        from: QueueName,
+        to: QueueName,
+        payload: Payload,
+        /// The record it carried before (dead-lettered once already), if any.
+        replaced: Option<Arc<DeadLetter>>,
+        record: Arc<DeadLetter>,
+    },
+    /// Dead-lettered from `queue`, which has no dead-letter queue: dropped, as its
+    /// policy opted into.
+    Discarded {
+        id: MessageId,
+        queue: QueueName,
+        payload: Payload,
+        dead_letter: Option<Arc<DeadLetter>>,
+    },
+}
+
+/// An acked message, as the core lets go of it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Acked {
+    pub payload: Payload,
+    pub dead_letter: Option<Arc<DeadLetter>>,
 }
 
 /// Why a publish was refused.
@@ -154,6 +216,10 @@ pub struct CoreStats {
     pub delivered_total: u64,
     /// Acks that took effect since start.
     pub acked_total: u64,
+    /// Messages moved to a dead-letter queue since start.
+    pub dead_lettered_total: u64,
+    /// Dead letters dropped (no dead-letter queue, as the policy opted into) since start.
+    pub discarded_total: u64,
 }
 
 /// The broker's queues, consumers and in-flight messages.
@@ -175,6 +241,8 @@ pub struct Core {
     drained_deliveries: Option<u64>,
     /// The latest `now` seen, so that a clock that steps back cannot take time back.
     latest_now: Option<Instant>,
+    /// Messages dead-lettered since [`Core::take_relocated`] last took them.
+    relocated: Vec<Relocated>,
     /// Messages with ids from here on are not delivered yet (durable storage: not yet on
     /// stable storage). `u64::MAX` without storage.
     deliverable_below: u64,
@@ -201,6 +269,7 @@ struct ReadyMessage {
     payload: Payload,
     /// Deliveries so far; the next one is attempt `deliveries + 1`.
     deliveries: u32,
+    dead_letter: Option<Arc<DeadLetter>>,
 }
 
 #[derive(Debug)]
@@ -217,6 +286,30 @@ struct InFlight {
     payload: Payload,
     attempt: u32,
     lease: TimerKey,
+    dead_letter: Option<Arc<DeadLetter>>,
+}
+
+impl InFlight {
+    /// The message, ready again, with this delivery counted.
+    fn returned(self, id: MessageId) -> ReadyMessage {
+        ReadyMessage {
+            id,
+            payload: self.payload,
+            deliveries: self.attempt,
+            dead_letter: self.dead_letter,
+        }
+    }
+}
+
+/// A message not yet acked, as log compaction copies it.
+#[derive(Debug)]
+pub struct Unacked<'a> {
+    pub id: MessageId,
+    /// Deliveries so far.
+    pub deliveries: u32,
+    pub queue: &'a QueueName,
+    pub payload: &'a Payload,
+    pub dead_letter: Option<&'a DeadLetter>,
 }
 
 /// What a message costs against the memory limit.
@@ -243,6 +336,7 @@ impl Core {
             stats: CoreStats::default(),
             drained_deliveries: None,
             latest_now: None,
+            relocated: Vec::new(),
             deliverable_below: u64::MAX,
             held_at_watermark: Vec::new(),
         }
@@ -271,18 +365,33 @@ impl Core {
     }
 
     /// Puts a message recovered from storage at the back of its queue, ready, with the
-    /// deliveries it had; ids must come in increasing order. It counts against the memory
-    /// limit like any message, but is never refused: it was confirmed long ago.
-    pub fn restore(&mut self, queue: &QueueName, id: MessageId, payload: Payload, deliveries: u32) {
+    /// deliveries and the dead-letter record it had; ids must come in increasing order.
+    /// It counts against the memory limit like any message, but is never refused: it was
+    /// confirmed long ago.
+    pub fn restore(
+        &mut self,
+        queue: &QueueName,
+        id: MessageId,
+        payload: Payload,
+        deliveries: u32,
+        dead_letter: Option<DeadLetter>,
+    ) {
         debug_assert!(id.0 >= self.next_id, "restored out of order");
         self.next_id = self.next_id.max(id.0 + 1);
         self.stats.memory_bytes += message_cost(&payload);
-        self.stats.ready += 1;
         let ready = ReadyMessage {
             id,
             payload,
             deliveries,
+            dead_letter: dead_letter.map(Arc::new),
         };
+        // Its last delivery before the crash may have been its last allowed one.
+        let policy = self.config.policies.for_queue(queue);
+        if policy.max_deliveries > 0 && deliveries >= policy.max_deliveries {
+            self.dead_letter(queue, &policy, ready);
+            return;
+        }
+        self.stats.ready += 1;
         let memory = &mut self.stats.memory_bytes;
         Self::queue_entry(&mut self.queues, &self.config.policies, memory, queue)
             .push_back(ready, memory);
@@ -300,18 +409,24 @@ impl Core {
 
     /// Every message not yet acked, ready or in flight, with its deliveries so far, for
     /// log compaction. In no particular order.
-    pub fn live_messages(&self) -> impl Iterator<Item = (MessageId, u32, &QueueName, &Payload)> {
+    pub fn live_messages(&self) -> impl Iterator<Item = Unacked<'_>> {
         let ready = self.queues.iter().flat_map(|(name, queue)| {
-            queue
-                .ready
-                .iter()
-                .map(move |m| (m.id, m.deliveries, name, &m.payload))
+            queue.ready.iter().map(move |m| Unacked {
+                id: m.id,
+                deliveries: m.deliveries,
+                queue: name,
+                payload: &m.payload,
+                dead_letter: m.dead_letter.as_deref(),
+            })
         });
         let in_flight = self.consumers.values().flat_map(|consumer| {
-            consumer
-                .in_flight
-                .iter()
-                .map(move |(id, f)| (*id, f.attempt, &consumer.queue, &f.payload))
+            consumer.in_flight.iter().map(move |(id, f)| Unacked {
+                id: *id,
+                deliveries: f.attempt,
+                queue: &consumer.queue,
+                payload: &f.payload,
+                dead_letter: f.dead_letter.as_deref(),
+            })
         });
         ready.chain(in_flight)
     }
@@ -375,6 +490,7 @@ impl Core {
             id,
             payload,
             deliveries: 0,
+            dead_letter: None,
         };
         let memory = &mut self.stats.memory_bytes;
         match existing {
@@ -395,7 +511,7 @@ impl Core {
     /// # Errors
     /// [`AckError::UnknownId`] when it is not (never delivered to this consumer, already
     /// acked, or requeued); nothing changes then.
-    pub fn ack(&mut self, consumer: ConsumerId, id: MessageId) -> Result<Payload, AckError> {
+    pub fn ack(&mut self, consumer: ConsumerId, id: MessageId) -> Result<Acked, AckError> {
         let holder = self
             .consumers
             .get_mut(&consumer)
@@ -415,7 +531,10 @@ impl Core {
             let queue = holder.queue.clone();
             self.schedule_dispatch(&queue);
         }
-        Ok(acked.payload)
+        Ok(Acked {
+            payload: acked.payload,
+            dead_letter: acked.dead_letter,
+        })
     }
 
     /// Stops delivering to `consumer` (its connection holds as much output as it may)
@@ -463,25 +582,95 @@ impl Core {
             .into_iter()
             .map(|(id, f)| {
                 leases.remove(f.lease);
-                ReadyMessage {
-                    id,
-                    payload: f.payload,
-                    deliveries: f.attempt,
-                }
+                f.returned(id)
             })
             .collect();
         let returned = returning.len();
-        self.stats.in_flight -= returned;
-        self.stats.ready += returned;
-        queue.requeue_at_front(returning, &mut self.stats.memory_bytes);
-        if queue.ready.is_empty() && queue.consumers.is_empty() {
+        self.return_messages(&gone.queue, returning);
+        if let Some(queue) = self.queues.get(&gone.queue)
+            && queue.ready.is_empty()
+            && queue.consumers.is_empty()
+        {
             // Nothing left to remember: a queue is created again on first use.
             self.stats.memory_bytes -= queue_cost(&gone.queue) + queue.ready_bytes();
             self.queues.remove(&gone.queue);
-        } else {
-            self.schedule_dispatch(&gone.queue);
         }
         returned
+    }
+
+    /// Puts messages taken out of flight back at the front of `name`, in id order, or,
+    /// those whose deliveries reached the queue's `max_deliveries`, dead-letters them.
+    fn return_messages(&mut self, name: &QueueName, returning: Vec<ReadyMessage>) {
+        let Some(queue) = self.queues.get_mut(name) else {
+            debug_assert!(false, "messages returned to a missing queue {name}");
+            return;
+        };
+        let policy = queue.policy.clone();
+        let limit = policy.max_deliveries;
+        let (mut dead, back): (Vec<_>, Vec<_>) = returning
+            .into_iter()
+            .partition(|m| limit > 0 && m.deliveries >= limit);
+        self.stats.in_flight -= dead.len() + back.len();
+        self.stats.ready += back.len();
+        queue.requeue_at_front(back, &mut self.stats.memory_bytes);
+        self.schedule_dispatch(name);
+        dead.sort_unstable_by_key(|m| m.id);
+        for message in dead {
+            self.dead_letter(name, &policy, message);
+        }
+    }
+
+    /// Moves a message to the back of its queue's dead-letter queue, with a record of
+    /// where it came from and attempt counting from 0 again; or, without a dead-letter
+    /// queue, drops it (the policy opted into that: `discard_dead_letters`).
+    fn dead_letter(&mut self, from: &QueueName, policy: &QueuePolicy, message: ReadyMessage) {
+        let at = self.latest_now.unwrap_or(self.config.wall_clock.at);
+        let record = Arc::new(DeadLetter {
+            queue: from.clone(),
+            reason: DeadLetterReason::MaxDeliveries,
+            attempts: message.deliveries,
+            at_ms: self.config.wall_clock.unix_ms_at(at),
+        });
+        let Some(to) = &policy.dead_letter_queue else {
+            debug_assert!(
+                policy.discard_dead_letters,
+                "a dead letter with nowhere to go"
+            );
+            self.stats.memory_bytes -= message_cost(&message.payload);
+            self.stats.discarded_total += 1;
+            self.relocated.push(Relocated::Discarded {
+                id: message.id,
+                queue: from.clone(),
+                payload: message.payload,
+                dead_letter: message.dead_letter,
+            });
+            return;
+        };
+        self.relocated.push(Relocated::DeadLettered {
+            id: message.id,
+            from: from.clone(),
+            to: to.clone(),
+            payload: message.payload.clone(),
+            replaced: message.dead_letter,
+            record: record.clone(),
+        });
+        let moved = ReadyMessage {
+            id: message.id,
+            payload: message.payload,
+            deliveries: 0,
+            dead_letter: Some(record),
+        };
+        self.stats.ready += 1;
+        self.stats.dead_lettered_total += 1;
+        let memory = &mut self.stats.memory_bytes;
+        Self::queue_entry(&mut self.queues, &self.config.policies, memory, to)
+            .push_back(moved, memory);
+        self.schedule_dispatch(to);
+    }
+
+    /// The messages dead-lettered (moved or dropped) since the last call, in order.
+    pub fn take_relocated(&mut self) -> Vec<Relocated> {
+        std::mem::take(&mut self.relocated)
     }
 
     /// Returns every message whose ack deadline is at or before `now` to the front of its
@@ -503,19 +692,14 @@ impl Core {
             expired
                 .entry(holder.queue.clone())
                 .or_default()
-                .push(ReadyMessage {
-                    id,
-                    payload: f.payload,
-                    deliveries: f.attempt,
-                });
+                .push(f.returned(id));
         });
+        // Queues in name order, so that dead letters of several reach theirs in an order
+        // that does not depend on hashing.
+        let mut expired: Vec<_> = expired.into_iter().collect();
+        expired.sort_unstable_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
         for (name, returning) in expired {
-            if let Some(queue) = self.queues.get_mut(&name) {
-                self.stats.in_flight -= returning.len();
-                self.stats.ready += returning.len();
-                queue.requeue_at_front(returning, &mut self.stats.memory_bytes);
-                self.schedule_dispatch(&name);
-            }
+            self.return_messages(&name, returning);
         }
     }
 
@@ -748,6 +932,7 @@ impl Queue {
                     payload: message.payload.clone(),
                     attempt,
                     lease: leases.insert(deadline, (consumer_id, message.id)),
+                    dead_letter: message.dead_letter,
                 },
             );
             self.next_consumer = (index + 1) % count;

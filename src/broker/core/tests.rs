@@ -22,6 +22,7 @@ fn core_with_memory(max_memory_bytes: u64) -> Core {
     Core::new(CoreConfig {
         policies: Policies::uniform(QueuePolicy::new(ACK_TIMEOUT)),
         max_memory_bytes,
+        wall_clock: WallClock::now(),
     })
 }
 
@@ -162,6 +163,7 @@ fn each_queue_leases_its_deliveries_for_its_policys_ack_timeout() {
     let mut core = Core::new(CoreConfig {
         policies: file.resolve(&QueuePolicy::new(ACK_TIMEOUT)),
         max_memory_bytes: u64::MAX,
+        wall_clock: WallClock::now(),
     });
     core.subscribe(C1, q("fast-lane"), 10);
     core.subscribe(C2, q("slow"), 10);
@@ -567,8 +569,8 @@ fn held_new_messages_wait_for_make_deliverable_in_id_order() {
 #[test]
 fn restored_messages_keep_their_deliveries_and_ids_go_on_after_them() {
     let mut core = core();
-    core.restore(&q("q"), MessageId(7), Payload::from_text("seven"), 2);
-    core.restore(&q("q"), MessageId(9), Payload::from_text("nine"), 0);
+    core.restore(&q("q"), MessageId(7), Payload::from_text("seven"), 2, None);
+    core.restore(&q("q"), MessageId(9), Payload::from_text("nine"), 0, None);
     core.skip_ids_below(12);
     core.subscribe(C1, q("q"), 10);
     assert_eq!(
@@ -576,10 +578,7 @@ fn restored_messages_keep_their_deliveries_and_ids_go_on_after_them() {
         [(C1, MessageId(7), 3), (C1, MessageId(9), 1)]
     );
     assert_eq!(publish(&mut core, "q", "next"), MessageId(12));
-    let live: Vec<_> = core
-        .live_messages()
-        .map(|(id, deliveries, _, _)| (id, deliveries))
-        .collect();
+    let live: Vec<_> = core.live_messages().map(|m| (m.id, m.deliveries)).collect();
     assert_eq!(live.len(), 3);
     assert!(live.contains(&(MessageId(7), 3)) && live.contains(&(MessageId(12), 0)));
 }
@@ -631,4 +630,153 @@ fn a_queue_costs_memory_while_it_exists() {
     core.disconnect(C1);
     assert_eq!(core.stats().queues, 0);
     assert_eq!(core.stats().memory_bytes, 0, "everything given back");
+}
+
+/// A core whose queues take their policies from this config text, over `ACK_TIMEOUT`.
+fn core_with_policies(text: &str) -> Core {
+    let file = PolicyFile::parse_text(text).unwrap();
+    Core::new(CoreConfig {
+        policies: file.resolve(&QueuePolicy::new(ACK_TIMEOUT)),
+        max_memory_bytes: u64::MAX,
+        wall_clock: WallClock {
+            at: t(0),
+            unix_ms: 1_767_225_600_000,
+        },
+    })
+}
+
+const TWO_DELIVERIES_THEN_DLQ: &str =
+    "[queues.\"jobs\"]\nmax_deliveries = 2\ndead_letter_queue = \"jobs.dlq\"\n";
+
+/// Rules 14 and 15: with `max_deliveries = 2`, a message returned after its second
+/// delivery goes to the back of the dead-letter queue, attempt counting from 1 again,
+/// with a record of where it came from, why, after how many deliveries, and when.
+#[test]
+fn rule14_a_message_returned_after_max_deliveries_is_dead_lettered() {
+    let mut core = core_with_policies(TWO_DELIVERIES_THEN_DLQ);
+    core.subscribe(C1, q("jobs"), 10);
+    let id = publish(&mut core, "jobs", "job");
+    let waiting = publish(&mut core, "jobs.dlq", "already there");
+    assert_eq!(drain(&mut core, t(0)), [(C1, id, 1)]);
+    core.handle_timeout(t(0) + ACK_TIMEOUT);
+    assert_eq!(
+        drain(&mut core, t(300)),
+        [(C1, id, 2)],
+        "returned: under the limit"
+    );
+    assert!(core.take_relocated().is_empty());
+    core.handle_timeout(t(300) + ACK_TIMEOUT);
+    assert_eq!(core.ready_ids(&q("jobs")), []);
+    assert_eq!(core.ready_ids(&q("jobs.dlq")), [waiting, id], "at the back");
+    let record = Arc::new(DeadLetter {
+        queue: q("jobs"),
+        reason: DeadLetterReason::MaxDeliveries,
+        attempts: 2,
+        at_ms: 1_767_225_600_000 + 500,
+    });
+    assert_eq!(
+        core.take_relocated(),
+        [Relocated::DeadLettered {
+            id,
+            from: q("jobs"),
+            to: q("jobs.dlq"),
+            payload: Payload::from_text("job"),
+            replaced: None,
+            record: record.clone(),
+        }]
+    );
+    core.subscribe(C2, q("jobs.dlq"), 10);
+    assert_eq!(drain(&mut core, t(600)), [(C2, waiting, 1), (C2, id, 1)]);
+    let stats = core.stats();
+    assert_eq!(
+        (stats.dead_lettered_total, stats.in_flight, stats.ready),
+        (1, 2, 0)
+    );
+    // The record stays with the message, for the log to keep.
+    let unacked: Vec<_> = core
+        .live_messages()
+        .filter(|m| m.id == id)
+        .map(|m| (m.queue.clone(), m.dead_letter.cloned()))
+        .collect();
+    assert_eq!(unacked, [(q("jobs.dlq"), Some((*record).clone()))]);
+    assert_eq!(core.ack(C2, id).unwrap().dead_letter, Some(record));
+}
+
+/// A consumer that vanishes returns its messages the same way: those at the limit are
+/// dead-lettered, the others go back to the front.
+#[test]
+fn rule14_a_disconnect_dead_letters_the_messages_at_their_limit() {
+    let mut core = core_with_policies(TWO_DELIVERIES_THEN_DLQ);
+    core.subscribe(C1, q("jobs"), 10);
+    let first = publish(&mut core, "jobs", "first");
+    drain(&mut core, t(0));
+    core.handle_timeout(t(0) + ACK_TIMEOUT);
+    let second = publish(&mut core, "jobs", "second");
+    assert_eq!(drain(&mut core, t(300)), [(C1, first, 2), (C1, second, 1)]);
+    assert_eq!(core.disconnect(C1), 2);
+    assert_eq!(core.ready_ids(&q("jobs")), [second]);
+    assert_eq!(core.ready_ids(&q("jobs.dlq")), [first]);
+    assert_eq!(core.stats().ready, 2);
+}
+
+/// Without a dead-letter queue, a policy that opted in drops the message, and counts it.
+#[test]
+fn rule15_without_a_dead_letter_queue_an_opted_in_policy_discards() {
+    let mut core =
+        core_with_policies("[queues.\"lossy\"]\nmax_deliveries = 1\ndiscard_dead_letters = true\n");
+    core.subscribe(C1, q("lossy"), 10);
+    let id = publish(&mut core, "lossy", "x");
+    let before = core.stats().memory_bytes;
+    drain(&mut core, t(0));
+    core.handle_timeout(t(0) + ACK_TIMEOUT);
+    let stats = core.stats();
+    assert_eq!(
+        (stats.ready, stats.in_flight, stats.discarded_total),
+        (0, 0, 1)
+    );
+    let message = Payload::from_text("x").len() as u64 + MESSAGE_OVERHEAD_BYTES;
+    assert_eq!(stats.memory_bytes, before - message);
+    assert!(matches!(
+        &core.take_relocated()[..],
+        [Relocated::Discarded { id: gone, dead_letter: None, .. }] if *gone == id
+    ));
+}
+
+/// A dead letter's own queue applies its own policy: dead-lettered again, the message
+/// carries the new record, and the log is told which one it replaces.
+#[test]
+fn a_dead_letter_queue_applies_its_own_policy() {
+    let mut core = core_with_policies(
+        "[queues.\"a\"]\nmax_deliveries = 1\ndead_letter_queue = \"b\"\n[queues.\"b\"]\nmax_deliveries = 1\ndead_letter_queue = \"c\"\n",
+    );
+    core.subscribe(C1, q("a"), 10);
+    core.subscribe(C2, q("b"), 10);
+    let id = publish(&mut core, "a", "m");
+    drain(&mut core, t(0));
+    core.handle_timeout(t(0) + ACK_TIMEOUT);
+    assert_eq!(drain(&mut core, t(200)), [(C2, id, 1)]);
+    core.handle_timeout(t(200) + ACK_TIMEOUT);
+    assert_eq!(core.ready_ids(&q("c")), [id]);
+    let relocated = core.take_relocated();
+    let Relocated::DeadLettered {
+        replaced, record, ..
+    } = &relocated[1]
+    else {
+        panic!("{relocated:?}")
+    };
+    assert_eq!(replaced.as_ref().map(|r| r.queue.clone()), Some(q("a")));
+    assert_eq!((record.queue.clone(), record.attempts), (q("b"), 1));
+}
+
+/// A message restored with its last allowed delivery already counted (the crash came
+/// before its return was logged) is dead-lettered at once, not delivered once more.
+#[test]
+fn a_restored_message_at_its_limit_is_dead_lettered_at_once() {
+    let mut core = core_with_policies(TWO_DELIVERIES_THEN_DLQ);
+    core.restore(&q("jobs"), MessageId(4), Payload::from_text("m"), 2, None);
+    core.restore(&q("jobs"), MessageId(5), Payload::from_text("n"), 1, None);
+    assert_eq!(core.ready_ids(&q("jobs")), [MessageId(5)]);
+    assert_eq!(core.ready_ids(&q("jobs.dlq")), [MessageId(4)]);
+    assert_eq!(core.take_relocated().len(), 1);
+    assert_eq!(core.stats().ready, 2);
 }

@@ -24,14 +24,23 @@ use rustc_hash::FxHashMap;
 use tracing::{debug, info};
 
 use super::commands::{Command, ConnectionId, Reply, ToConnection};
-use super::core::{Core, CoreStats, Delivery, DrainReport};
+use super::core::{Core, CoreStats, Delivery, DrainReport, Relocated};
 use super::held_replies::HeldReplies;
-use crate::protocol::{ErrorCode, MessageId, Payload, QueueName, Role};
+use crate::protocol::{DeadLetter, ErrorCode, MessageId, Payload, QueueName, Role};
 use crate::storage::{Journal, LiveMessage, record};
 
 /// What the gate needs of the durable log: [`Journal`], or a test's stand-in.
 pub(crate) trait Log {
-    fn log_publish(&mut self, id: MessageId, deliveries: u32, queue: &QueueName, payload: &Payload);
+    fn log_publish(&mut self, id: MessageId, queue: &QueueName, payload: &Payload);
+    /// A live message dead-lettered into `queue`; its records took `replaced_bytes`.
+    fn log_moved(
+        &mut self,
+        id: MessageId,
+        queue: &QueueName,
+        payload: &Payload,
+        dead_letter: &DeadLetter,
+        replaced_bytes: u64,
+    );
     fn log_acked(&mut self, ids: &[MessageId], record_bytes: u64);
     fn log_delivered(&mut self, ids: &[MessageId]);
     /// Marks the batch being logged as awaited and returns its sequence number.
@@ -44,14 +53,18 @@ pub(crate) trait Log {
 }
 
 impl Log for Journal {
-    fn log_publish(
+    fn log_publish(&mut self, id: MessageId, queue: &QueueName, payload: &Payload) {
+        Journal::log_publish(self, id, 0, queue, payload, None);
+    }
+    fn log_moved(
         &mut self,
         id: MessageId,
-        deliveries: u32,
         queue: &QueueName,
         payload: &Payload,
+        dead_letter: &DeadLetter,
+        replaced_bytes: u64,
     ) {
-        Journal::log_publish(self, id, deliveries, queue, payload);
+        Journal::log_moved(self, id, queue, payload, dead_letter, replaced_bytes);
     }
     fn log_acked(&mut self, ids: &[MessageId], record_bytes: u64) {
         Journal::log_acked(self, ids, record_bytes);
@@ -227,6 +240,9 @@ impl<L: Log> Gate<L> {
         for (conn, ids) in revoked {
             self.outbound.push_back((conn, ToConnection::Revoked(ids)));
         }
+        // Before this turn's deliveries, which may include the dead letters just moved:
+        // a move's records go ahead of their delivery's.
+        self.log_relocated();
         let logged = self.log.is_some();
         let (delivered, outgoing) = (&mut self.delivered, &mut self.outgoing);
         self.core.dispatch(now, |delivery| {
@@ -246,15 +262,13 @@ impl<L: Log> Gate<L> {
             log.log_acked(&self.acked, std::mem::take(&mut self.acked_record_bytes));
             log.log_delivered(&self.delivered);
             if log.wants_compaction() {
-                let live = self
-                    .core
-                    .live_messages()
-                    .map(|(id, deliveries, queue, payload)| LiveMessage {
-                        id,
-                        deliveries,
-                        queue,
-                        payload,
-                    });
+                let live = self.core.live_messages().map(|m| LiveMessage {
+                    id: m.id,
+                    deliveries: m.deliveries,
+                    queue: m.queue,
+                    payload: m.payload,
+                    dead_letter: m.dead_letter,
+                });
                 let copied = log.compact_oldest(live);
                 debug!(
                     copied,
@@ -321,7 +335,7 @@ impl<L: Log> Gate<L> {
         match self.core.publish(&registered.queue, payload) {
             Ok(id) => {
                 if let (Some(log), Some(payload)) = (&mut self.log, logged) {
-                    log.log_publish(id, 0, &registered.queue, &payload);
+                    log.log_publish(id, &registered.queue, &payload);
                     self.newest_published = Some(id);
                 }
                 Reply::Published(id)
@@ -337,15 +351,55 @@ impl<L: Log> Gate<L> {
         }
     }
 
+    /// Logs the messages the core dead-lettered (timeouts, disconnects): moved into a
+    /// dead-letter queue, or dropped as their policy opted into (logged as acked).
+    fn log_relocated(&mut self) {
+        for relocated in self.core.take_relocated() {
+            match relocated {
+                Relocated::DeadLettered {
+                    id,
+                    from,
+                    to,
+                    payload,
+                    replaced,
+                    record: dead_letter,
+                } => {
+                    debug!(%id, %from, %to, reason = %dead_letter.reason, attempts = dead_letter.attempts, "dead-lettered");
+                    if let Some(log) = &mut self.log {
+                        let replaced_bytes =
+                            record::live_record_bytes(&from, &payload, replaced.as_deref());
+                        log.log_moved(id, &to, &payload, &dead_letter, replaced_bytes);
+                    }
+                }
+                Relocated::Discarded {
+                    id,
+                    queue,
+                    payload,
+                    dead_letter,
+                } => {
+                    debug!(%id, %queue, "dead letter discarded (discard_dead_letters)");
+                    if self.log.is_some() {
+                        self.acked.push(id);
+                        self.acked_record_bytes +=
+                            record::live_record_bytes(&queue, &payload, dead_letter.as_deref());
+                    }
+                }
+            }
+        }
+    }
+
     fn ack(&mut self, conn: ConnectionId, id: MessageId) -> Reply {
         match self.core.ack(conn.consumer(), id) {
-            Ok(payload) => {
+            Ok(acked) => {
                 if self.log.is_some()
                     && let Some(registered) = self.connections.get(&conn)
                 {
                     self.acked.push(id);
-                    self.acked_record_bytes +=
-                        record::publish_record_bytes(&registered.queue, &payload) as u64;
+                    self.acked_record_bytes += record::live_record_bytes(
+                        &registered.queue,
+                        &acked.payload,
+                        acked.dead_letter.as_deref(),
+                    );
                 }
                 Reply::Acked
             }

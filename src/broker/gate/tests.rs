@@ -16,7 +16,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 
 use super::*;
-use crate::broker::core::{CoreConfig, TIMER_TICK};
+use crate::broker::core::{CoreConfig, TIMER_TICK, WallClock};
 use crate::broker::policy::{Policies, QueuePolicy};
 
 const ACK_TIMEOUT: Duration = Duration::from_millis(100);
@@ -39,10 +39,13 @@ struct LogState {
 struct FakeLog(Rc<RefCell<LogState>>);
 
 impl Log for FakeLog {
-    fn log_publish(&mut self, id: MessageId, _: u32, _: &QueueName, _: &Payload) {
+    fn log_publish(&mut self, id: MessageId, _: &QueueName, _: &Payload) {
         let mut state = self.0.borrow_mut();
         state.pending = true;
         state.pending_publishes.push(id);
+    }
+    fn log_moved(&mut self, _: MessageId, _: &QueueName, _: &Payload, _: &DeadLetter, _: u64) {
+        self.0.borrow_mut().pending = true;
     }
     fn log_acked(&mut self, ids: &[MessageId], _: u64) {
         self.0.borrow_mut().pending |= !ids.is_empty();
@@ -170,6 +173,7 @@ impl World {
         let core = Core::new(CoreConfig {
             policies: Policies::uniform(QueuePolicy::new(ACK_TIMEOUT)),
             max_memory_bytes: u64::MAX,
+            wall_clock: WallClock::now(),
         });
         let log = durable.then(FakeLog::default);
         World {
