@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use ferry::MessageId;
 use ferry::broker::core::{
-    AckError, ConsumerId, Core, CoreConfig, MESSAGE_OVERHEAD_BYTES, PublishError,
-    QUEUE_OVERHEAD_BYTES, READY_CHUNK_LEN, READY_SLOT_BYTES, TIMER_TICK, WallClock,
+    AckError, ConsumerId, Core, CoreConfig, DEAD_LETTER_BYTES, MESSAGE_OVERHEAD_BYTES,
+    PublishError, QUEUE_OVERHEAD_BYTES, READY_CHUNK_LEN, READY_SLOT_BYTES, TIMER_TICK, WallClock,
 };
 use ferry::broker::policy::{PolicyFile, QueuePolicy};
 use ferry::protocol::{Payload, QueueName};
@@ -243,6 +243,9 @@ impl Model {
             return false;
         }
         self.memory -= self.sizes[&id] + MESSAGE_OVERHEAD_BYTES;
+        if self.dead_lettered.contains(&id) {
+            self.memory -= DEAD_LETTER_BYTES;
+        }
         self.acked.insert(id);
         true
     }
@@ -270,6 +273,7 @@ impl Model {
                         .ready
                         .push_back((id, 0));
                     self.dead_lettered.insert(id);
+                    self.memory += DEAD_LETTER_BYTES;
                 }
                 None => {
                     self.memory -= self.sizes[&id] + MESSAGE_OVERHEAD_BYTES;

@@ -77,6 +77,7 @@ impl CoreTask {
                         message.dead_letter,
                     );
                 }
+                core.end_restore();
                 core.skip_ids_below(recovered.next_id);
                 durability = Some(journal.durability().clone());
                 journal
@@ -131,6 +132,8 @@ impl CoreTask {
                         // Every sender is gone: the server ended without a drain.
                         break ShutdownReport { drain: self.gate.drain_report(), completed: false };
                     }
+                    // A disconnect's dead letters are stamped with the core's time.
+                    self.gate.advance_to(Instant::now());
                     for Request { conn, commands, route, budget } in batch.drain(..) {
                         if let Some(route) = route {
                             self.routes.insert(conn, route);

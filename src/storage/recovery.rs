@@ -147,16 +147,13 @@ impl Replay {
                 deliveries,
                 queue,
                 payload,
-                dead_letter,
+                mut dead_letter,
             } => {
                 self.next_id = self.next_id.max(id.0.saturating_add(1));
-                let queue = match self.queues.get(&queue) {
-                    Some(shared) => shared.clone(),
-                    None => {
-                        self.queues.insert(queue.clone());
-                        queue
-                    }
-                };
+                let queue = self.shared_name(queue);
+                if let Some(record) = &mut dead_letter {
+                    record.queue = self.shared_name(record.queue.clone());
+                }
                 self.publish(Slot {
                     id,
                     queue,
@@ -183,9 +180,25 @@ impl Replay {
         }
     }
 
+    /// `name`, sharing one allocation with every other mention of it.
+    fn shared_name(&mut self, name: QueueName) -> QueueName {
+        match self.queues.get(&name) {
+            Some(shared) => shared.clone(),
+            None => {
+                self.queues.insert(name.clone());
+                name
+            }
+        }
+    }
+
     /// A publish record: a new message, or a later copy of one (which replaces it).
     fn publish(&mut self, slot: Slot) {
         if self.in_order.last().is_none_or(|last| last.id < slot.id) {
+            // An earlier copy may have come out of order (before later ids were swept
+            // from `in_order`): this one replaces it.
+            if !self.out_of_order.is_empty() {
+                self.out_of_order.remove(&slot.id);
+            }
             self.in_order.push(slot);
             return;
         }

@@ -4,7 +4,7 @@
 //!
 //! Inputs (`handle_*` in quinn-proto's terms): [`Core::subscribe`], [`Core::publish`],
 //! [`Core::ack`], [`Core::pause`], [`Core::resume`], [`Core::disconnect`],
-//! [`Core::handle_timeout`], [`Core::begin_drain`]. Outputs: [`Core::dispatch`]
+//! [`Core::handle_timeout`], [`Core::advance_to`], [`Core::begin_drain`]. Outputs: [`Core::dispatch`]
 //! (every message it can hand to a consumer now), [`Core::poll_timeout`] (when
 //! `handle_timeout` must next be called), [`Core::take_expired`] (deliveries their ack
 //! timeout took back) and [`Core::take_relocated`] (messages dead-lettered: moved to their
@@ -54,6 +54,11 @@ use timers::{TimerKey, TimerWheel};
 /// header and rounding and, while it is in flight, its entry in its consumer's in-flight
 /// map and its lease in the timer wheel. docs/RELIABILITY.md has the measurements.
 pub const MESSAGE_OVERHEAD_BYTES: u64 = 128;
+
+/// What a dead-letter record costs beyond its message: the record, its entry in the
+/// core's table of them, and with a log the moved message's entry in the journal's map of
+/// copies.
+pub const DEAD_LETTER_BYTES: u64 = 96;
 
 /// What a queue costs beyond its name and the chunks of its ready queue: its entry in
 /// the queue map and its state.
@@ -243,6 +248,11 @@ pub struct Core {
     latest_now: Option<Instant>,
     /// Messages dead-lettered since [`Core::take_relocated`] last took them.
     relocated: Vec<Relocated>,
+    /// The dead-letter record of each message that has one. Few messages have one, so
+    /// the records are kept aside rather than in a field every message would pay for.
+    dead_letters: FxHashMap<MessageId, Arc<DeadLetter>>,
+    /// Restored messages at their delivery limit, for [`Core::end_restore`].
+    restored_at_limit: Vec<(QueueName, ReadyMessage)>,
     /// Messages with ids from here on are not delivered yet (durable storage: not yet on
     /// stable storage). `u64::MAX` without storage.
     deliverable_below: u64,
@@ -269,7 +279,6 @@ struct ReadyMessage {
     payload: Payload,
     /// Deliveries so far; the next one is attempt `deliveries + 1`.
     deliveries: u32,
-    dead_letter: Option<Arc<DeadLetter>>,
 }
 
 #[derive(Debug)]
@@ -286,7 +295,6 @@ struct InFlight {
     payload: Payload,
     attempt: u32,
     lease: TimerKey,
-    dead_letter: Option<Arc<DeadLetter>>,
 }
 
 impl InFlight {
@@ -296,7 +304,6 @@ impl InFlight {
             id,
             payload: self.payload,
             deliveries: self.attempt,
-            dead_letter: self.dead_letter,
         }
     }
 }
@@ -337,6 +344,8 @@ impl Core {
             drained_deliveries: None,
             latest_now: None,
             relocated: Vec::new(),
+            dead_letters: FxHashMap::default(),
+            restored_at_limit: Vec::new(),
             deliverable_below: u64::MAX,
             held_at_watermark: Vec::new(),
         }
@@ -379,22 +388,34 @@ impl Core {
         debug_assert!(id.0 >= self.next_id, "restored out of order");
         self.next_id = self.next_id.max(id.0 + 1);
         self.stats.memory_bytes += message_cost(&payload);
+        if let Some(record) = dead_letter {
+            self.keep_dead_letter(id, Arc::new(record));
+        }
         let ready = ReadyMessage {
             id,
             payload,
             deliveries,
-            dead_letter: dead_letter.map(Arc::new),
         };
-        // Its last delivery before the crash may have been its last allowed one.
-        let policy = self.config.policies.for_queue(queue);
-        if policy.max_deliveries > 0 && deliveries >= policy.max_deliveries {
-            self.dead_letter(queue, &policy, ready);
+        // Its last delivery before the crash may have been its last allowed one: it goes
+        // once every message is back, to the back of its dead-letter queue.
+        let limit = self.config.policies.for_queue(queue).max_deliveries;
+        if limit > 0 && deliveries >= limit {
+            self.restored_at_limit.push((queue.clone(), ready));
             return;
         }
         self.stats.ready += 1;
         let memory = &mut self.stats.memory_bytes;
         Self::queue_entry(&mut self.queues, &self.config.policies, memory, queue)
             .push_back(ready, memory);
+    }
+
+    /// Ends a restore: the messages restored at their delivery limit are dead-lettered
+    /// now, behind everything restored.
+    pub fn end_restore(&mut self) {
+        for (queue, message) in std::mem::take(&mut self.restored_at_limit) {
+            let policy = self.config.policies.for_queue(&queue);
+            self.dead_letter(&queue, &policy, message);
+        }
     }
 
     /// The id the next publish will get.
@@ -410,22 +431,23 @@ impl Core {
     /// Every message not yet acked, ready or in flight, with its deliveries so far, for
     /// log compaction. In no particular order.
     pub fn live_messages(&self) -> impl Iterator<Item = Unacked<'_>> {
-        let ready = self.queues.iter().flat_map(|(name, queue)| {
+        let dead_letters = &self.dead_letters;
+        let ready = self.queues.iter().flat_map(move |(name, queue)| {
             queue.ready.iter().map(move |m| Unacked {
                 id: m.id,
                 deliveries: m.deliveries,
                 queue: name,
                 payload: &m.payload,
-                dead_letter: m.dead_letter.as_deref(),
+                dead_letter: dead_letters.get(&m.id).map(|r| &**r),
             })
         });
-        let in_flight = self.consumers.values().flat_map(|consumer| {
+        let in_flight = self.consumers.values().flat_map(move |consumer| {
             consumer.in_flight.iter().map(move |(id, f)| Unacked {
                 id: *id,
                 deliveries: f.attempt,
                 queue: &consumer.queue,
                 payload: &f.payload,
-                dead_letter: f.dead_letter.as_deref(),
+                dead_letter: dead_letters.get(id).map(|r| &**r),
             })
         });
         ready.chain(in_flight)
@@ -490,7 +512,6 @@ impl Core {
             id,
             payload,
             deliveries: 0,
-            dead_letter: None,
         };
         let memory = &mut self.stats.memory_bytes;
         match existing {
@@ -533,7 +554,7 @@ impl Core {
         }
         Ok(Acked {
             payload: acked.payload,
-            dead_letter: acked.dead_letter,
+            dead_letter: self.forget_dead_letter(id),
         })
     }
 
@@ -638,27 +659,28 @@ impl Core {
             );
             self.stats.memory_bytes -= message_cost(&message.payload);
             self.stats.discarded_total += 1;
+            let dead_letter = self.forget_dead_letter(message.id);
             self.relocated.push(Relocated::Discarded {
                 id: message.id,
                 queue: from.clone(),
                 payload: message.payload,
-                dead_letter: message.dead_letter,
+                dead_letter,
             });
             return;
         };
+        let replaced = self.keep_dead_letter(message.id, record.clone());
         self.relocated.push(Relocated::DeadLettered {
             id: message.id,
             from: from.clone(),
             to: to.clone(),
             payload: message.payload.clone(),
-            replaced: message.dead_letter,
-            record: record.clone(),
+            replaced,
+            record,
         });
         let moved = ReadyMessage {
             id: message.id,
             payload: message.payload,
             deliveries: 0,
-            dead_letter: Some(record),
         };
         self.stats.ready += 1;
         self.stats.dead_lettered_total += 1;
@@ -666,6 +688,32 @@ impl Core {
         Self::queue_entry(&mut self.queues, &self.config.policies, memory, to)
             .push_back(moved, memory);
         self.schedule_dispatch(to);
+    }
+
+    /// Attaches `record` to message `id`; returns the one it replaces.
+    fn keep_dead_letter(
+        &mut self,
+        id: MessageId,
+        record: Arc<DeadLetter>,
+    ) -> Option<Arc<DeadLetter>> {
+        let replaced = self.dead_letters.insert(id, record);
+        if replaced.is_none() {
+            self.stats.memory_bytes += DEAD_LETTER_BYTES;
+        }
+        replaced
+    }
+
+    /// Takes message `id`'s dead-letter record away, if it has one (it is leaving).
+    fn forget_dead_letter(&mut self, id: MessageId) -> Option<Arc<DeadLetter>> {
+        // Most brokers hold no dead letter: spare every ack the lookup.
+        if self.dead_letters.is_empty() {
+            return None;
+        }
+        let forgotten = self.dead_letters.remove(&id);
+        if forgotten.is_some() {
+            self.stats.memory_bytes -= DEAD_LETTER_BYTES;
+        }
+        forgotten
     }
 
     /// The messages dead-lettered (moved or dropped) since the last call, in order.
@@ -826,6 +874,12 @@ impl Core {
         ids
     }
 
+    /// Time has come to `now`: what happens from here on without an instant of its own (a
+    /// disconnect's dead letters) is stamped with it.
+    pub fn advance_to(&mut self, now: Instant) {
+        self.observe(now);
+    }
+
     fn observe(&mut self, now: Instant) -> Instant {
         let latest = self.latest_now.map_or(now, |latest| latest.max(now));
         if self.latest_now.is_none() {
@@ -932,7 +986,6 @@ impl Queue {
                     payload: message.payload.clone(),
                     attempt,
                     lease: leases.insert(deadline, (consumer_id, message.id)),
-                    dead_letter: message.dead_letter,
                 },
             );
             self.next_consumer = (index + 1) % count;

@@ -713,10 +713,19 @@ fn rule14_a_disconnect_dead_letters_the_messages_at_their_limit() {
     core.handle_timeout(t(0) + ACK_TIMEOUT);
     let second = publish(&mut core, "jobs", "second");
     assert_eq!(drain(&mut core, t(300)), [(C1, first, 2), (C1, second, 1)]);
+    core.advance_to(t(900));
     assert_eq!(core.disconnect(C1), 2);
     assert_eq!(core.ready_ids(&q("jobs")), [second]);
     assert_eq!(core.ready_ids(&q("jobs.dlq")), [first]);
     assert_eq!(core.stats().ready, 2);
+    let Relocated::DeadLettered { record, .. } = &core.take_relocated()[0] else {
+        panic!("a move")
+    };
+    assert_eq!(
+        record.at_ms,
+        1_767_225_600_000 + 900,
+        "stamped when it happened"
+    );
 }
 
 /// Without a dead-letter queue, a policy that opted in drops the message, and counts it.
@@ -775,8 +784,21 @@ fn a_restored_message_at_its_limit_is_dead_lettered_at_once() {
     let mut core = core_with_policies(TWO_DELIVERIES_THEN_DLQ);
     core.restore(&q("jobs"), MessageId(4), Payload::from_text("m"), 2, None);
     core.restore(&q("jobs"), MessageId(5), Payload::from_text("n"), 1, None);
+    // Dead-lettered earlier, so at the front of its dead-letter queue.
+    core.restore(
+        &q("jobs.dlq"),
+        MessageId(6),
+        Payload::from_text("o"),
+        0,
+        None,
+    );
+    core.end_restore();
     assert_eq!(core.ready_ids(&q("jobs")), [MessageId(5)]);
-    assert_eq!(core.ready_ids(&q("jobs.dlq")), [MessageId(4)]);
+    assert_eq!(
+        core.ready_ids(&q("jobs.dlq")),
+        [MessageId(6), MessageId(4)],
+        "at the back"
+    );
     assert_eq!(core.take_relocated().len(), 1);
-    assert_eq!(core.stats().ready, 2);
+    assert_eq!(core.stats().ready, 3);
 }

@@ -186,6 +186,11 @@ impl<L: Log> Gate<L> {
         self.reply(conn, replies);
     }
 
+    /// Time has come to `now`: the requests applied next happen then.
+    pub fn advance_to(&mut self, now: Instant) {
+        self.core.advance_to(now);
+    }
+
     /// The connection's task is gone (its route is closed): nothing more can reach it.
     pub fn handle_gone(&mut self, conn: ConnectionId) {
         self.end(conn);
@@ -446,7 +451,7 @@ impl<L: Log> Gate<L> {
         if registered.role == Role::Consumer {
             let returned = self.core.disconnect(conn.consumer());
             if returned > 0 {
-                info!(conn = %conn, queue = %registered.queue, returned, "consumer gone; its in-flight messages are ready again");
+                info!(conn = %conn, queue = %registered.queue, returned, "consumer gone; its in-flight messages are ready again (or dead-lettered, at their limit)");
             }
         }
         if !self.held.holds_for(conn) {
