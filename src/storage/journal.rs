@@ -50,9 +50,11 @@ pub struct Journal {
     next_awaited: bool,
     /// Segments in the log, oldest first; the last is the active one.
     segments: VecDeque<SegmentUsage>,
-    /// The segment of each live message that compaction copied forward. Every other live
-    /// message is where it was first published, which the segments' id ranges tell: the
-    /// index costs memory only for the few messages that outlive their segment.
+    /// The segment of each live message that compaction copied forward or a move to a
+    /// dead-letter queue logged again. Every other live message is where it was first
+    /// published, which the segments' id ranges tell: the index costs memory only for the
+    /// messages that outlive their segment and for dead letters (whose share the core
+    /// counts in `DEAD_LETTER_BYTES`).
     copied: FxHashMap<MessageId, u64>,
     /// Bytes in all segments, the active one included.
     total_bytes: u64,
