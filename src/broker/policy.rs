@@ -85,8 +85,14 @@ const KEYS_NOT_SERVED: [(&str, &str); 8] = [
     ("dedup_window", "dedup keys (protocol 1.1, part 2)"),
 ];
 
-/// The keys this build serves, as the refusal of an unknown key lists them.
-const KEYS_SERVED: &str = "ack_timeout, max_deliveries, dead_letter_queue, discard_dead_letters";
+/// The keys this build serves (`parse_table` reads each), as the refusal of an unknown
+/// key lists them.
+const KEYS_SERVED: [&str; 4] = [
+    "ack_timeout",
+    "max_deliveries",
+    "dead_letter_queue",
+    "discard_dead_letters",
+];
 
 /// One table of the file: the keys it sets.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -379,7 +385,7 @@ fn parse_table(table_name: &str, table: &toml::Table) -> Result<PolicyTable, Pro
                     Some((_, comes_with)) => format!(
                         "not served by this build yet (it comes with {comes_with}); remove it"
                     ),
-                    None => format!("unknown key; this build serves: {KEYS_SERVED}"),
+                    None => format!("unknown key; this build serves: {}", KEYS_SERVED.join(", ")),
                 };
                 return Err(problem(message));
             }
@@ -575,6 +581,31 @@ mod tests {
             "[queue_defaults]\ndead_letter_queue = \"dlq\"\n[queues.\"dlq\"]\ndiscard_dead_letters = true\nmax_deliveries = 0\n",
         )
         .unwrap_err();
+    }
+
+    /// The key lists the refusals quote agree with what the parser reads: a served key
+    /// with a value of the wrong type is refused for its value, never as unknown, and
+    /// every key not served yet is refused as such.
+    #[test]
+    fn the_key_lists_agree_with_the_parser() {
+        for key in KEYS_SERVED {
+            let refusal = PolicyFile::parse_text(&format!("[queue_defaults]\n{key} = [1]\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                refusal.starts_with(&format!("[queue_defaults] {key}: is [1]")),
+                "{refusal}"
+            );
+        }
+        for (key, _) in KEYS_NOT_SERVED {
+            let refusal = PolicyFile::parse_text(&format!("[queue_defaults]\n{key} = 1\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                refusal.contains("not served by this build yet"),
+                "{refusal}"
+            );
+        }
     }
 
     #[test]

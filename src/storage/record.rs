@@ -238,7 +238,9 @@ pub fn live_record_bytes(
     payload: &Payload,
     dead_letter: Option<&DeadLetter>,
 ) -> u64 {
-    (publish_record_bytes(queue, payload) + dead_letter.map_or(0, dead_letter_bytes)) as u64
+    let publish =
+        RECORD_PREFIX_BYTES + 1 + PUBLISH_FIXED_BYTES + queue.as_str().len() + payload.len();
+    (publish + dead_letter.map_or(0, dead_letter_bytes)) as u64
 }
 
 /// Appends a record listing ids that were delivered once more.
@@ -272,11 +274,6 @@ pub const SYNCED_RECORD_BYTES: usize = RECORD_PREFIX_BYTES + 1 + 8;
 /// Bytes a delivered or acked record of `count` ids takes on disk.
 pub fn ids_record_bytes(count: usize) -> usize {
     RECORD_PREFIX_BYTES + 1 + count * 8
-}
-
-/// Bytes a publish record of this queue and payload takes on disk.
-pub fn publish_record_bytes(queue: &QueueName, payload: &Payload) -> usize {
-    RECORD_PREFIX_BYTES + 1 + PUBLISH_FIXED_BYTES + queue.as_str().len() + payload.len()
 }
 
 fn encode_ids(dst: &mut Vec<u8>, segment: u64, kind: u8, ids: &[MessageId]) {
@@ -554,7 +551,8 @@ mod tests {
             decode_all(&bytes, &segment_header(SEGMENT)),
             (records, Decoded::Incomplete)
         );
-        let first_len = publish_record_bytes(&q("orders"), &Payload::from_text("first ✓"));
+        let first_len =
+            live_record_bytes(&q("orders"), &Payload::from_text("first ✓"), None) as usize;
         assert!(
             matches!(decode_record(&bytes, &segment_header(SEGMENT)), Decoded::Record(_, used) if used == first_len)
         );

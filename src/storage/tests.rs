@@ -71,7 +71,7 @@ fn segments(disk: &SimFs) -> Segments {
 
 /// Bytes of the publish record of `text` on `queue`, as an ack of it frees them.
 fn record_bytes(queue: &str, text: &str) -> u64 {
-    record::publish_record_bytes(&q(queue), &Payload::from_text(text)) as u64
+    record::live_record_bytes(&q(queue), &Payload::from_text(text), None)
 }
 
 /// A segment file's bytes: header, then records.
@@ -480,7 +480,7 @@ fn run_through_reused_files(backend: &SimFs) -> usize {
             .journal
             .log_publish(MessageId(id), 0, &q("q"), &payload, None);
         if id < 296 {
-            let bytes = record::publish_record_bytes(&q("q"), &payload) as u64;
+            let bytes = record::live_record_bytes(&q("q"), &payload, None);
             storage.journal.log_acked(&[MessageId(id)], bytes);
         }
         submit_durably(&mut storage.journal);
@@ -731,15 +731,25 @@ fn a_torn_tail_is_truncated_and_everything_before_it_kept() {
         let intact = bytes.len();
         bytes.extend_from_slice(torn);
         backend.put(&segment_file_name(1), &bytes);
-        let storage = open(&backend).unwrap();
-        assert_eq!(recovered_ids(&storage), [1, 2]);
-        assert_eq!(storage.recovered.truncated_bytes, torn.len() as u64);
-        assert_eq!(
-            backend.written(&segment_file_name(1)).unwrap().len(),
-            intact,
-            "cut back to the last intact record"
-        );
+        assert_cut_at(&backend, &[1, 2], bytes.len(), intact);
     }
+}
+
+/// Opens the log whose segment 1 is `file_len` bytes long, and checks that recovery kept
+/// the messages `kept` and cut the segment's file at `cut_at`, counting what it cut.
+fn assert_cut_at(backend: &SimFs, kept: &[u64], file_len: usize, cut_at: usize) {
+    let storage = open(backend).unwrap();
+    assert_eq!(recovered_ids(&storage), kept);
+    assert_eq!(
+        storage.recovered.truncated_bytes,
+        (file_len - cut_at) as u64
+    );
+    drop(storage);
+    assert_eq!(
+        backend.written(&segment_file_name(1)).unwrap().len(),
+        cut_at,
+        "cut at the damage"
+    );
 }
 
 #[test]
@@ -907,18 +917,7 @@ fn damage_after_the_last_sync_is_a_torn_tail_even_with_records_after_it() {
             assert_refused_as_corrupt(&backend);
             continue;
         }
-        let storage = open(&backend).unwrap();
-        assert_eq!(recovered_ids(&storage), [1]);
-        assert_eq!(
-            storage.recovered.truncated_bytes,
-            (bytes.len() - damaged_at) as u64
-        );
-        drop(storage);
-        assert_eq!(
-            backend.written(&segment_file_name(1)).unwrap().len(),
-            damaged_at,
-            "cut at the damage"
-        );
+        assert_cut_at(&backend, &[1], bytes.len(), damaged_at);
     }
 }
 
@@ -1056,7 +1055,7 @@ fn run_log_size_test(keep_every: u64, bound: impl Fn(u64, u64) -> u64) -> bool {
     .unwrap();
     let q_name = q("q");
     let payload = Payload::from_text(&"p".repeat(100));
-    let record_bytes = record::publish_record_bytes(&q_name, &payload) as u64;
+    let record_bytes = record::live_record_bytes(&q_name, &payload, None);
     let mut live = std::collections::BTreeMap::new();
     let mut compacted = false;
     for id in 1..=5_000u64 {
@@ -1151,7 +1150,7 @@ fn compaction_settles_whatever_the_queue_names_take_in_the_records() {
     .unwrap();
     let queue = q(&"n".repeat(255));
     let payload = Payload::from_text("");
-    let record_bytes = record::publish_record_bytes(&queue, &payload) as u64;
+    let record_bytes = record::live_record_bytes(&queue, &payload, None);
     for id in 1..=2_000u64 {
         storage
             .journal
