@@ -86,6 +86,8 @@ fn client_frames(c: &mut Criterion) {
         queue: "orders",
         prefetch: Some(100),
         token: Some("secret"),
+        version: None,
+        ack_timeout_ms: None,
     });
     group.bench_function("decode register", |b| {
         b.iter(|| black_box(InboundFrame::parse(&register).unwrap().register().unwrap()))
@@ -102,6 +104,7 @@ fn server_frames(c: &mut Criterion) {
             id: MessageId(42),
             payload: &payload,
             attempt: 1,
+            details: None,
         };
         group.bench_with_input(
             BenchmarkId::new("encode message", size),

@@ -7,7 +7,7 @@ use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_mai
 use ferry::MessageId;
 use ferry::broker::core::{ConsumerId, Core, CoreConfig, WallClock};
 use ferry::broker::policy::{Policies, QueuePolicy};
-use ferry::protocol::{Payload, QueueName};
+use ferry::protocol::{Due, Payload, QueueName};
 use std::hint::black_box;
 
 const BATCH: u64 = 1000;
@@ -23,9 +23,9 @@ fn core() -> Core {
 /// A core whose queue holds `BATCH` ready messages and one consumer with room for all.
 fn loaded(queue: &QueueName, payload: &Payload) -> Core {
     let mut core = core();
-    core.subscribe(ConsumerId(1), queue.clone(), u16::MAX);
+    core.subscribe(ConsumerId(1), queue.clone(), u16::MAX, None);
     for _ in 0..BATCH {
-        core.publish(queue, payload.clone()).unwrap();
+        core.publish(queue, payload.clone(), Due::Now).unwrap();
     }
     core
 }
@@ -49,7 +49,7 @@ fn bench_core(c: &mut Criterion) {
             core,
             |mut core| {
                 for _ in 0..BATCH {
-                    black_box(core.publish(&queue, payload.clone()).unwrap());
+                    black_box(core.publish(&queue, payload.clone(), Due::Now).unwrap());
                 }
                 core
             },
@@ -99,14 +99,14 @@ fn bench_core(c: &mut Criterion) {
             || {
                 let mut core = core();
                 for consumer in 0..10 {
-                    core.subscribe(ConsumerId(consumer), queue.clone(), 100);
+                    core.subscribe(ConsumerId(consumer), queue.clone(), 100, None);
                 }
                 core
             },
             |mut core| {
                 let mut made = Vec::new();
                 for _ in 0..BATCH {
-                    core.publish(&queue, payload.clone()).unwrap();
+                    core.publish(&queue, payload.clone(), Due::Now).unwrap();
                     made.clear();
                     core.dispatch(now, |delivery| made.push(delivery));
                     for delivery in made.drain(..) {

@@ -71,7 +71,9 @@ pub fn client_frame(body: &[u8]) {
             FrameType::Publish => {
                 format!("{:?}", frame.publish_payload().map_err(|e| e.to_string()))
             }
-            FrameType::Ack => format!("{:?}", frame.ack_id().map_err(|e| e.to_string())),
+            FrameType::Ack => format!("{:?}", frame.target_ids(true).map_err(|e| e.to_string())),
+            FrameType::Nack => format!("{:?}", frame.nack().map_err(|e| e.to_string())),
+            FrameType::Touch => format!("{:?}", frame.touch().map_err(|e| e.to_string())),
         };
         (frame.frame_type(), detail)
     };
@@ -103,6 +105,7 @@ pub fn server_frame(body: &[u8]) {
             id: message.id,
             payload: &payload,
             attempt: message.attempt,
+            details: None,
         }
         .encode(&mut buf);
         assert_eq!(

@@ -64,11 +64,20 @@ async fn queues_count_against_the_memory_limit() {
     while queues < 20_000 && publish_counting(&broker, &format!("q-{queues}"), &[""]).await == 1 {
         queues += 1;
     }
-    let grown = rss_bytes(pid).saturating_sub(before);
     assert!(
         queues < 20_000,
         "20,000 queues of one message each accepted under a {limit}-byte limit"
     );
+    // The allocator (mimalloc) gives freed memory back lazily, as later allocations come:
+    // right after the last connection, pages that the connections' buffers shared with
+    // the queues' allocations are still counted. More connections, refused, let it purge
+    // them; the bound holds for what stays.
+    let deadline = std::time::Instant::now() + common::WAIT;
+    let mut grown = rss_bytes(pid).saturating_sub(before);
+    while grown > 3 * limit && std::time::Instant::now() < deadline {
+        publish_counting(&broker, "more", &[""]).await;
+        grown = rss_bytes(pid).saturating_sub(before);
+    }
     assert!(
         grown <= 3 * limit,
         "{queues} queues accepted; the broker grew by {grown} bytes under a {limit}-byte limit"

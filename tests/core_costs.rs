@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use ferry::MessageId;
 use ferry::broker::core::{ConsumerId, Core, CoreConfig, Delivery, WallClock};
 use ferry::broker::policy::{Policies, QueuePolicy};
-use ferry::protocol::{Payload, QueueName};
+use ferry::protocol::{Due, Payload, QueueName};
 
 struct Counting;
 
@@ -80,7 +80,7 @@ fn no_publish_into_a_deep_backlog_allocates_in_proportion_to_it() {
     LARGEST.with(|largest| largest.set(0));
     let messages = 2_000_000;
     for _ in 0..messages {
-        core.publish(&queue, payload.clone()).unwrap();
+        core.publish(&queue, payload.clone(), Due::Now).unwrap();
     }
     let largest = LARGEST.with(Cell::get);
     assert!(
@@ -98,12 +98,16 @@ fn memory_for_leases_follows_what_is_in_flight_not_what_was_acked() {
     let queue = QueueName::new("q").unwrap();
     let consumer = ConsumerId(1);
     let now = Instant::now();
-    core.subscribe(consumer, queue.clone(), 10);
-    core.publish(&queue, Payload::from_text("stuck")).unwrap();
+    core.subscribe(consumer, queue.clone(), 10, None);
+    core.publish(&queue, Payload::from_text("stuck"), Due::Now)
+        .unwrap();
     assert_eq!(deliveries(&mut core, now).len(), 1);
     // Warm up: the first rounds allocate what a steady state reuses.
     let round = |core: &mut Core| {
-        let id = core.publish(&queue, Payload::from_text("x")).unwrap();
+        let id = core
+            .publish(&queue, Payload::from_text("x"), Due::Now)
+            .unwrap()
+            .id;
         let made = deliveries(core, now);
         assert_eq!(made.iter().map(|d| d.id).collect::<Vec<_>>(), [id]);
         core.ack(consumer, id).unwrap();

@@ -1,12 +1,16 @@
-//! Model-based test of the queue core: random sequences of publish / subscribe /
-//! dispatch / ack / wrong ack / pause / resume / time passing / disconnect / drain,
-//! applied both to the core and to a deliberately naive reference model of contract §4
+//! Model-based test of the queue core: random sequences of publish (now or delayed) /
+//! subscribe (with the queue's lease or its own) / dispatch / ack / wrong ack / nack (to
+//! the back, delayed, after the queue's backoff, or dead-lettered) / touch / pause /
+//! resume / time passing / disconnect / drain, under per-queue policies, applied both to
+//! the core and to a deliberately naive reference model of contract §4 and §12
 //! (vectors and linear scans). After every step the two must agree exactly (deliveries,
 //! refusals, what expired and for whom, what memory is counted), and these invariants
-//! must hold: each published id is in exactly one of ready, in flight, acked; no consumer
+//! must hold: each published id is in exactly one of ready, delayed, in flight, acked,
+//! discarded; no consumer
 //! is over its prefetch or gets anything while paused; an acked id never comes back;
-//! redelivered ids stand before never delivered ones, which keep their publish order; the
-//! next timeout is never later than a timer tick after the earliest deadline. On failure
+//! redelivered ids stand before never delivered ones, which keep their publish order
+//! (those sent to the back aside); the next timeout is never later than a timer tick
+//! after the earliest deadline or due time. On failure
 //! proptest prints the shrunk sequence of operations, which replays deterministically
 //! (time is simulated).
 
@@ -16,11 +20,12 @@ use std::time::{Duration, Instant};
 
 use ferry::MessageId;
 use ferry::broker::core::{
-    AckError, ConsumerId, Core, CoreConfig, DEAD_LETTER_BYTES, MESSAGE_OVERHEAD_BYTES,
-    PublishError, QUEUE_OVERHEAD_BYTES, READY_CHUNK_LEN, READY_SLOT_BYTES, TIMER_TICK, WallClock,
+    AckError, ConsumerId, Core, CoreConfig, DEAD_LETTER_BYTES, DELAYED_MESSAGE_BYTES,
+    MESSAGE_OVERHEAD_BYTES, NackAction, PublishError, QUEUE_OVERHEAD_BYTES, READY_CHUNK_LEN,
+    READY_SLOT_BYTES, TIMER_TICK, WallClock,
 };
 use ferry::broker::policy::{PolicyFile, QueuePolicy};
-use ferry::protocol::{Payload, QueueName};
+use ferry::protocol::{Due, Payload, QueueName};
 use proptest::prelude::*;
 
 const QUEUES: usize = 3;
@@ -42,7 +47,8 @@ fn ack_timeout_ms(queue: usize) -> u64 {
 }
 
 /// Each queue's `max_deliveries` (0: none) and dead-letter queue: `q0` discards its dead
-/// letters, `q1` sends them to `q2`, which has no limit.
+/// letters, `q1` sends them to `q2`, which has no limit (and discards what a nack
+/// rejects).
 fn dead_letter_policy(queue: usize) -> (u32, Option<usize>) {
     match queue {
         0 => (3, None),
@@ -53,7 +59,25 @@ fn dead_letter_policy(queue: usize) -> (u32, Option<usize>) {
 
 const POLICIES: &str = "[queues.\"q0\"]\nmax_deliveries = 3\ndiscard_dead_letters = true\n\
     [queues.\"q1\"]\nack_timeout = \"200ms\"\nmax_deliveries = 2\ndead_letter_queue = \"q2\"\n\
-    [queues.\"q2*\"]\nack_timeout = \"300ms\"\n";
+    max_lease = \"250ms\"\n\
+    [queues.\"q2*\"]\nack_timeout = \"300ms\"\nbackoff_initial = \"20ms\"\nbackoff_max = \"50ms\"\n";
+
+/// Each queue's `max_lease` in ms, as `POLICIES` sets it (the default is 12 hours).
+fn max_lease_ms(queue: usize) -> u64 {
+    if queue == 1 { 250 } else { 12 * 3600 * 1000 }
+}
+
+/// What a nack without a delay waits on each queue (rule 12), as `POLICIES` sets it.
+fn backoff_ms(queue: usize, attempt: u32) -> u64 {
+    if queue == 2 {
+        (20u64 << (attempt - 1).min(8)).min(50)
+    } else {
+        0
+    }
+}
+
+/// The wall clock's reading at `t(0)`.
+const WALL_MS: u64 = 1_000_000;
 
 fn queue_name(index: usize) -> QueueName {
     QueueName::new(&format!("q{index}")).unwrap()
@@ -64,11 +88,26 @@ enum Op {
     Publish {
         queue: usize,
         text_len: usize,
+        /// 0: ready now.
+        delay_ms: u64,
     },
     Subscribe {
         consumer: u64,
         queue: usize,
         prefetch: u16,
+        /// Its own lease, or the queue's.
+        lease_ms: Option<u64>,
+    },
+    Nack {
+        consumer: u64,
+        pick: usize,
+        /// `None`: dead-letter it.
+        retry: Option<Option<u64>>,
+    },
+    Touch {
+        consumer: u64,
+        pick: usize,
+        lease_ms: Option<u64>,
     },
     Dispatch,
     Ack {
@@ -100,8 +139,14 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        6 => (0..QUEUES, 0usize..60).prop_map(|(queue, text_len)| Op::Publish { queue, text_len }),
-        2 => (0..CONSUMERS, 0..QUEUES, 1u16..4).prop_map(|(consumer, queue, prefetch)| Op::Subscribe { consumer, queue, prefetch }),
+        6 => (0..QUEUES, 0usize..60, prop_oneof![3 => Just(0u64), 1 => 1u64..300])
+            .prop_map(|(queue, text_len, delay_ms)| Op::Publish { queue, text_len, delay_ms }),
+        2 => (0..CONSUMERS, 0..QUEUES, 1u16..4, prop::option::of(20u64..400))
+            .prop_map(|(consumer, queue, prefetch, lease_ms)| Op::Subscribe { consumer, queue, prefetch, lease_ms }),
+        3 => (0..CONSUMERS, 0usize..8, prop::option::weighted(0.8, prop::option::of(0u64..200)))
+            .prop_map(|(consumer, pick, retry)| Op::Nack { consumer, pick, retry }),
+        2 => (0..CONSUMERS, 0usize..8, prop::option::of(1u64..300))
+            .prop_map(|(consumer, pick, lease_ms)| Op::Touch { consumer, pick, lease_ms }),
         5 => Just(Op::Dispatch),
         5 => (0..CONSUMERS, 0usize..8).prop_map(|(consumer, pick)| Op::Ack { consumer, pick }),
         1 => (0..CONSUMERS, 0u64..40).prop_map(|(consumer, id)| Op::WrongAck { consumer, id }),
@@ -127,9 +172,19 @@ struct ModelQueue {
 struct ModelConsumer {
     queue: usize,
     prefetch: usize,
+    lease_ms: u64,
     paused: bool,
-    /// id -> (attempt, deadline in ms)
-    in_flight: BTreeMap<u64, (u32, u64)>,
+    /// id -> (attempt, deadline in ms, delivered at in ms)
+    in_flight: BTreeMap<u64, (u32, u64, u64)>,
+}
+
+/// A message waiting for its due time.
+#[derive(Debug, Clone, Copy)]
+struct ModelDelayed {
+    due_ms: u64,
+    id: u64,
+    queue: usize,
+    deliveries: u32,
 }
 
 #[derive(Debug, Default)]
@@ -146,8 +201,14 @@ struct Model {
     published: Vec<u64>,
     acked: HashSet<u64>,
     ever_delivered: HashSet<u64>,
-    /// Moved to a dead-letter queue (at its back, so outside the order of the others).
+    /// With a dead-letter record (moved to a dead-letter queue at least once).
     dead_lettered: HashSet<u64>,
+    dead_lettered_total: u64,
+    /// Sent to the back of a queue (dead-lettered, nacked, delayed): outside the order of
+    /// the others.
+    sent_back: HashSet<u64>,
+    delayed: Vec<ModelDelayed>,
+    nacked_total: u64,
     /// Dead letters dropped.
     discarded: HashSet<u64>,
     /// Ids from here on are not deliverable (durable storage's watermark).
@@ -156,7 +217,13 @@ struct Model {
 
 impl Model {
     /// A publish, the core counting `counted` bytes before it.
-    fn publish(&mut self, queue: usize, size: u64, counted: u64) -> Result<u64, &'static str> {
+    fn publish(
+        &mut self,
+        queue: usize,
+        size: u64,
+        delay_ms: u64,
+        counted: u64,
+    ) -> Result<u64, &'static str> {
         if self.draining {
             return Err("shutting_down");
         }
@@ -166,6 +233,11 @@ impl Model {
                 0
             } else {
                 queue_cost(queue)
+            }
+            + if delay_ms > 0 {
+                DELAYED_MESSAGE_BYTES
+            } else {
+                0
             };
         if counted + cost > MAX_MEMORY_BYTES {
             return Err("queue_full");
@@ -175,15 +247,29 @@ impl Model {
         self.memory += cost;
         self.sizes.insert(id, size);
         self.published.push(id);
-        self.queues
-            .entry(queue)
-            .or_default()
-            .ready
-            .push_back((id, 0));
+        let q = self.queues.entry(queue).or_default();
+        if delay_ms > 0 {
+            self.delay(queue, id, 0, delay_ms);
+            self.memory -= DELAYED_MESSAGE_BYTES;
+        } else {
+            q.ready.push_back((id, 0));
+        }
         Ok(id)
     }
 
-    fn subscribe(&mut self, consumer: u64, queue: usize, prefetch: u16) {
+    /// Holds a message until `delay_ms` from now.
+    fn delay(&mut self, queue: usize, id: u64, deliveries: u32, delay_ms: u64) {
+        self.memory += DELAYED_MESSAGE_BYTES;
+        self.sent_back.insert(id);
+        self.delayed.push(ModelDelayed {
+            due_ms: self.now_ms + delay_ms,
+            id,
+            queue,
+            deliveries,
+        });
+    }
+
+    fn subscribe(&mut self, consumer: u64, queue: usize, prefetch: u16, lease_ms: Option<u64>) {
         if !self.queues.contains_key(&queue) {
             self.memory += queue_cost(queue);
         }
@@ -195,6 +281,7 @@ impl Model {
             ModelConsumer {
                 queue,
                 prefetch: prefetch.into(),
+                lease_ms: lease_ms.unwrap_or(ack_timeout_ms(queue)),
                 paused: false,
                 in_flight: BTreeMap::new(),
             },
@@ -222,11 +309,9 @@ impl Model {
                 let consumer = q.ring[pos];
                 let (id, deliveries) = q.ready.pop_front().unwrap();
                 let attempt = deliveries + 1;
-                self.consumers
-                    .get_mut(&consumer)
-                    .unwrap()
-                    .in_flight
-                    .insert(id, (attempt, self.now_ms + ack_timeout_ms(queue_index)));
+                let c = self.consumers.get_mut(&consumer).unwrap();
+                let deadline = self.now_ms + c.lease_ms;
+                c.in_flight.insert(id, (attempt, deadline, self.now_ms));
                 self.ever_delivered.insert(id);
                 q.next = Some(q.ring[(pos + 1) % n]);
                 out.push((queue_index, consumer, id, attempt));
@@ -253,7 +338,7 @@ impl Model {
     /// Rules 5, 14 and 15: back to the front, or, at the limit, dead-lettered.
     fn return_messages(&mut self, queue: usize, mut returning: Vec<(u64, u32)>) {
         returning.sort();
-        let (limit, dead_letter_queue) = dead_letter_policy(queue);
+        let (limit, _) = dead_letter_policy(queue);
         let (dead, back): (Vec<_>, Vec<_>) = returning
             .into_iter()
             .partition(|(_, deliveries)| limit > 0 && *deliveries >= limit);
@@ -262,25 +347,89 @@ impl Model {
             q.ready.push_front(message);
         }
         for (id, _) in dead {
-            match dead_letter_queue {
-                Some(target) => {
-                    if !self.queues.contains_key(&target) {
-                        self.memory += queue_cost(target);
-                    }
-                    self.queues
-                        .entry(target)
-                        .or_default()
-                        .ready
-                        .push_back((id, 0));
-                    self.dead_lettered.insert(id);
+            self.dead_letter(queue, id);
+        }
+    }
+
+    /// Rule 15: to the back of the queue's dead-letter queue, or dropped.
+    fn dead_letter(&mut self, queue: usize, id: u64) {
+        match dead_letter_policy(queue).1 {
+            Some(target) => {
+                if !self.queues.contains_key(&target) {
+                    self.memory += queue_cost(target);
+                }
+                self.queues
+                    .entry(target)
+                    .or_default()
+                    .ready
+                    .push_back((id, 0));
+                if self.dead_lettered.insert(id) {
                     self.memory += DEAD_LETTER_BYTES;
                 }
-                None => {
-                    self.memory -= self.sizes[&id] + MESSAGE_OVERHEAD_BYTES;
-                    self.discarded.insert(id);
+                self.sent_back.insert(id);
+                self.dead_lettered_total += 1;
+            }
+            None => {
+                self.memory -= self.sizes[&id] + MESSAGE_OVERHEAD_BYTES;
+                if self.dead_lettered.remove(&id) {
+                    self.memory -= DEAD_LETTER_BYTES;
                 }
+                self.discarded.insert(id);
             }
         }
+    }
+
+    /// Rule 12; `retry` `None` is `"dead_letter":true`. Says whether it was in flight.
+    fn nack(&mut self, consumer: u64, id: u64, retry: Option<Option<u64>>) -> bool {
+        let Some(c) = self.consumers.get_mut(&consumer) else {
+            return false;
+        };
+        let Some((attempt, _, _)) = c.in_flight.remove(&id) else {
+            return false;
+        };
+        let queue = c.queue;
+        self.nacked_total += 1;
+        let (limit, _) = dead_letter_policy(queue);
+        let delay = match retry {
+            None => {
+                return {
+                    self.dead_letter(queue, id);
+                    true
+                };
+            }
+            Some(_) if limit > 0 && attempt >= limit => {
+                self.dead_letter(queue, id);
+                return true;
+            }
+            Some(delay) => delay.unwrap_or_else(|| backoff_ms(queue, attempt)),
+        };
+        if delay == 0 {
+            self.queues
+                .get_mut(&queue)
+                .unwrap()
+                .ready
+                .push_back((id, attempt));
+            self.sent_back.insert(id);
+        } else {
+            self.delay(queue, id, attempt, delay);
+        }
+        true
+    }
+
+    /// Rule 16. Says whether it was in flight.
+    fn touch(&mut self, consumer: u64, id: u64, lease_ms: Option<u64>) -> bool {
+        let now = self.now_ms;
+        let Some(c) = self.consumers.get_mut(&consumer) else {
+            return false;
+        };
+        let (lease, queue) = (lease_ms.unwrap_or(c.lease_ms), c.queue);
+        let Some((_, deadline, delivered_at)) = c.in_flight.get_mut(&id) else {
+            return false;
+        };
+        *deadline = (now + lease)
+            .min(*delivered_at + max_lease_ms(queue))
+            .max(now);
+        true
     }
 
     fn disconnect(&mut self, consumer: u64) {
@@ -297,11 +446,12 @@ impl Model {
         let returning = gone
             .in_flight
             .into_iter()
-            .map(|(id, (attempt, _))| (id, attempt))
+            .map(|(id, (attempt, _, _))| (id, attempt))
             .collect();
         self.return_messages(gone.queue, returning);
         let q = &self.queues[&gone.queue];
-        if q.ready.is_empty() && q.ring.is_empty() {
+        let delayed = self.delayed.iter().any(|d| d.queue == gone.queue);
+        if q.ready.is_empty() && q.ring.is_empty() && !delayed {
             self.queues.remove(&gone.queue);
             self.memory -= queue_cost(gone.queue);
         }
@@ -316,11 +466,11 @@ impl Model {
             let due: Vec<u64> = c
                 .in_flight
                 .iter()
-                .filter(|(_, (_, at))| *at <= self.now_ms)
+                .filter(|(_, (_, at, _))| *at <= self.now_ms)
                 .map(|(id, _)| *id)
                 .collect();
             for id in due {
-                let (attempt, _) = c.in_flight.remove(&id).unwrap();
+                let (attempt, _, _) = c.in_flight.remove(&id).unwrap();
                 expired.entry(c.queue).or_default().push((id, attempt));
                 taken_back.push((consumer, id));
             }
@@ -328,14 +478,37 @@ impl Model {
         for (queue, returning) in expired {
             self.return_messages(queue, returning);
         }
+        // Then the delayed messages that are due, together in id order (rule 13).
+        let (mut due, waiting): (Vec<_>, Vec<_>) =
+            self.delayed.iter().partition(|d| d.due_ms <= self.now_ms);
+        self.delayed = waiting;
+        due.sort_by_key(|d| (d.due_ms, d.id));
+        for d in due {
+            self.memory -= DELAYED_MESSAGE_BYTES;
+            self.queues
+                .entry(d.queue)
+                .or_default()
+                .ready
+                .push_back((d.id, d.deliveries));
+        }
         taken_back
     }
 
     fn earliest_deadline(&self) -> Option<u64> {
         self.consumers
             .values()
-            .flat_map(|c| c.in_flight.values().map(|(_, at)| *at))
+            .flat_map(|c| c.in_flight.values().map(|(_, at, _)| *at))
+            .chain(self.delayed.iter().map(|d| d.due_ms))
             .min()
+    }
+
+    /// One of the ids in flight to `consumer`, chosen by `pick`, if it has any.
+    fn pick(&self, consumer: u64, pick: usize) -> Option<u64> {
+        let held = self.consumers.get(&consumer)?;
+        held.in_flight
+            .keys()
+            .nth(pick % held.in_flight.len().max(1))
+            .copied()
     }
 
     fn is_drained(&self) -> bool {
@@ -369,7 +542,7 @@ fn check(core: &mut Core, model: &Model) -> Result<(), TestCaseError> {
         // letters, at the back of theirs, aside).
         let core_ready: Vec<u64> = core_ready
             .into_iter()
-            .filter(|id| !model.dead_lettered.contains(id))
+            .filter(|id| !model.sent_back.contains(id))
             .collect();
         let first_fresh = core_ready
             .iter()
@@ -412,6 +585,13 @@ fn check(core: &mut Core, model: &Model) -> Result<(), TestCaseError> {
         for id in core_in_flight {
             prop_assert!(placed.insert(id, "in flight").is_none(), "id {} twice", id);
         }
+    }
+    for d in &model.delayed {
+        prop_assert!(
+            placed.insert(d.id, "delayed").is_none(),
+            "id {} twice",
+            d.id
+        );
     }
     for id in &model.acked {
         prop_assert!(
@@ -461,7 +641,9 @@ fn check(core: &mut Core, model: &Model) -> Result<(), TestCaseError> {
     );
     prop_assert_eq!(stats.acked_total, model.acked.len() as u64);
     prop_assert_eq!(stats.discarded_total, model.discarded.len() as u64);
-    prop_assert_eq!(stats.dead_lettered_total, model.dead_lettered.len() as u64);
+    prop_assert_eq!(stats.dead_lettered_total, model.dead_lettered_total);
+    prop_assert_eq!(stats.nacked_total, model.nacked_total);
+    prop_assert_eq!(stats.delayed, model.delayed.len());
     match (core.poll_timeout(), model.earliest_deadline()) {
         (None, None) => {}
         (Some(next), Some(earliest)) => prop_assert!(
@@ -489,7 +671,10 @@ fn run(ops: &[Op], hold_new: bool) -> Result<(), TestCaseError> {
             .unwrap()
             .resolve(&QueuePolicy::new(Duration::from_millis(ACK_TIMEOUT_MS))),
         max_memory_bytes: MAX_MEMORY_BYTES,
-        wall_clock: WallClock::now(),
+        wall_clock: WallClock {
+            at: t(0),
+            unix_ms: WALL_MS,
+        },
     });
     let mut model = Model {
         deliverable_below: u64::MAX,
@@ -501,28 +686,80 @@ fn run(ops: &[Op], hold_new: bool) -> Result<(), TestCaseError> {
     }
     for op in ops {
         match *op {
-            Op::Publish { queue, text_len } => {
+            Op::Publish {
+                queue,
+                text_len,
+                delay_ms,
+            } => {
                 let payload = Payload::from_text(&"x".repeat(text_len));
                 let size = payload.len() as u64;
                 let counted = core.stats().memory_bytes;
+                // Either spelling of a delay: the same due time.
+                let due = match (delay_ms, text_len % 2) {
+                    (0, _) => Due::Now,
+                    (ms, 0) => Due::After(Duration::from_millis(ms)),
+                    (ms, _) => Due::At(WALL_MS + model.now_ms + ms),
+                };
                 let got = core
-                    .publish(&queue_name(queue), payload)
-                    .map(|id| id.0)
+                    .publish(&queue_name(queue), payload, due)
+                    .map(|published| published.id.0)
                     .map_err(|e| match e {
                         PublishError::QueueFull { .. } => "queue_full",
                         PublishError::ShuttingDown => "shutting_down",
                     });
-                prop_assert_eq!(got, model.publish(queue, size, counted));
+                prop_assert_eq!(got, model.publish(queue, size, delay_ms, counted));
             }
             Op::Subscribe {
                 consumer,
                 queue,
                 prefetch,
+                lease_ms,
             } => {
                 if !model.consumers.contains_key(&consumer) {
-                    core.subscribe(ConsumerId(consumer), queue_name(queue), prefetch);
-                    model.subscribe(consumer, queue, prefetch);
+                    // Within the queue's max_lease, as the session checks.
+                    let lease_ms = lease_ms.map(|ms| ms.min(max_lease_ms(queue)));
+                    let lease = lease_ms.map(Duration::from_millis);
+                    core.subscribe(ConsumerId(consumer), queue_name(queue), prefetch, lease);
+                    model.subscribe(consumer, queue, prefetch, lease_ms);
                 }
+            }
+            Op::Nack {
+                consumer,
+                pick,
+                retry,
+            } => {
+                // One in flight to it, or else an id it does not hold.
+                let id = model.pick(consumer, pick).unwrap_or(pick as u64);
+                let action = match retry {
+                    None => NackAction::DeadLetter,
+                    Some(delay) => NackAction::Retry(delay.map(Duration::from_millis)),
+                };
+                let got = core.nack(ConsumerId(consumer), MessageId(id), action);
+                prop_assert_eq!(
+                    got.is_ok(),
+                    model.nack(consumer, id, retry),
+                    "nack of {}",
+                    id
+                );
+            }
+            Op::Touch {
+                consumer,
+                pick,
+                lease_ms,
+            } => {
+                // One in flight to it, or else an id it does not hold.
+                let id = model.pick(consumer, pick).unwrap_or(pick as u64);
+                let got = core.touch(
+                    ConsumerId(consumer),
+                    MessageId(id),
+                    lease_ms.map(Duration::from_millis),
+                );
+                prop_assert_eq!(
+                    got.is_ok(),
+                    model.touch(consumer, id, lease_ms),
+                    "touch of {}",
+                    id
+                );
             }
             Op::Dispatch => {
                 let mut got: BTreeMap<usize, Vec<(u64, u64, u32)>> = BTreeMap::new();
@@ -549,12 +786,7 @@ fn run(ops: &[Op], hold_new: bool) -> Result<(), TestCaseError> {
                 prop_assert_eq!(got, expected);
             }
             Op::Ack { consumer, pick } => {
-                let held: Vec<u64> = model
-                    .consumers
-                    .get(&consumer)
-                    .map(|c| c.in_flight.keys().copied().collect())
-                    .unwrap_or_default();
-                if let Some(&id) = held.get(pick % held.len().max(1)) {
+                if let Some(id) = model.pick(consumer, pick) {
                     prop_assert!(core.ack(ConsumerId(consumer), MessageId(id)).is_ok());
                     prop_assert!(model.ack(consumer, id));
                 }

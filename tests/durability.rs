@@ -6,12 +6,14 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    BrokerProcess, TestBroker, dir_bytes, durable_config, publish_ids, recv, run_ferry, within,
+    BrokerProcess, RawClient, TestBroker, dir_bytes, durable_config, publish_ids, recv, run_ferry,
+    within,
 };
 use ferry::broker::BrokerConfig;
 use ferry::broker::core::{MESSAGE_OVERHEAD_BYTES, QUEUE_OVERHEAD_BYTES, READY_SLOT_BYTES};
 use ferry::storage::record::{self, Decoded, Record, SegmentHeader};
 use ferry::storage::segments::SPARE_FILES_MAX;
+use serde_json::{Value, json};
 
 /// A durable config in which a delivered message stays in flight for the whole test (its
 /// ack timeout never passes), and the drain gives up quickly on it.
@@ -593,4 +595,138 @@ async fn a_producer_that_half_closes_gets_every_reply_durable_or_not() {
             .collect();
         assert!(ids.windows(2).all(|w| w[0] < w[1]), "{args:?}: in order");
     }
+}
+
+/// A connection to `broker` registered with version 1.1.
+async fn register_1_1(broker: &BrokerProcess, role: &str, queue: &str) -> RawClient {
+    let mut client = RawClient::connect(broker.addr).await;
+    client
+        .send(json!({"type": "register", "version": "1.1", "role": role, "queue": queue}))
+        .await;
+    client.expect_ok().await;
+    client
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// §14: across `kill -9`, a delayed publish and a delayed nack keep their due times on
+/// the wall clock (neither comes early, restart time is not added), attempts counted by
+/// the nack stay counted, `published_at` is kept, and a rejected dead letter stays in its
+/// dead-letter queue with its record. The nack is on stable storage without any further
+/// traffic.
+#[tokio::test]
+async fn delays_nacks_and_dead_letters_survive_a_kill() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ferry.toml");
+    std::fs::write(
+        &config,
+        "[queues.\"jobs\"]\ndead_letter_queue = \"jobs.dlq\"\n",
+    )
+    .unwrap();
+    let data_dir = dir.path().join("data");
+    let args = [
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+        "--ack-timeout",
+        "60s",
+    ];
+    let mut broker = BrokerProcess::start(&args);
+    let mut producer = register_1_1(&broker, "producer", "jobs").await;
+    let mut worker = register_1_1(&broker, "consumer", "jobs").await;
+    let publish = |payload: &str, extra: Value| {
+        let mut frame = json!({"type": "publish", "payload": payload});
+        frame
+            .as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        frame
+    };
+    producer.send(publish("nacked", json!({}))).await;
+    let nacked = producer.expect_ok().await["id"].as_u64().unwrap();
+    producer.send(publish("rejected", json!({}))).await;
+    let rejected = producer.expect_ok().await["id"].as_u64().unwrap();
+    let first = worker.expect_message().await;
+    let published_at = first["published_at"].as_u64().unwrap();
+    worker.expect_message().await;
+    let due = unix_ms() + 2_000;
+    producer
+        .send(publish("delayed", json!({"not_before": due})))
+        .await;
+    let delayed = producer.expect_ok().await["id"].as_u64().unwrap();
+    worker
+        .send(json!({"type": "nack", "id": nacked, "delay_ms": 2_000}))
+        .await;
+    worker
+        .send(json!({"type": "nack", "id": rejected, "dead_letter": true}))
+        .await;
+    worker.sync().await;
+    let nack_due = unix_ms() + 2_000;
+    // The nacks reach the log on their own: the delayed one logged again with its due
+    // time, the rejected one in the dead-letter queue with its record.
+    common::eventually("both nacks are in the log", || {
+        let records = logged_records(&data_dir);
+        let logged_again = |id: u64, check: &dyn Fn(&Record) -> bool| {
+            records.iter().any(|r| {
+                matches!(r, Record::Publish { id: logged, .. } if logged.0 == id) && check(r)
+            })
+        };
+        logged_again(nacked, &|r| {
+            matches!(
+                r,
+                Record::Publish {
+                    due_ms: Some(_),
+                    deliveries: 1,
+                    ..
+                }
+            )
+        }) && logged_again(rejected, &|r| {
+            matches!(
+                r,
+                Record::Publish {
+                    dead_letter: Some(_),
+                    ..
+                }
+            )
+        })
+    })
+    .await;
+    broker.signal(nix::sys::signal::Signal::SIGKILL);
+    broker.wait_exit(common::WAIT).await;
+
+    let broker = BrokerProcess::start(&args);
+    let mut dead_letters = register_1_1(&broker, "consumer", "jobs.dlq").await;
+    let dead = dead_letters.expect_message().await;
+    assert_eq!(dead["id"], rejected);
+    assert_eq!(dead["dead_letter"]["reason"], "rejected");
+    assert_eq!(dead["dead_letter"]["queue"], "jobs");
+    let mut worker = register_1_1(&broker, "consumer", "jobs").await;
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let message = worker.expect_message().await;
+        got.push((
+            message["id"].as_u64().unwrap(),
+            message["attempt"].as_u64().unwrap(),
+            unix_ms(),
+            message["published_at"].as_u64().unwrap(),
+        ));
+    }
+    got.sort();
+    let (id, attempt, at, kept_published_at) = got[0];
+    assert_eq!((id, attempt, kept_published_at), (nacked, 2, published_at));
+    assert!(
+        at >= nack_due - 1,
+        "the nacked message came {} ms early",
+        nack_due - at
+    );
+    let (id, attempt, at, _) = got[1];
+    assert_eq!((id, attempt), (delayed, 1));
+    assert!(at >= due, "the delayed publish came {} ms early", due - at);
+    assert!(at < due + 10_000, "restart time was added to the delay");
 }

@@ -96,8 +96,16 @@ async fn a_config_file_it_cannot_honour_stops_the_broker_naming_file_table_and_k
             "[queues.a] dead_letter_queue: dead letters would go round: b -> a -> b",
         ),
         (
-            "[queues.\"orders\"]\nmax_lease = \"1h\"\n",
-            "[queues.orders] max_lease: not served by this build yet",
+            "[queues.\"orders\"]\nmax_length = 10\n",
+            "[queues.orders] max_length: not served by this build yet",
+        ),
+        (
+            "[queues.\"orders\"]\nbackoff_multiplier = 0.5\n",
+            "[queues.orders] backoff_multiplier: is 0.5; use a number of at least 1.0",
+        ),
+        (
+            "[queue_defaults]\nmax_delay = \"366days\"\n",
+            "[queue_defaults] max_delay: 1year 18h is out of range; use 0s to 365days",
         ),
         ("[queues\n", "not valid TOML"),
     ] {

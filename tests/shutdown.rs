@@ -89,7 +89,9 @@ async fn the_drain_timeout_ends_a_drain_that_a_silent_consumer_holds_up() {
     );
     let line = broker.wait_for_log("broker stopped").await;
     assert!(
-        line.contains("0 messages delivered during the drain, 1 left (0 ready, 1 in flight)"),
+        line.contains(
+            "0 messages delivered during the drain, 1 left (0 ready, 1 in flight), and 0 delayed"
+        ),
         "{line}"
     );
 }
@@ -109,7 +111,9 @@ async fn with_no_consumer_the_broker_exits_promptly_leaving_ready_messages() {
     assert!(status.success(), "exit status {status:?}");
     let line = broker.wait_for_log("broker stopped").await;
     assert!(
-        line.contains("0 messages delivered during the drain, 3 left (3 ready, 0 in flight)"),
+        line.contains(
+            "0 messages delivered during the drain, 3 left (3 ready, 0 in flight), and 0 delayed"
+        ),
         "{line}"
     );
 }

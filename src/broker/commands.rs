@@ -4,8 +4,10 @@
 
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 
-use super::core::{ConsumerId, Delivery};
-use crate::protocol::{ErrorCode, MessageId, Payload, QueueName, Role};
+use std::time::Duration;
+
+use super::core::{ConsumerId, Delivery, NackAction};
+use crate::protocol::{Due, ErrorCode, Ids, MessageId, Payload, QueueName, Role};
 
 /// Identifies a connection for the life of the broker; never reused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -46,7 +48,7 @@ impl Command {
     /// Payload bytes the command carries.
     pub fn payload_bytes(&self) -> usize {
         match self {
-            Command::Publish(payload) => payload.len(),
+            Command::Publish { payload, .. } => payload.len(),
             _ => 0,
         }
     }
@@ -60,9 +62,25 @@ pub(crate) enum Command {
         role: Role,
         queue: QueueName,
         prefetch: u16,
+        /// A consumer's own lease, checked against its queue's `max_lease`.
+        lease: Option<Duration>,
     },
-    Publish(Payload),
-    Ack(MessageId),
+    Publish {
+        payload: Payload,
+        /// Checked against the queue's `max_delay`.
+        due: Due,
+    },
+    Ack(Ids),
+    /// Checked against the queue's `max_delay`.
+    Nack {
+        ids: Ids,
+        action: NackAction,
+    },
+    /// Checked against the queue's `max_lease`.
+    Touch {
+        ids: Ids,
+        lease: Option<Duration>,
+    },
     /// The connection holds all the output it may: deliver nothing more to it until
     /// [`Command::Resume`].
     Pause,
@@ -77,7 +95,11 @@ impl Command {
     pub fn is_answered(&self) -> bool {
         matches!(
             self,
-            Command::Register { .. } | Command::Publish(_) | Command::Ack(_)
+            Command::Register { .. }
+                | Command::Publish { .. }
+                | Command::Ack(_)
+                | Command::Nack { .. }
+                | Command::Touch { .. }
         )
     }
 }
@@ -97,8 +119,11 @@ pub(crate) enum ToConnection {
 pub(crate) enum Reply {
     Registered,
     Published(MessageId),
-    /// An ack that took effect: nothing goes on the wire.
-    Acked,
+    /// An ack, nack or touch that took effect for every id: nothing goes on the wire.
+    Settled,
+    /// An ack, nack or touch some of whose ids are not in flight to the consumer: one
+    /// `unknown_id` error each, in order (the others took effect).
+    UnknownIds(Vec<MessageId>),
     Refused {
         code: ErrorCode,
         message: String,

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::commands::{ConnectionId, Request, ToConnection};
-use super::core::{Core, CoreConfig, DrainReport};
+use super::core::{Core, CoreConfig, DrainReport, Restored};
 use super::gate::Gate;
 use super::metrics::BrokerMetrics;
 use super::sleep_until;
@@ -71,10 +71,14 @@ impl CoreTask {
                 for message in recovered.messages {
                     core.restore(
                         &message.queue,
-                        message.id,
-                        message.payload,
-                        message.deliveries,
-                        message.dead_letter,
+                        Restored {
+                            id: message.id,
+                            payload: message.payload,
+                            deliveries: message.deliveries,
+                            published_at_ms: message.published_at_ms,
+                            due_ms: message.due_ms,
+                            dead_letter: message.dead_letter,
+                        },
                     );
                 }
                 core.end_restore();
@@ -120,7 +124,7 @@ impl CoreTask {
                 () = sleep_until(drain_deadline) => {
                     let drain = self.gate.drain_report();
                     warn!(delivered = drain.delivered, left_ready = drain.left_ready,
-                        left_in_flight = drain.left_in_flight, "drain timeout passed");
+                        left_in_flight = drain.left_in_flight, left_delayed = drain.left_delayed, "drain timeout passed");
                     break ShutdownReport { drain, completed: false };
                 }
                 durability = durability_change(&mut self.durability) => match durability {

@@ -15,10 +15,12 @@ pub struct BrokerMetrics {
     consumers: AtomicUsize,
     ready: AtomicUsize,
     in_flight: AtomicUsize,
+    delayed: AtomicUsize,
     memory_bytes: AtomicU64,
     published_total: AtomicU64,
     delivered_total: AtomicU64,
     acked_total: AtomicU64,
+    nacked_total: AtomicU64,
     dead_lettered_total: AtomicU64,
     discarded_total: AtomicU64,
 }
@@ -43,10 +45,12 @@ impl BrokerMetrics {
                 consumers: self.consumers.load(Relaxed),
                 ready: self.ready.load(Relaxed),
                 in_flight: self.in_flight.load(Relaxed),
+                delayed: self.delayed.load(Relaxed),
                 memory_bytes: self.memory_bytes.load(Relaxed),
                 published_total: self.published_total.load(Relaxed),
                 delivered_total: self.delivered_total.load(Relaxed),
                 acked_total: self.acked_total.load(Relaxed),
+                nacked_total: self.nacked_total.load(Relaxed),
                 dead_lettered_total: self.dead_lettered_total.load(Relaxed),
                 discarded_total: self.discarded_total.load(Relaxed),
             },
@@ -58,10 +62,12 @@ impl BrokerMetrics {
         self.consumers.store(stats.consumers, Relaxed);
         self.ready.store(stats.ready, Relaxed);
         self.in_flight.store(stats.in_flight, Relaxed);
+        self.delayed.store(stats.delayed, Relaxed);
         self.memory_bytes.store(stats.memory_bytes, Relaxed);
         self.published_total.store(stats.published_total, Relaxed);
         self.delivered_total.store(stats.delivered_total, Relaxed);
         self.acked_total.store(stats.acked_total, Relaxed);
+        self.nacked_total.store(stats.nacked_total, Relaxed);
         self.dead_lettered_total
             .store(stats.dead_lettered_total, Relaxed);
         self.discarded_total.store(stats.discarded_total, Relaxed);

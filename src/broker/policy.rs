@@ -31,27 +31,69 @@ use super::queue_pattern::QueuePattern;
 use crate::protocol::QueueName;
 
 /// What one queue's policy says.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct QueuePolicy {
     /// The lease of a delivery from this queue.
     pub ack_timeout: Duration,
+    /// The most a lease may reach by `touch` (from its delivery), and the most a
+    /// consumer's own lease may be.
+    pub max_lease: Duration,
     /// Deliveries after which a returned message is dead-lettered; 0 is no limit.
     pub max_deliveries: u32,
     /// Where this queue's dead letters go; without one they are discarded, which
     /// `discard_dead_letters` must have opted into.
     pub dead_letter_queue: Option<QueueName>,
     pub discard_dead_letters: bool,
+    /// A nack without a delay waits `backoff_initial × backoff_multiplier^(attempt − 1)`,
+    /// at most `backoff_max` (rule 12); no wait when `backoff_initial` is zero.
+    pub backoff_initial: Duration,
+    pub backoff_multiplier: f64,
+    pub backoff_max: Duration,
+    /// The most a publish or a nack may delay a message.
+    pub max_delay: Duration,
 }
+
+/// The contract's default `max_lease`.
+pub const MAX_LEASE_DEFAULT: Duration = Duration::from_secs(12 * 3600);
+/// The contract's default `backoff_multiplier`.
+pub const BACKOFF_MULTIPLIER_DEFAULT: f64 = 2.0;
+/// The contract's default `backoff_max`.
+pub const BACKOFF_MAX_DEFAULT: Duration = Duration::from_secs(5 * 60);
+/// The contract's default `max_delay`.
+pub const MAX_DELAY_DEFAULT: Duration = Duration::from_secs(7 * 24 * 3600);
+/// The delays a policy may set (`backoff_initial`, `backoff_max`, `max_delay`): a
+/// year, as for leases, keeps every due time computable.
+pub const DELAY_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::ZERO..=Duration::from_secs(365 * 24 * 3600);
 
 impl QueuePolicy {
     /// The contract's defaults, with this ack timeout (the broker's `--ack-timeout`).
     pub fn new(ack_timeout: Duration) -> QueuePolicy {
         QueuePolicy {
             ack_timeout,
+            max_lease: MAX_LEASE_DEFAULT,
             max_deliveries: 0,
             dead_letter_queue: None,
             discard_dead_letters: false,
+            backoff_initial: Duration::ZERO,
+            backoff_multiplier: BACKOFF_MULTIPLIER_DEFAULT,
+            backoff_max: BACKOFF_MAX_DEFAULT,
+            max_delay: MAX_DELAY_DEFAULT,
         }
+    }
+
+    /// How long a nack without a delay of a message delivered `attempt` times waits
+    /// (rule 12).
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        if self.backoff_initial.is_zero() {
+            return Duration::ZERO;
+        }
+        let exponent = i32::try_from(attempt.saturating_sub(1)).unwrap_or(i32::MAX);
+        let scaled = self.backoff_initial.as_secs_f64() * self.backoff_multiplier.powi(exponent);
+        // A product past what a Duration holds (or infinite) is past backoff_max too.
+        Duration::try_from_secs_f64(scaled)
+            .unwrap_or(Duration::MAX)
+            .min(self.backoff_max)
     }
 }
 
@@ -74,12 +116,7 @@ pub fn check_ack_timeout(timeout: Duration) -> Result<Duration, String> {
 
 /// The keys of the contract's policy table that this build does not act on yet, each
 /// with what it comes with.
-const KEYS_NOT_SERVED: [(&str, &str); 8] = [
-    ("max_lease", "touch and per-consumer leases (protocol 1.1)"),
-    ("backoff_initial", "nack (protocol 1.1)"),
-    ("backoff_multiplier", "nack (protocol 1.1)"),
-    ("backoff_max", "nack (protocol 1.1)"),
-    ("max_delay", "delayed messages (protocol 1.1)"),
+const KEYS_NOT_SERVED: [(&str, &str); 3] = [
     ("max_length", "length limits (protocol 1.1, part 2)"),
     ("overflow", "length limits (protocol 1.1, part 2)"),
     ("dedup_window", "dedup keys (protocol 1.1, part 2)"),
@@ -87,20 +124,30 @@ const KEYS_NOT_SERVED: [(&str, &str); 8] = [
 
 /// The keys this build serves (`parse_table` reads each), as the refusal of an unknown
 /// key lists them.
-const KEYS_SERVED: [&str; 4] = [
+const KEYS_SERVED: [&str; 9] = [
     "ack_timeout",
+    "max_lease",
     "max_deliveries",
     "dead_letter_queue",
     "discard_dead_letters",
+    "backoff_initial",
+    "backoff_multiplier",
+    "backoff_max",
+    "max_delay",
 ];
 
 /// One table of the file: the keys it sets.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 struct PolicyTable {
     ack_timeout: Option<Duration>,
+    max_lease: Option<Duration>,
     max_deliveries: Option<u32>,
     dead_letter_queue: Option<QueueName>,
     discard_dead_letters: Option<bool>,
+    backoff_initial: Option<Duration>,
+    backoff_multiplier: Option<f64>,
+    backoff_max: Option<Duration>,
+    max_delay: Option<Duration>,
 }
 
 impl PolicyTable {
@@ -108,6 +155,7 @@ impl PolicyTable {
     fn over(&self, base: &QueuePolicy) -> QueuePolicy {
         QueuePolicy {
             ack_timeout: self.ack_timeout.unwrap_or(base.ack_timeout),
+            max_lease: self.max_lease.unwrap_or(base.max_lease),
             max_deliveries: self.max_deliveries.unwrap_or(base.max_deliveries),
             dead_letter_queue: self
                 .dead_letter_queue
@@ -116,12 +164,16 @@ impl PolicyTable {
             discard_dead_letters: self
                 .discard_dead_letters
                 .unwrap_or(base.discard_dead_letters),
+            backoff_initial: self.backoff_initial.unwrap_or(base.backoff_initial),
+            backoff_multiplier: self.backoff_multiplier.unwrap_or(base.backoff_multiplier),
+            backoff_max: self.backoff_max.unwrap_or(base.backoff_max),
+            max_delay: self.max_delay.unwrap_or(base.max_delay),
         }
     }
 }
 
 /// The queue tables of a config file, as written.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct PolicyFile {
     defaults: PolicyTable,
     /// Each queue table: its name as the file writes it, its pattern, its keys.
@@ -355,6 +407,35 @@ fn parse_table(table_name: &str, table: &toml::Table) -> Result<PolicyTable, Pro
                 let timeout = duration(value).and_then(check_ack_timeout);
                 parsed.ack_timeout = Some(timeout.map_err(problem)?);
             }
+            "max_lease" => {
+                let lease = duration(value).and_then(check_ack_timeout);
+                parsed.max_lease = Some(lease.map_err(problem)?);
+            }
+            "backoff_initial" => {
+                parsed.backoff_initial =
+                    Some(duration(value).and_then(check_delay).map_err(problem)?);
+            }
+            "backoff_max" => {
+                parsed.backoff_max = Some(duration(value).and_then(check_delay).map_err(problem)?);
+            }
+            "max_delay" => {
+                parsed.max_delay = Some(duration(value).and_then(check_delay).map_err(problem)?);
+            }
+            "backoff_multiplier" => {
+                let multiplier = match value {
+                    toml::Value::Float(x) => Some(*x),
+                    toml::Value::Integer(n) => Some(*n as f64),
+                    _ => None,
+                };
+                let multiplier = multiplier
+                    .filter(|x| x.is_finite() && *x >= 1.0)
+                    .ok_or_else(|| {
+                        problem(format!(
+                            "is {value}; use a number of at least 1.0, such as 2.0"
+                        ))
+                    })?;
+                parsed.backoff_multiplier = Some(multiplier);
+            }
             "max_deliveries" => {
                 let count = match value {
                     toml::Value::Integer(n) => u32::try_from(*n).ok(),
@@ -392,6 +473,18 @@ fn parse_table(table_name: &str, table: &toml::Table) -> Result<PolicyTable, Pro
         }
     }
     Ok(parsed)
+}
+
+/// Checks a delay against [`DELAY_RANGE`]; the error says what to use.
+fn check_delay(delay: Duration) -> Result<Duration, String> {
+    if DELAY_RANGE.contains(&delay) {
+        Ok(delay)
+    } else {
+        Err(format!(
+            "{} is out of range; use 0s to 365days",
+            humantime::format_duration(delay)
+        ))
+    }
 }
 
 /// A duration written as a string with units, as the flags take them.
@@ -442,12 +535,9 @@ impl Policies {
 mod tests {
     use super::*;
 
-    const BASE: QueuePolicy = QueuePolicy {
-        ack_timeout: Duration::from_secs(5),
-        max_deliveries: 0,
-        dead_letter_queue: None,
-        discard_dead_letters: false,
-    };
+    fn base() -> QueuePolicy {
+        QueuePolicy::new(Duration::from_secs(5))
+    }
 
     fn ack_timeout(policies: &Policies, queue: &str) -> Duration {
         policies
@@ -471,7 +561,7 @@ mod tests {
             "#,
         )
         .unwrap();
-        let policies = file.resolve(&BASE);
+        let policies = file.resolve(&base());
         assert_eq!(
             ack_timeout(&policies, "tenant-a.orders"),
             Duration::from_secs(120)
@@ -493,11 +583,11 @@ mod tests {
     fn without_queue_defaults_the_flags_are_the_defaults() {
         let policies = PolicyFile::parse_text("[queues.\"a*\"]\nack_timeout = \"1s\"\n")
             .unwrap()
-            .resolve(&BASE);
+            .resolve(&base());
         assert_eq!(ack_timeout(&policies, "abc"), Duration::from_secs(1));
-        assert_eq!(ack_timeout(&policies, "b"), BASE.ack_timeout);
-        let policies = PolicyFile::parse_text("").unwrap().resolve(&BASE);
-        assert_eq!(ack_timeout(&policies, "b"), BASE.ack_timeout);
+        assert_eq!(ack_timeout(&policies, "b"), base().ack_timeout);
+        let policies = PolicyFile::parse_text("").unwrap().resolve(&base());
+        assert_eq!(ack_timeout(&policies, "b"), base().ack_timeout);
     }
 
     #[test]
@@ -521,7 +611,7 @@ mod tests {
             "#,
         )
         .unwrap()
-        .resolve(&BASE);
+        .resolve(&base());
         let policy = |name: &str| policies.for_queue(&QueueName::new(name).unwrap());
         assert_eq!(policy("orders").max_deliveries, 3);
         assert_eq!(
@@ -537,6 +627,36 @@ mod tests {
         assert!(policy("lossy").discard_dead_letters);
         assert_eq!(policy("lossy").dead_letter_queue, None);
         assert_eq!(policy("other").dead_letter_queue, None);
+    }
+
+    #[test]
+    fn retry_keys_resolve_like_the_others_and_backoff_grows_to_its_cap() {
+        let policies = PolicyFile::parse_text(
+            r#"
+            [queue_defaults]
+            backoff_initial = "1s"
+            max_lease = "1h"
+            [queues."jobs"]
+            backoff_multiplier = 3
+            backoff_max = "10s"
+            max_delay = "1m"
+            "#,
+        )
+        .unwrap()
+        .resolve(&base());
+        let jobs = policies.for_queue(&QueueName::new("jobs").unwrap());
+        assert_eq!(jobs.max_lease, Duration::from_secs(3600));
+        assert_eq!(jobs.max_delay, Duration::from_secs(60));
+        let waits: Vec<u64> = (1..=5).map(|a| jobs.backoff(a).as_secs()).collect();
+        assert_eq!(waits, [1, 3, 9, 10, 10]);
+        assert_eq!(jobs.backoff(u32::MAX), Duration::from_secs(10));
+        let other = policies.for_queue(&QueueName::new("other").unwrap());
+        assert_eq!(other.backoff_multiplier, BACKOFF_MULTIPLIER_DEFAULT);
+        assert_eq!(other.max_delay, MAX_DELAY_DEFAULT);
+        let waits: Vec<u64> = (1..=4).map(|a| other.backoff(a).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8]);
+        assert_eq!(other.backoff(40), BACKOFF_MAX_DEFAULT);
+        assert_eq!(base().backoff(3), Duration::ZERO, "no backoff by default");
     }
 
     #[test]
@@ -613,7 +733,7 @@ mod tests {
         let refusal = |text: &str| PolicyFile::parse_text(text).unwrap_err().to_string();
         assert_eq!(
             refusal("[queue_defaults]\ncolour = \"blue\"\n"),
-            "[queue_defaults] colour: unknown key; this build serves: ack_timeout, max_deliveries, dead_letter_queue, discard_dead_letters"
+            "[queue_defaults] colour: unknown key; this build serves: ack_timeout, max_lease, max_deliveries, dead_letter_queue, discard_dead_letters, backoff_initial, backoff_multiplier, backoff_max, max_delay"
         );
         assert_eq!(
             refusal("[queues.\"orders\"]\nack_timeout = 30\n"),
@@ -633,8 +753,20 @@ mod tests {
             );
         }
         assert!(
-            refusal("[queues.\"orders\"]\nmax_lease = \"1h\"\n")
-                .starts_with("[queues.orders] max_lease: not served by this build yet")
+            refusal("[queues.\"orders\"]\nmax_length = 10\n")
+                .starts_with("[queues.orders] max_length: not served by this build yet")
+        );
+        assert_eq!(
+            refusal("[queues.\"o\"]\nbackoff_multiplier = 0.5\n"),
+            "[queues.o] backoff_multiplier: is 0.5; use a number of at least 1.0, such as 2.0"
+        );
+        assert!(
+            refusal("[queues.\"o\"]\nmax_delay = \"400days\"\n")
+                .ends_with("is out of range; use 0s to 365days")
+        );
+        assert!(
+            refusal("[queues.\"o\"]\nmax_lease = \"0s\"\n")
+                .ends_with("is out of range; use 1ms to 365days")
         );
         assert!(
             refusal("[queues.\"x y\"]\nack_timeout = \"1s\"\n")

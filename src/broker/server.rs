@@ -18,8 +18,10 @@ use tracing::{Instrument, error, field, info, info_span, warn};
 use super::commands::{ConnectionId, REQUEST_BYTES_MAX, Request};
 use super::config::BrokerConfig;
 use super::connection::{Connection, close_after_fatal_error};
+use super::core::WallClock;
 use super::core_task::{CoreTask, ShutdownReport, StorageFailed};
 use super::metrics::BrokerMetrics;
+use super::policy::Policies;
 use super::session::{ConnectionSettings, Session};
 use crate::protocol::ErrorCode;
 use crate::protocol::server_frame::ServerFrame;
@@ -62,6 +64,9 @@ pub struct Server {
     metrics: Arc<BrokerMetrics>,
     core_task: CoreTask,
     core_tx: mpsc::Sender<Request>,
+    /// The core's queue policies and wall clock, which sessions check frames against.
+    policies: Policies,
+    wall_clock: WallClock,
 }
 
 impl Server {
@@ -95,8 +100,10 @@ impl Server {
         };
         let metrics = Arc::<BrokerMetrics>::default();
         let (core_tx, core_rx) = mpsc::channel(CORE_CHANNEL_BATCHES);
+        let core_config = config.core();
+        let (policies, wall_clock) = (core_config.policies.clone(), core_config.wall_clock);
         let core_task = CoreTask::new(
-            config.core(),
+            core_config,
             config.drain_timeout,
             core_rx,
             metrics.clone(),
@@ -112,6 +119,8 @@ impl Server {
             metrics,
             core_task,
             core_tx,
+            policies,
+            wall_clock,
         })
     }
 
@@ -139,12 +148,16 @@ impl Server {
             metrics,
             core_task,
             core_tx,
+            policies,
+            wall_clock,
         } = self;
         let mut core_task = tokio::spawn(core_task.run(shutdown.clone()));
         let settings = Arc::new(ConnectionSettings {
             max_frame_bytes: config.max_frame_bytes,
             register_timeout: config.register_timeout,
             access: config.access.clone(),
+            policies,
+            wall_clock,
         });
         let slots = Arc::new(Semaphore::new(config.max_connections));
         let request_bytes = Arc::new(Semaphore::new(REQUEST_BYTES_MAX));
@@ -248,6 +261,7 @@ impl Server {
             info!(
                 delivered = drain.delivered,
                 left_ready = drain.left_ready,
+                left_delayed = drain.left_delayed,
                 "drain complete"
             );
         } else {
@@ -255,6 +269,7 @@ impl Server {
                 delivered = drain.delivered,
                 left_ready = drain.left_ready,
                 left_in_flight = drain.left_in_flight,
+                left_delayed = drain.left_delayed,
                 "drain cut short"
             );
         }

@@ -211,11 +211,12 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<ExitCode> {
             let report = report.context("the broker task failed")??;
             let drain = report.drain;
             info!(
-                "broker stopped: {} messages delivered during the drain, {} left ({} ready, {} in flight)",
+                "broker stopped: {} messages delivered during the drain, {} left ({} ready, {} in flight), and {} delayed",
                 drain.delivered,
                 drain.left_ready + drain.left_in_flight,
                 drain.left_ready,
-                drain.left_in_flight
+                drain.left_in_flight,
+                drain.left_delayed
             );
             Ok(ExitCode::SUCCESS)
         }

@@ -69,6 +69,8 @@ impl Consumer {
             queue: queue.as_str(),
             prefetch: Some(options.prefetch),
             token: options.token.as_deref(),
+            version: None,
+            ack_timeout_ms: None,
         };
         let connection = ClientConnection::open(addr, options.tls.as_ref(), &register).await?;
         Ok(Consumer { connection })

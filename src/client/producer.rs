@@ -73,6 +73,8 @@ impl Producer {
             queue: queue.as_str(),
             prefetch: None,
             token: options.token.as_deref(),
+            version: None,
+            ack_timeout_ms: None,
         };
         let connection = ClientConnection::open(addr, options.tls.as_ref(), &register).await?;
         Ok(Producer {

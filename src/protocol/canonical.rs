@@ -245,7 +245,7 @@ mod tests {
             fn every_delivery_decodes_to_what_was_sent(id in any::<u64>(), text in any::<String>(), attempt in any::<u32>()) {
                 let payload = Payload::from_text(&text);
                 let mut buf = bytes::BytesMut::new();
-                ServerFrame::Delivery { id: MessageId(id), payload: &payload, attempt }.encode(&mut buf);
+                ServerFrame::Delivery { id: MessageId(id), payload: &payload, attempt, details: None }.encode(&mut buf);
                 let decoded = ReceivedFrame::decode(&buf[4..]).unwrap();
                 let ReceivedFrame::Message(message) = decoded else { panic!("not a message") };
                 prop_assert_eq!((message.id.0, message.payload, message.attempt), (id, text, attempt));

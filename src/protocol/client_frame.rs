@@ -1,4 +1,5 @@
-//! Frames a client sends: `register`, `publish` and `ack` (contract §2).
+//! Frames a client sends: `register`, `publish` and `ack` (contract §2), and in version
+//! 1.1 `nack`, `touch` and their new fields (§9).
 //!
 //! Clients encode them with [`ClientFrame`]. The broker decodes in two steps, because
 //! which error a bad frame earns depends on the connection's state (contract §5): first
@@ -14,7 +15,9 @@ use thiserror::Error;
 use super::canonical;
 use super::codec::{write_frame, write_json_frame};
 use super::payload::validate_json_string;
-use super::{DEFAULT_PREFETCH, MessageId, QueueName, Role, Version};
+use std::time::Duration;
+
+use super::{DEFAULT_PREFETCH, Due, IDS_MAX, Ids, MessageId, QueueName, Role, Version};
 
 /// A frame as a client encodes it.
 #[derive(Debug, Clone, Serialize)]
@@ -27,12 +30,38 @@ pub enum ClientFrame<'a> {
         prefetch: Option<u16>,
         #[serde(skip_serializing_if = "Option::is_none")]
         token: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        version: Option<&'a str>,
+        /// A consumer's own lease (1.1).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        ack_timeout_ms: Option<u64>,
     },
     Publish {
         payload: &'a str,
     },
+    /// A publish with a delay (1.1): at most one of the two.
+    #[serde(rename = "publish")]
+    PublishDelayed {
+        payload: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        delay_ms: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        not_before: Option<u64>,
+    },
     Ack {
         id: MessageId,
+    },
+    Nack {
+        id: MessageId,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        delay_ms: Option<u64>,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        dead_letter: bool,
+    },
+    Touch {
+        id: MessageId,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        ack_timeout_ms: Option<u64>,
     },
 }
 
@@ -63,6 +92,35 @@ pub enum FrameType {
     Register,
     Publish,
     Ack,
+    /// Version 1.1: an unknown type to a 1.0 connection.
+    Nack,
+    /// Version 1.1: an unknown type to a 1.0 connection.
+    Touch,
+}
+
+impl FrameType {
+    /// The name on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FrameType::Register => "register",
+            FrameType::Publish => "publish",
+            FrameType::Ack => "ack",
+            FrameType::Nack => "nack",
+            FrameType::Touch => "touch",
+        }
+    }
+
+    fn from_name(name: &str) -> Option<FrameType> {
+        [
+            FrameType::Register,
+            FrameType::Publish,
+            FrameType::Ack,
+            FrameType::Nack,
+            FrameType::Touch,
+        ]
+        .into_iter()
+        .find(|t| t.as_str() == name)
+    }
 }
 
 /// Why a frame body is not a usable client frame. The broker answers with
@@ -73,9 +131,11 @@ pub enum InvalidFrame {
     NotJson(#[source] serde_json::Error),
     #[error("frame body is JSON but not an object; send {{\"type\": ...}}")]
     NotObject,
-    #[error("frame has no string field `type`; expected register, publish or ack")]
+    #[error("frame has no string field `type`; expected register, publish, ack, nack or touch")]
     MissingType,
-    #[error("unknown frame type `{0}`; expected register, publish or ack (case-sensitive)")]
+    #[error(
+        "unknown frame type `{0}`; expected register, publish, ack, nack or touch (case-sensitive; nack and touch need version 1.1)"
+    )]
     UnknownType(String),
     #[error("field `{field}` {problem}")]
     BadField {
@@ -85,7 +145,7 @@ pub enum InvalidFrame {
 }
 
 impl InvalidFrame {
-    fn bad_field(field: &'static str, problem: impl Into<String>) -> Self {
+    pub(crate) fn bad_field(field: &'static str, problem: impl Into<String>) -> Self {
         InvalidFrame::BadField {
             field,
             problem: problem.into(),
@@ -112,6 +172,16 @@ struct RawFields<'a> {
     payload: Option<&'a RawValue>,
     #[serde(borrow)]
     id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    ids: Option<&'a RawValue>,
+    #[serde(borrow)]
+    delay_ms: Option<&'a RawValue>,
+    #[serde(borrow)]
+    not_before: Option<&'a RawValue>,
+    #[serde(borrow)]
+    dead_letter: Option<&'a RawValue>,
+    #[serde(borrow)]
+    ack_timeout_ms: Option<&'a RawValue>,
 }
 
 impl RawFields<'_> {
@@ -124,6 +194,11 @@ impl RawFields<'_> {
         version: None,
         payload: None,
         id: None,
+        ids: None,
+        delay_ms: None,
+        not_before: None,
+        dead_letter: None,
+        ack_timeout_ms: None,
     };
 }
 
@@ -152,6 +227,18 @@ pub struct Register {
     pub token: Option<String>,
     /// The version asked for, if any (contract §8).
     pub version: Option<Version>,
+    /// A consumer's own lease, `ack_timeout_ms` (1.1; the caller checks it against the
+    /// queue's `max_lease`).
+    pub lease: Option<Duration>,
+}
+
+/// What a `nack` asks (1.1, rule 12).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NackFields {
+    pub ids: Ids,
+    /// `delay_ms`; the caller checks it against the queue's `max_delay`.
+    pub delay: Option<Duration>,
+    pub dead_letter: bool,
 }
 
 impl std::fmt::Debug for Register {
@@ -162,6 +249,7 @@ impl std::fmt::Debug for Register {
             .field("prefetch", &self.prefetch)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("version", &self.version)
+            .field("lease", &self.lease)
             .finish()
     }
 }
@@ -214,18 +302,13 @@ impl<'a> InboundFrame<'a> {
             r#""register""# => FrameType::Register,
             r#""publish""# => FrameType::Publish,
             r#""ack""# => FrameType::Ack,
-            other => match serde_json::from_str::<String>(other)
-                .map_err(|_| InvalidFrame::MissingType)?
-                .as_str()
-            {
-                "register" => FrameType::Register,
-                "publish" => FrameType::Publish,
-                "ack" => FrameType::Ack,
-                unknown => {
-                    let echoed: String = unknown.chars().take(ECHOED_TYPE_CHARS_MAX).collect();
-                    return Err(InvalidFrame::UnknownType(echoed));
-                }
-            },
+            other => {
+                let name =
+                    serde_json::from_str::<String>(other).map_err(|_| InvalidFrame::MissingType)?;
+                FrameType::from_name(&name).ok_or_else(|| {
+                    InvalidFrame::UnknownType(name.chars().take(ECHOED_TYPE_CHARS_MAX).collect())
+                })?
+            }
         };
         Ok(InboundFrame {
             frame_type,
@@ -303,12 +386,17 @@ impl<'a> InboundFrame<'a> {
             })?),
             None => None,
         };
+        let lease = match role {
+            Role::Consumer => self.positive_millis("ack_timeout_ms", self.raw().ack_timeout_ms)?,
+            Role::Producer => None,
+        };
         Ok(Register {
             role,
             queue,
             prefetch,
             token,
             version,
+            lease,
         })
     }
 
@@ -360,6 +448,119 @@ impl<'a> InboundFrame<'a> {
     }
 }
 
+impl InboundFrame<'_> {
+    /// The messages an `ack`, `nack` or `touch` names: exactly one of `id` and `ids`
+    /// (1.1); a 1.0 connection passes `version_1_1 = false`, and `ids` is ignored.
+    ///
+    /// # Errors
+    /// [`InvalidFrame::BadField`] for both or neither, an empty or overlong array, or an
+    /// id that is not an unsigned 64-bit integer.
+    pub fn target_ids(&self, version_1_1: bool) -> Result<Ids, InvalidFrame> {
+        if !version_1_1 {
+            return self.ack_id().map(Ids::One);
+        }
+        const EXPECTED: &str = "an array of 1 to 65535 unsigned 64-bit integers";
+        let raw = self.raw();
+        match (raw.id, raw.ids) {
+            (Some(_), Some(_)) => Err(InvalidFrame::bad_field(
+                "ids",
+                "comes with `id`; send one of them",
+            )),
+            (None, Some(ids)) => {
+                let ids: Vec<MessageId> =
+                    parse_field("ids", Some(ids), EXPECTED)?.unwrap_or_default();
+                if ids.is_empty() || ids.len() > IDS_MAX {
+                    return Err(InvalidFrame::bad_field(
+                        "ids",
+                        format!("has {} ids; send {EXPECTED}", ids.len()),
+                    ));
+                }
+                Ok(Ids::Many(ids.into_boxed_slice()))
+            }
+            _ => self.ack_id().map(Ids::One),
+        }
+    }
+
+    /// When a `publish` may be delivered (1.1): `delay_ms` or `not_before`, at most one.
+    /// The caller checks it against the queue's `max_delay`.
+    ///
+    /// # Errors
+    /// [`InvalidFrame::BadField`] for both, or a value that is not an unsigned integer.
+    pub fn publish_due(&self) -> Result<Due, InvalidFrame> {
+        const EXPECTED: &str = "an unsigned integer (milliseconds)";
+        let raw = self.raw();
+        let delay = parse_field::<u64>("delay_ms", raw.delay_ms, EXPECTED)?;
+        let not_before = parse_field::<u64>("not_before", raw.not_before, EXPECTED)?;
+        match (delay, not_before) {
+            (Some(_), Some(_)) => Err(InvalidFrame::bad_field(
+                "not_before",
+                "comes with `delay_ms`; send at most one of them",
+            )),
+            (Some(0), None) | (None, None) => Ok(Due::Now),
+            (Some(delay), None) => Ok(Due::After(Duration::from_millis(delay))),
+            (None, Some(at)) => Ok(Due::At(at)),
+        }
+    }
+
+    /// The fields of a `nack` (1.1).
+    ///
+    /// # Errors
+    /// [`InvalidFrame::BadField`] for bad ids, a `delay_ms` that is not an unsigned
+    /// integer, a `dead_letter` that is not a boolean, or both a delay and
+    /// `"dead_letter":true`.
+    pub fn nack(&self) -> Result<NackFields, InvalidFrame> {
+        let ids = self.target_ids(true)?;
+        let raw = self.raw();
+        let delay = parse_field::<u64>(
+            "delay_ms",
+            raw.delay_ms,
+            "an unsigned integer (milliseconds)",
+        )?
+        .map(Duration::from_millis);
+        let dead_letter =
+            parse_field::<bool>("dead_letter", raw.dead_letter, "true or false")?.unwrap_or(false);
+        if dead_letter && delay.is_some() {
+            return Err(InvalidFrame::bad_field(
+                "delay_ms",
+                "comes with \"dead_letter\":true; a dead letter is not retried, so it has no delay",
+            ));
+        }
+        Ok(NackFields {
+            ids,
+            delay,
+            dead_letter,
+        })
+    }
+
+    /// The fields of a `touch` (1.1): its ids, and its `ack_timeout_ms` if any. The caller
+    /// checks that against the queue's `max_lease`.
+    ///
+    /// # Errors
+    /// [`InvalidFrame::BadField`] for bad ids or an `ack_timeout_ms` that is not a
+    /// positive integer.
+    pub fn touch(&self) -> Result<(Ids, Option<Duration>), InvalidFrame> {
+        let ids = self.target_ids(true)?;
+        let lease = self.positive_millis("ack_timeout_ms", self.raw().ack_timeout_ms)?;
+        Ok((ids, lease))
+    }
+
+    /// An optional field of milliseconds that must be at least 1.
+    fn positive_millis(
+        &self,
+        name: &'static str,
+        raw: Option<&RawValue>,
+    ) -> Result<Option<Duration>, InvalidFrame> {
+        const EXPECTED: &str = "a positive integer (milliseconds)";
+        match parse_field::<u64>(name, raw, EXPECTED)? {
+            Some(0) => Err(InvalidFrame::bad_field(
+                name,
+                format!("is 0; use {EXPECTED}"),
+            )),
+            millis => Ok(millis.map(Duration::from_millis)),
+        }
+    }
+}
+
 /// Parses an optional raw field; absent (or `null`) is `None`.
 fn parse_field<T: serde::de::DeserializeOwned>(
     name: &'static str,
@@ -390,6 +591,8 @@ mod tests {
             queue: "orders",
             prefetch: Some(100),
             token: Some("s3cret"),
+            version: None,
+            ack_timeout_ms: None,
         };
         assert_eq!(
             serde_json::to_string(&register).unwrap(),
@@ -434,12 +637,16 @@ mod tests {
             queue: "q.1",
             prefetch: Some(7),
             token: None,
+            version: Some("1.1"),
+            ack_timeout_ms: Some(60_000),
         };
         let json = serde_json::to_vec(&register).unwrap();
         let parsed = InboundFrame::parse(&json).unwrap().register().unwrap();
         assert_eq!(parsed.role, Role::Consumer);
         assert_eq!(parsed.queue.as_str(), "q.1");
         assert_eq!(parsed.prefetch, 7);
+        assert_eq!(parsed.version, Version::parse("1.1"));
+        assert_eq!(parsed.lease, Some(Duration::from_secs(60)));
 
         let json = serde_json::to_vec(&ClientFrame::Publish { payload: "ünï\n" }).unwrap();
         let frame = InboundFrame::parse(&json).unwrap();

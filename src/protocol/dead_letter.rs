@@ -19,9 +19,11 @@ pub struct DeadLetter {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeadLetterReason {
-    /// Returned (by a timeout or a disconnect) with `attempt >= max_deliveries`.
-    /// (`rejected` and `overflow` come with nack and length limits.)
+    /// Returned (by a timeout, a disconnect or a nack) with `attempt >= max_deliveries`.
+    /// (`overflow` comes with length limits.)
     MaxDeliveries,
+    /// Nacked with `"dead_letter":true`.
+    Rejected,
 }
 
 impl DeadLetterReason {
@@ -29,6 +31,7 @@ impl DeadLetterReason {
     pub fn as_str(self) -> &'static str {
         match self {
             DeadLetterReason::MaxDeliveries => "max_deliveries",
+            DeadLetterReason::Rejected => "rejected",
         }
     }
 
@@ -36,12 +39,14 @@ impl DeadLetterReason {
     pub fn code(self) -> u8 {
         match self {
             DeadLetterReason::MaxDeliveries => 1,
+            DeadLetterReason::Rejected => 2,
         }
     }
 
     pub fn from_code(code: u8) -> Option<DeadLetterReason> {
         match code {
             1 => Some(DeadLetterReason::MaxDeliveries),
+            2 => Some(DeadLetterReason::Rejected),
             _ => None,
         }
     }

@@ -31,6 +31,7 @@ pub use queue_name::{InvalidQueueName, QueueName};
 pub use version::Version;
 
 use std::fmt;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -50,6 +51,37 @@ impl fmt::Display for MessageId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.0.fmt(f)
     }
+}
+
+/// The messages an `ack`, `nack` or `touch` names: its `id`, or its `ids` (version 1.1,
+/// 1 to [`IDS_MAX`] of them, applied in order).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ids {
+    One(MessageId),
+    Many(Box<[MessageId]>),
+}
+
+/// Most ids one `ids` array may hold.
+pub const IDS_MAX: usize = 65_535;
+
+impl Ids {
+    pub fn as_slice(&self) -> &[MessageId] {
+        match self {
+            Ids::One(id) => std::slice::from_ref(id),
+            Ids::Many(ids) => ids,
+        }
+    }
+}
+
+/// When a published message may first be delivered (version 1.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Due {
+    Now,
+    /// This long after the broker accepts it (`delay_ms`).
+    After(Duration),
+    /// Not before this time, in milliseconds since the Unix epoch (`not_before`): a time
+    /// in the past means now.
+    At(u64),
 }
 
 /// What a connection registered as.

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::canonical;
 use super::codec::{write_frame, write_json_frame};
-use super::{ErrorCode, MessageId, Payload, Version};
+use super::{DeadLetter, ErrorCode, MessageId, Payload, Version};
 
 /// A frame as the broker encodes it.
 #[derive(Debug, Clone, Copy)]
@@ -19,11 +19,13 @@ pub enum ServerFrame<'a> {
     Registered { version: Option<Version> },
     /// `{"type":"ok","id":42}` after a publish.
     Published(MessageId),
-    /// `{"type":"message","id":42,"payload":"…","attempt":1}`.
+    /// `{"type":"message","id":42,"payload":"…","attempt":1}`, and on a 1.1 connection
+    /// its details after that.
     Delivery {
         id: MessageId,
         payload: &'a Payload,
         attempt: u32,
+        details: Option<DeliveryDetails<'a>>,
     },
     /// `{"type":"error","code":"…","message":"…"}`, with `id` where one applies.
     Error {
@@ -31,6 +33,15 @@ pub enum ServerFrame<'a> {
         message: &'a str,
         id: Option<MessageId>,
     },
+}
+
+/// What a 1.1 message frame adds (contract §10): `priority` (0: priorities come with
+/// part 2), `published_at`, `ack_timeout_ms`, and `dead_letter` when it has one.
+#[derive(Debug, Clone, Copy)]
+pub struct DeliveryDetails<'a> {
+    pub published_at_ms: u64,
+    pub ack_timeout_ms: u64,
+    pub dead_letter: Option<&'a DeadLetter>,
 }
 
 #[derive(Serialize)]
@@ -66,6 +77,7 @@ impl ServerFrame<'_> {
                 id,
                 payload,
                 attempt,
+                details,
             } => write_frame(dst, |b| {
                 b.reserve(payload.len() + 64);
                 b.put_slice(canonical::MESSAGE_PREFIX);
@@ -74,6 +86,9 @@ impl ServerFrame<'_> {
                 b.put_slice(payload.as_json());
                 b.put_slice(canonical::MESSAGE_ATTEMPT);
                 put_decimal(b, u64::from(attempt));
+                if let Some(details) = details {
+                    put_details(b, &details);
+                }
                 b.put_u8(b'}');
             }),
             ServerFrame::Error { code, message, id } => write_json_frame(
@@ -86,6 +101,26 @@ impl ServerFrame<'_> {
                 },
             ),
         }
+    }
+}
+
+/// The 1.1 fields of a message frame. Queue names and reasons need no escaping: queue
+/// names are `[A-Za-z0-9._-]`.
+fn put_details(b: &mut BytesMut, details: &DeliveryDetails<'_>) {
+    b.put_slice(br#","priority":0,"published_at":"#);
+    put_decimal(b, details.published_at_ms);
+    b.put_slice(br#","ack_timeout_ms":"#);
+    put_decimal(b, details.ack_timeout_ms);
+    if let Some(record) = details.dead_letter {
+        b.put_slice(br#","dead_letter":{"queue":""#);
+        b.put_slice(record.queue.as_str().as_bytes());
+        b.put_slice(br#"","reason":""#);
+        b.put_slice(record.reason.as_str().as_bytes());
+        b.put_slice(br#"","attempts":"#);
+        put_decimal(b, u64::from(record.attempts));
+        b.put_slice(br#","at":"#);
+        put_decimal(b, record.at_ms);
+        b.put_u8(b'}');
     }
 }
 
@@ -261,6 +296,7 @@ mod tests {
             id: MessageId(u64::MAX),
             payload: &payload,
             attempt: 3,
+            details: None,
         });
         let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(value["type"], "message");

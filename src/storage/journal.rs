@@ -102,13 +102,40 @@ struct SegmentUsage {
     live: u64,
 }
 
-/// A live message, as compaction copies it forward.
+/// A live message, as the log records it (published, copied forward, moved or delayed).
+#[derive(Debug, Clone, Copy)]
 pub struct LiveMessage<'a> {
     pub id: MessageId,
     pub deliveries: u32,
+    /// Milliseconds since the Unix epoch.
+    pub published_at_ms: u64,
+    /// When it is due, if it is delayed.
+    pub due_ms: Option<u64>,
     pub queue: &'a QueueName,
     pub payload: &'a Payload,
     pub dead_letter: Option<&'a DeadLetter>,
+}
+
+#[cfg(test)]
+impl<'a> LiveMessage<'a> {
+    /// A message as tests log it: published at an unknown time (0), not delayed.
+    pub fn new(
+        id: MessageId,
+        deliveries: u32,
+        queue: &'a QueueName,
+        payload: &'a Payload,
+        dead_letter: Option<&'a DeadLetter>,
+    ) -> LiveMessage<'a> {
+        LiveMessage {
+            id,
+            deliveries,
+            published_at_ms: 0,
+            due_ms: None,
+            queue,
+            payload,
+            dead_letter,
+        }
+    }
 }
 
 impl Journal {
@@ -179,25 +206,13 @@ impl Journal {
         self._dir_lock = Some(lock);
     }
 
-    pub fn log_publish(
-        &mut self,
-        id: MessageId,
-        deliveries: u32,
-        queue: &QueueName,
-        payload: &Payload,
-        dead_letter: Option<&DeadLetter>,
-    ) {
-        let record_bytes = record::live_record_bytes(queue, payload, dead_letter) as usize;
+    /// Logs a message published (a new id), or copied forward (an id logged before).
+    pub fn log_publish(&mut self, message: &LiveMessage<'_>) {
+        let id = message.id;
+        let record_bytes =
+            record::live_record_bytes(message.queue, message.payload, message.dead_letter) as usize;
         let segment = self.roll_over_before(record_bytes);
-        record::encode_publish(
-            &mut self.buffer,
-            segment,
-            id,
-            deliveries,
-            queue,
-            payload,
-            dead_letter,
-        );
+        record::encode_publish(&mut self.buffer, segment, message);
         // Its confirm and its delivery, or the next compaction, wait for it.
         self.next_awaited = true;
         if id.0 >= self.next_id {
@@ -214,20 +229,14 @@ impl Journal {
         self.count_live(self.segments.len() - 1, 1);
     }
 
-    /// Logs a live message moved into another queue (dead-lettered), with attempt
-    /// counting from 0 again and its new dead-letter record; its records took
-    /// `replaced_bytes` before (see [`record::live_record_bytes`]).
-    pub fn log_moved(
-        &mut self,
-        id: MessageId,
-        queue: &QueueName,
-        payload: &Payload,
-        dead_letter: &DeadLetter,
-        replaced_bytes: u64,
-    ) {
-        self.log_publish(id, 0, queue, payload, Some(dead_letter));
+    /// Logs a live message again as it is now: moved into another queue (dead-lettered,
+    /// with its new record), or delayed by a nack (with its due time and deliveries). Its
+    /// records took `replaced_bytes` before (see [`record::live_record_bytes`]).
+    pub fn log_rewritten(&mut self, message: &LiveMessage<'_>, replaced_bytes: u64) {
+        self.log_publish(message);
         self.forget_live_bytes(replaced_bytes);
-        self.live_bytes += record::live_record_bytes(queue, payload, Some(dead_letter));
+        self.live_bytes +=
+            record::live_record_bytes(message.queue, message.payload, message.dead_letter);
     }
 
     pub fn log_delivered(&mut self, ids: &[MessageId]) {
@@ -348,13 +357,7 @@ impl Journal {
                 break;
             }
             if self.current_segment(message.id) == Some(0) {
-                self.log_publish(
-                    message.id,
-                    message.deliveries,
-                    message.queue,
-                    message.payload,
-                    message.dead_letter,
-                );
+                self.log_publish(&message);
                 copied += 1;
             }
         }

@@ -6,13 +6,15 @@
 //!                            | next id u64 | crc32c of the previous 28 bytes u32
 //! record (version 2):        length u32 | crc32c u32 | segment u32 | kind u8
 //!                            | body (length - 1 bytes)
-//!   kind 1 publish:   id u64 | deliveries u32 | queue length u8 | queue | payload literal
+//!   kind 1 publish:   id u64 | deliveries u32 | [published at u64 | due u64 (version 5)]
+//!                     | queue length u8 | queue | payload literal
 //!   kind 2 delivered: id u64, repeated
 //!   kind 3 acked:     id u64, repeated
 //!   kind 4 sealed:    (no body) the segment ends here; what follows is not part of it
 //!   kind 5 synced:    offset u64 (version 3): every byte of this segment before that
 //!                     offset was on stable storage before this record was written
-//!   kind 6 dead-lettered publish (version 4): id u64 | deliveries u32 | reason u8
+//!   kind 6 dead-lettered publish (version 4): id u64 | deliveries u32
+//!                     | [published at u64 | due u64 (version 5)] | reason u8
 //!                     | attempts u32 | at (ms since the epoch) u64 | source queue length u8
 //!                     | source queue | queue length u8 | queue | payload literal
 //! ```
@@ -39,18 +41,27 @@
 //! logged as a publish record of the same id in that queue (which replaces the earlier
 //! one, as a compaction copy does) that also carries its dead-letter record: one record,
 //! so that a torn write cannot keep the move without the record.
+//!
+//! Times (version 5): a publish record says when the message was published and when it
+//! is due (0: not delayed), both in milliseconds since the Unix epoch, so that a delay
+//! keeps its time of day across a restart. A nack that delays a message logs it again,
+//! as a move does, with its due time and its deliveries; records of version 4 and
+//! before read as published at an unknown time (0) and not delayed.
 
 use thiserror::Error;
 
+use super::journal::LiveMessage;
 use crate::protocol::{DeadLetter, DeadLetterReason, MessageId, Payload, QueueName};
 
 pub const MAGIC: &[u8; 8] = b"FERRYLOG";
 /// The version this build writes.
-pub const FORMAT_VERSION: u32 = 4;
+pub const FORMAT_VERSION: u32 = 5;
 /// The first version with synced records.
 pub const SYNCED_RECORDS_VERSION: u32 = 3;
 /// The first version with dead-letter records.
 pub const DEAD_LETTER_RECORDS_VERSION: u32 = 4;
+/// The first version whose publish records carry times.
+pub const TIMED_RECORDS_VERSION: u32 = 5;
 /// The oldest version this build reads: version 1 records have no segment field.
 pub const OLDEST_READABLE_VERSION: u32 = 1;
 pub const HEADER_BYTES: usize = 32;
@@ -76,8 +87,10 @@ const KIND_DEAD_LETTERED_PUBLISH: u8 = 6;
 /// What a dead-letter record adds to a publish record: reason, attempts, at, and the
 /// source queue's length (its name comes on top).
 const DEAD_LETTER_FIXED_BYTES: usize = 1 + 4 + 8 + 1;
-/// id, deliveries, queue length.
-const PUBLISH_FIXED_BYTES: usize = 8 + 4 + 1;
+/// id, deliveries, published at, due, queue length.
+const PUBLISH_FIXED_BYTES: usize = 8 + 4 + 8 + 8 + 1;
+/// What version 5 added to a publish record: published at, due.
+const TIMES_BYTES: usize = 8 + 8;
 
 /// The header that opens every segment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -171,6 +184,10 @@ pub enum Record {
         id: MessageId,
         /// Deliveries so far (compaction carries the count forward).
         deliveries: u32,
+        /// When it was published, in milliseconds since the Unix epoch; 0 if unknown.
+        published_at_ms: u64,
+        /// When it is due, if it is delayed.
+        due_ms: Option<u64>,
         queue: QueueName,
         payload: Payload,
         /// Its dead-letter record, when it was dead-lettered into `queue`.
@@ -184,17 +201,18 @@ pub enum Record {
     Synced(u64),
 }
 
-/// Appends a publish record for segment `segment` to `dst`: a dead-lettered one when the
-/// message carries a dead-letter record.
-pub fn encode_publish(
-    dst: &mut Vec<u8>,
-    segment: u64,
-    id: MessageId,
-    deliveries: u32,
-    queue: &QueueName,
-    payload: &Payload,
-    dead_letter: Option<&DeadLetter>,
-) {
+/// Appends a publish record of `message` for segment `segment` to `dst`: a dead-lettered
+/// one when the message carries a dead-letter record.
+pub fn encode_publish(dst: &mut Vec<u8>, segment: u64, message: &LiveMessage<'_>) {
+    let LiveMessage {
+        id,
+        deliveries,
+        published_at_ms,
+        due_ms,
+        queue,
+        payload,
+        dead_letter,
+    } = *message;
     let queue = queue.as_str().as_bytes();
     let (kind, extra) = match dead_letter {
         None => (KIND_PUBLISH, 0),
@@ -208,6 +226,8 @@ pub fn encode_publish(
         |body| {
             body.extend_from_slice(&id.0.to_le_bytes());
             body.extend_from_slice(&deliveries.to_le_bytes());
+            body.extend_from_slice(&published_at_ms.to_le_bytes());
+            body.extend_from_slice(&due_ms.unwrap_or(0).to_le_bytes());
             if let Some(record) = dead_letter {
                 body.push(record.reason.code());
                 body.extend_from_slice(&record.attempts.to_le_bytes());
@@ -354,12 +374,12 @@ pub fn decode_record(bytes: &[u8], header: &SegmentHeader) -> Decoded {
     }
     let (kind, body) = (record[prefix_bytes], &record[prefix_bytes + 1..]);
     let record = match kind {
-        KIND_PUBLISH => match decode_publish(body, false) {
+        KIND_PUBLISH => match decode_publish(body, header.version, false) {
             Ok(record) => record,
             Err(reason) => return Decoded::Corrupt(reason),
         },
         KIND_DEAD_LETTERED_PUBLISH if header.version >= DEAD_LETTER_RECORDS_VERSION => {
-            match decode_publish(body, true) {
+            match decode_publish(body, header.version, true) {
                 Ok(record) => record,
                 Err(reason) => return Decoded::Corrupt(reason),
             }
@@ -389,13 +409,23 @@ pub fn decode_record(bytes: &[u8], header: &SegmentHeader) -> Decoded {
     Decoded::Record(record, prefix_bytes + len)
 }
 
-fn decode_publish(body: &[u8], dead_lettered: bool) -> Result<Record, &'static str> {
-    if body.len() < PUBLISH_FIXED_BYTES {
+fn decode_publish(body: &[u8], version: u32, dead_lettered: bool) -> Result<Record, &'static str> {
+    let timed = version >= TIMED_RECORDS_VERSION;
+    let fixed_bytes = PUBLISH_FIXED_BYTES - if timed { 0 } else { TIMES_BYTES };
+    if body.len() < fixed_bytes {
         return Err("publish record too short");
     }
     let id = MessageId(u64::from_le_bytes(body[..8].try_into().expect("8 bytes")));
     let deliveries = u32::from_le_bytes(body[8..12].try_into().expect("4 bytes"));
     let mut rest = &body[12..];
+    let (published_at_ms, due_ms) = if timed {
+        let published_at_ms = u64::from_le_bytes(rest[..8].try_into().expect("8 bytes"));
+        let due_ms = u64::from_le_bytes(rest[8..16].try_into().expect("8 bytes"));
+        rest = &rest[16..];
+        (published_at_ms, (due_ms != 0).then_some(due_ms))
+    } else {
+        (0, None)
+    };
     let dead_letter = if dead_lettered {
         if rest.len() < DEAD_LETTER_FIXED_BYTES {
             return Err("dead-lettered publish record too short");
@@ -421,6 +451,8 @@ fn decode_publish(body: &[u8], dead_lettered: bool) -> Result<Record, &'static s
     Ok(Record::Publish {
         id,
         deliveries,
+        published_at_ms,
+        due_ms,
         queue,
         payload,
         dead_letter,
@@ -463,6 +495,8 @@ mod tests {
             Record::Publish {
                 id: MessageId(1),
                 deliveries: 0,
+                published_at_ms: 1_767_225_600_123,
+                due_ms: None,
                 queue: q("orders"),
                 payload: Payload::from_text("first ✓"),
                 dead_letter: None,
@@ -471,6 +505,8 @@ mod tests {
             Record::Publish {
                 id: MessageId(u64::MAX),
                 deliveries: 7,
+                published_at_ms: u64::MAX,
+                due_ms: Some(u64::MAX),
                 queue: q(&"x".repeat(255)),
                 payload: Payload::from_text(""),
                 dead_letter: None,
@@ -481,6 +517,8 @@ mod tests {
             Record::Publish {
                 id: MessageId(1),
                 deliveries: 0,
+                published_at_ms: 1_767_225_600_123,
+                due_ms: None,
                 queue: q("orders.dlq"),
                 payload: Payload::from_text("dead ✗"),
                 dead_letter: Some(DeadLetter {
@@ -493,6 +531,8 @@ mod tests {
             Record::Publish {
                 id: MessageId(u64::MAX),
                 deliveries: u32::MAX,
+                published_at_ms: 1,
+                due_ms: Some(1_767_225_800_000),
                 queue: q(&"e".repeat(255)),
                 payload: Payload::from_text(""),
                 dead_letter: Some(DeadLetter {
@@ -510,17 +550,23 @@ mod tests {
                 Record::Publish {
                     id,
                     deliveries,
+                    published_at_ms,
+                    due_ms,
                     queue,
                     payload,
                     dead_letter,
                 } => encode_publish(
                     &mut bytes,
                     SEGMENT,
-                    *id,
-                    *deliveries,
-                    queue,
-                    payload,
-                    dead_letter.as_ref(),
+                    &LiveMessage {
+                        id: *id,
+                        deliveries: *deliveries,
+                        published_at_ms: *published_at_ms,
+                        due_ms: *due_ms,
+                        queue,
+                        payload,
+                        dead_letter: dead_letter.as_ref(),
+                    },
                 ),
                 Record::Delivered(ids) => encode_delivered(&mut bytes, SEGMENT, ids),
                 Record::Acked(ids) => encode_acked(&mut bytes, SEGMENT, ids),
@@ -589,18 +635,18 @@ mod tests {
         encode_publish(
             &mut dead_letter,
             SEGMENT,
-            MessageId(9),
-            0,
-            &queue,
-            &payload,
-            Some(&record),
+            &LiveMessage::new(MessageId(9), 0, &queue, &payload, Some(&record)),
         );
         assert_eq!(
             dead_letter.len() as u64,
             live_record_bytes(&queue, &payload, Some(&record))
         );
         let mut plain = Vec::new();
-        encode_publish(&mut plain, SEGMENT, MessageId(9), 0, &queue, &payload, None);
+        encode_publish(
+            &mut plain,
+            SEGMENT,
+            &LiveMessage::new(MessageId(9), 0, &queue, &payload, None),
+        );
         assert_eq!(
             plain.len() as u64,
             live_record_bytes(&queue, &payload, None)

@@ -30,6 +30,11 @@ pub struct RecoveredMessage {
     pub payload: Payload,
     /// Deliveries before the restart; the next one is attempt `deliveries + 1`.
     pub deliveries: u32,
+    /// When it was published, in milliseconds since the Unix epoch; 0 if the log did
+    /// not record it (format 4 and before).
+    pub published_at_ms: u64,
+    /// When it is due, if it was delayed.
+    pub due_ms: Option<u64>,
     /// Its dead-letter record, if it was dead-lettered into `queue`.
     pub dead_letter: Option<DeadLetter>,
     /// The segment holding its latest publish record: the log needs it to know when a
@@ -116,6 +121,8 @@ struct Slot {
     queue: QueueName,
     payload: Payload,
     deliveries: u32,
+    published_at_ms: u64,
+    due_ms: Option<u64>,
     dead_letter: Option<DeadLetter>,
     acked: bool,
     segment: u64,
@@ -128,6 +135,8 @@ impl Slot {
             queue: self.queue,
             payload: self.payload,
             deliveries: self.deliveries,
+            published_at_ms: self.published_at_ms,
+            due_ms: self.due_ms,
             dead_letter: self.dead_letter,
             segment: self.segment,
         }
@@ -145,6 +154,8 @@ impl Replay {
             Record::Publish {
                 id,
                 deliveries,
+                published_at_ms,
+                due_ms,
                 queue,
                 payload,
                 mut dead_letter,
@@ -159,6 +170,8 @@ impl Replay {
                     queue,
                     payload,
                     deliveries,
+                    published_at_ms,
+                    due_ms,
                     dead_letter,
                     acked: false,
                     segment,
@@ -661,11 +674,7 @@ mod tests {
                     record::encode_publish(
                         &mut bytes,
                         segment,
-                        MessageId(id),
-                        0,
-                        &queue,
-                        &payload,
-                        None,
+                        &crate::storage::LiveMessage::new(MessageId(id), 0, &queue, &payload, None),
                     );
                     bytes
                 }),

@@ -93,11 +93,7 @@ fn publish(bytes: &mut Vec<u8>, id: u64, text: &str) {
     record::encode_publish(
         bytes,
         segment,
-        MessageId(id),
-        0,
-        &q("q"),
-        &Payload::from_text(text),
-        None,
+        &LiveMessage::new(MessageId(id), 0, &q("q"), &Payload::from_text(text), None),
     );
 }
 
@@ -140,13 +136,13 @@ fn publishes_deliveries_and_acks_survive_a_clean_close() {
     let backend = SimFs::default();
     run_once(&backend, |journal| {
         for (id, queue) in [(1, "a"), (2, "b"), (3, "a"), (4, "a")] {
-            journal.log_publish(
+            journal.log_publish(&LiveMessage::new(
                 MessageId(id),
                 0,
                 &q(queue),
                 &Payload::from_text(&format!("m{id}")),
                 None,
-            );
+            ));
         }
         journal.log_delivered(&[MessageId(2), MessageId(3)]);
         journal.log_delivered(&[MessageId(3)]);
@@ -179,17 +175,26 @@ fn a_dead_letter_survives_restarts_and_compaction_in_its_new_queue() {
         at_ms: 1_767_225_700_000,
     };
     run_once(&backend, |journal| {
-        journal.log_publish(MessageId(1), 0, &q("jobs"), &payload, None);
-        journal.log_publish(
+        journal.log_publish(&LiveMessage::new(
+            MessageId(1),
+            0,
+            &q("jobs"),
+            &payload,
+            None,
+        ));
+        journal.log_publish(&LiveMessage::new(
             MessageId(2),
             0,
             &q("jobs"),
             &Payload::from_text("other"),
             None,
-        );
+        ));
         journal.log_delivered(&[MessageId(1), MessageId(1)]);
         let replaced = record::live_record_bytes(&q("jobs"), &payload, None);
-        journal.log_moved(MessageId(1), &q("jobs.dlq"), &payload, &record, replaced);
+        journal.log_rewritten(
+            &LiveMessage::new(MessageId(1), 0, &q("jobs.dlq"), &payload, Some(&record)),
+            replaced,
+        );
     });
     let recovered = |storage: &Storage| -> Vec<_> {
         storage
@@ -216,6 +221,8 @@ fn a_dead_letter_survives_restarts_and_compaction_in_its_new_queue() {
     );
     // Compaction copies it with its record.
     let live = [LiveMessage {
+        published_at_ms: 0,
+        due_ms: None,
         id: MessageId(1),
         deliveries: 1,
         queue: &q("jobs.dlq"),
@@ -296,9 +303,13 @@ fn acks_that_nothing_waits_for_still_reach_stable_storage() {
     let backend = SimFs::default();
     let mut storage = open(&backend).unwrap();
     for (id, text) in [(1, "a"), (2, "b")] {
-        storage
-            .journal
-            .log_publish(MessageId(id), 0, &q("q"), &Payload::from_text(text), None);
+        storage.journal.log_publish(&LiveMessage::new(
+            MessageId(id),
+            0,
+            &q("q"),
+            &Payload::from_text(text),
+            None,
+        ));
     }
     submit_durably(&mut storage.journal);
     storage.journal.log_delivered(&[MessageId(1)]);
@@ -478,7 +489,7 @@ fn run_through_reused_files(backend: &SimFs) -> usize {
     for id in 1..=300 {
         storage
             .journal
-            .log_publish(MessageId(id), 0, &q("q"), &payload, None);
+            .log_publish(&LiveMessage::new(MessageId(id), 0, &q("q"), &payload, None));
         if id < 296 {
             let bytes = record::live_record_bytes(&q("q"), &payload, None);
             storage.journal.log_acked(&[MessageId(id)], bytes);
@@ -498,13 +509,13 @@ fn a_clean_stop_leaves_no_old_contents_after_the_last_record() {
     assert!(reused > 10, "only {reused} files reused");
     // A short life whose one segment is a reused file, much longer than what it writes.
     run_once(&backend, |journal| {
-        journal.log_publish(
+        journal.log_publish(&LiveMessage::new(
             MessageId(301),
             0,
             &q("q"),
             &Payload::from_text("one more"),
             None,
-        );
+        ));
     });
     assert_eq!(backend.reused_files(), reused + 1);
     let last = *segments(&backend).list_segments().unwrap().last().unwrap();
@@ -538,7 +549,7 @@ fn a_crash_in_a_reused_file_ends_the_log_at_its_old_contents() {
     for id in 301..306 {
         storage
             .journal
-            .log_publish(MessageId(id), 0, &q("q"), &payload, None);
+            .log_publish(&LiveMessage::new(MessageId(id), 0, &q("q"), &payload, None));
     }
     submit_durably(&mut storage.journal);
     let storage = lose_power_and_reopen(&backend, storage);
@@ -611,29 +622,35 @@ fn replay_handles_sweeps_copies_and_copies_of_removed_segments() {
             record::encode_publish(
                 b,
                 2,
-                MessageId(9_500),
-                1,
-                &q("q"),
-                &Payload::from_text("copy"),
-                None,
+                &LiveMessage::new(
+                    MessageId(9_500),
+                    1,
+                    &q("q"),
+                    &Payload::from_text("copy"),
+                    None,
+                ),
             );
             record::encode_publish(
                 b,
                 2,
-                MessageId(3),
-                2,
-                &q("old"),
-                &Payload::from_text("three"),
-                None,
+                &LiveMessage::new(
+                    MessageId(3),
+                    2,
+                    &q("old"),
+                    &Payload::from_text("three"),
+                    None,
+                ),
             );
             record::encode_publish(
                 b,
                 2,
-                MessageId(7),
-                0,
-                &q("old"),
-                &Payload::from_text("seven"),
-                None,
+                &LiveMessage::new(
+                    MessageId(7),
+                    0,
+                    &q("old"),
+                    &Payload::from_text("seven"),
+                    None,
+                ),
             );
             record::encode_delivered(b, 2, &[MessageId(3), MessageId(9_500)]);
             record::encode_acked(b, 2, &[MessageId(7), MessageId(9_010)]);
@@ -671,13 +688,13 @@ fn replay_handles_sweeps_copies_and_copies_of_removed_segments() {
 fn restarts_without_traffic_leave_no_empty_segments_behind() {
     let backend = SimFs::default();
     run_once(&backend, |journal| {
-        journal.log_publish(
+        journal.log_publish(&LiveMessage::new(
             MessageId(1),
             0,
             &q("q"),
             &Payload::from_text("pinned"),
             None,
-        );
+        ));
     });
     for _ in 0..5 {
         open(&backend).unwrap().journal.close();
@@ -696,7 +713,13 @@ fn restarts_without_traffic_leave_no_empty_segments_behind() {
 fn ids_go_on_after_the_highest_ever_issued_even_when_everything_was_acked() {
     let backend = SimFs::default();
     run_once(&backend, |journal| {
-        journal.log_publish(MessageId(41), 0, &q("q"), &Payload::from_text("x"), None);
+        journal.log_publish(&LiveMessage::new(
+            MessageId(41),
+            0,
+            &q("q"),
+            &Payload::from_text("x"),
+            None,
+        ));
         journal.log_acked(&[MessageId(41)], record_bytes("q", "x"));
     });
     // After a restart, segment 1 holds nothing live: the first submit (a batch with the
@@ -931,7 +954,7 @@ fn the_journal_records_how_far_the_log_is_durable() {
     for id in 1..=5u64 {
         storage
             .journal
-            .log_publish(MessageId(id), 0, &q("q"), &payload, None);
+            .log_publish(&LiveMessage::new(MessageId(id), 0, &q("q"), &payload, None));
         submit_durably(&mut storage.journal);
     }
     // Idle now: one batch says how far the last one is durable, and then nothing more.
@@ -974,9 +997,13 @@ fn without_syncs_nothing_is_vouched_for() {
     };
     let mut storage = Storage::open_with(Arc::new(backend.after_crash()), &config).unwrap();
     for id in 1..=3u64 {
-        storage
-            .journal
-            .log_publish(MessageId(id), 0, &q("q"), &Payload::from_text("m"), None);
+        storage.journal.log_publish(&LiveMessage::new(
+            MessageId(id),
+            0,
+            &q("q"),
+            &Payload::from_text("m"),
+            None,
+        ));
         submit_durably(&mut storage.journal);
     }
     assert_eq!(storage.journal.submit(), None);
@@ -1011,14 +1038,22 @@ fn an_unknown_format_version_is_a_clear_refusal() {
 fn a_failing_disk_stops_confirming() {
     let backend = SimFs::default();
     let mut storage = open(&backend).unwrap();
-    storage
-        .journal
-        .log_publish(MessageId(1), 0, &q("q"), &Payload::from_text("x"), None);
+    storage.journal.log_publish(&LiveMessage::new(
+        MessageId(1),
+        0,
+        &q("q"),
+        &Payload::from_text("x"),
+        None,
+    ));
     submit_durably(&mut storage.journal);
     backend.fail_from_now_on();
-    storage
-        .journal
-        .log_publish(MessageId(2), 0, &q("q"), &Payload::from_text("y"), None);
+    storage.journal.log_publish(&LiveMessage::new(
+        MessageId(2),
+        0,
+        &q("q"),
+        &Payload::from_text("y"),
+        None,
+    ));
     storage.journal.submit();
     poll_until(
         || {
@@ -1030,9 +1065,13 @@ fn a_failing_disk_stops_confirming() {
         || "the failure was never reported".to_owned(),
     );
     // And it stays failed: later batches are never announced durable.
-    storage
-        .journal
-        .log_publish(MessageId(3), 0, &q("q"), &Payload::from_text("z"), None);
+    storage.journal.log_publish(&LiveMessage::new(
+        MessageId(3),
+        0,
+        &q("q"),
+        &Payload::from_text("z"),
+        None,
+    ));
     storage.journal.submit();
     assert!(matches!(
         &*storage.journal.durability().borrow(),
@@ -1061,7 +1100,7 @@ fn run_log_size_test(keep_every: u64, bound: impl Fn(u64, u64) -> u64) -> bool {
     for id in 1..=5_000u64 {
         storage
             .journal
-            .log_publish(MessageId(id), 0, &q_name, &payload, None);
+            .log_publish(&LiveMessage::new(MessageId(id), 0, &q_name, &payload, None));
         live.insert(id, ());
         if id > 10 && (id - 10) % keep_every != 0 {
             storage
@@ -1073,6 +1112,8 @@ fn run_log_size_test(keep_every: u64, bound: impl Fn(u64, u64) -> u64) -> bool {
         let compacting = storage.journal.wants_compaction();
         if compacting {
             let messages = live.keys().map(|id| LiveMessage {
+                published_at_ms: 0,
+                due_ms: None,
                 id: MessageId(*id),
                 deliveries: 0,
                 queue: &q_name,
@@ -1154,7 +1195,7 @@ fn compaction_settles_whatever_the_queue_names_take_in_the_records() {
     for id in 1..=2_000u64 {
         storage
             .journal
-            .log_publish(MessageId(id), 0, &queue, &payload, None);
+            .log_publish(&LiveMessage::new(MessageId(id), 0, &queue, &payload, None));
         // Every other message is acked: half the log becomes dead.
         if id % 2 == 0 {
             storage
@@ -1175,6 +1216,8 @@ fn compaction_settles_whatever_the_queue_names_take_in_the_records() {
         storage
             .journal
             .compact_oldest(live.iter().map(|id| LiveMessage {
+                published_at_ms: 0,
+                due_ms: None,
                 id: MessageId(*id),
                 deliveries: 0,
                 queue: &queue,
@@ -1268,9 +1311,13 @@ fn run_crash_test(steps: &[Step]) -> Result<(), TestCaseError> {
                     "payload {id} {}",
                     "z".repeat((id % 7) as usize * 30)
                 ));
-                storage
-                    .journal
-                    .log_publish(MessageId(id), 0, &queue, &payload, None);
+                storage.journal.log_publish(&LiveMessage::new(
+                    MessageId(id),
+                    0,
+                    &queue,
+                    &payload,
+                    None,
+                ));
                 model.live.insert(
                     id,
                     ModelMessage {
@@ -1307,11 +1354,8 @@ fn run_crash_test(steps: &[Step]) -> Result<(), TestCaseError> {
                         };
                         let replaced =
                             record::live_record_bytes(&m.queue, &m.payload, m.dead_letter.as_ref());
-                        storage.journal.log_moved(
-                            MessageId(id),
-                            &dlq,
-                            &m.payload,
-                            &record,
+                        storage.journal.log_rewritten(
+                            &LiveMessage::new(MessageId(id), 0, &dlq, &m.payload, Some(&record)),
                             replaced,
                         );
                         let before = ModelMessage {
@@ -1336,6 +1380,8 @@ fn run_crash_test(steps: &[Step]) -> Result<(), TestCaseError> {
             }
             Step::Compact => {
                 let live = model.live.iter().map(|(id, m)| LiveMessage {
+                    published_at_ms: 0,
+                    due_ms: None,
                     id: MessageId(*id),
                     deliveries: m.deliveries,
                     queue: &m.queue,
@@ -1507,11 +1553,13 @@ fn encode_segment(number: u64, records: &[LogRecord]) -> Vec<u8> {
             LogRecord::Publish { id, bytes: size } => record::encode_publish(
                 &mut bytes,
                 number,
-                MessageId(*id),
-                0,
-                &q("q"),
-                &Payload::from_text(&"p".repeat(*size)),
-                None,
+                &LiveMessage::new(
+                    MessageId(*id),
+                    0,
+                    &q("q"),
+                    &Payload::from_text(&"p".repeat(*size)),
+                    None,
+                ),
             ),
             LogRecord::Delivered(list) => record::encode_delivered(&mut bytes, number, &ids(list)),
             LogRecord::Acked(list) => record::encode_acked(&mut bytes, number, &ids(list)),

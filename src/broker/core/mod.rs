@@ -3,18 +3,26 @@
 //! argument, so tests can drive it through any interleaving with simulated time.
 //!
 //! Inputs (`handle_*` in quinn-proto's terms): [`Core::subscribe`], [`Core::publish`],
-//! [`Core::ack`], [`Core::pause`], [`Core::resume`], [`Core::disconnect`],
-//! [`Core::handle_timeout`], [`Core::advance_to`], [`Core::begin_drain`]. Outputs: [`Core::dispatch`]
-//! (every message it can hand to a consumer now), [`Core::poll_timeout`] (when
-//! `handle_timeout` must next be called), [`Core::take_expired`] (deliveries their ack
-//! timeout took back) and [`Core::take_relocated`] (messages dead-lettered: moved to their
-//! queue's dead-letter queue, or dropped, when they came back after `max_deliveries`).
+//! [`Core::ack`], [`Core::nack`], [`Core::touch`], [`Core::pause`], [`Core::resume`],
+//! [`Core::disconnect`], [`Core::handle_timeout`], [`Core::advance_to`],
+//! [`Core::begin_drain`]. Outputs: [`Core::dispatch`] (every message it can hand to a
+//! consumer now), [`Core::poll_timeout`] (when `handle_timeout` must next be called),
+//! [`Core::take_expired`] (deliveries their lease took back) and [`Core::take_relocated`]
+//! (messages to log again: dead-lettered into their queue's dead-letter queue, dropped,
+//! or delayed by a nack).
 //!
 //! State, per queue: a FIFO of ready messages (in chunks, so that no publish ever copies a
 //! deep backlog), and the queue's consumers in subscription order with a round-robin
-//! cursor. Per consumer: its prefetch, its in-flight messages, and whether its connection
-//! has asked for a pause. Globally: the leases of the in-flight messages in a timing
-//! wheel, each cancelled the moment its message is acked or returned.
+//! cursor. Per consumer: its prefetch, its lease, its in-flight messages, and whether its
+//! connection has asked for a pause. Globally, in two timing wheels: the leases of the
+//! in-flight messages, each cancelled the moment its message is acked or returned; and
+//! the delayed messages (a publish's delay, a nack's), which join the back of their
+//! queue when due, those due together in id order.
+//!
+//! Wall-clock time: a message's `published_at`, a dead letter's `at` and a delayed
+//! message's due time are milliseconds since the Unix epoch, read from the
+//! [`WallClock`] the core was given and the instants it is handed since, so that a due
+//! time survives a restart as the time of day it names.
 //!
 //! Every operation costs time independent of how many messages are queued: the longest
 //! are a disconnect or an expiry, in the messages they return.
@@ -34,7 +42,7 @@ pub use timers::TICK as TIMER_TICK;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 // Maps keyed by ids the broker itself assigns use the fast Fx hash; a client cannot choose
 // those keys, so it cannot craft collisions. Queue names, which clients choose, keep the
@@ -44,7 +52,10 @@ use rustc_hash::FxHashMap;
 use thiserror::Error;
 
 use super::policy::{ACK_TIMEOUT_RANGE, Policies, QueuePolicy};
-use crate::protocol::{DeadLetter, DeadLetterReason, ErrorCode, MessageId, Payload, QueueName};
+use crate::protocol::{
+    DeadLetter, DeadLetterReason, Due, ErrorCode, MessageId, Payload, QueueName,
+};
+use crate::storage::LiveMessage;
 
 use chunked_deque::ChunkedDeque;
 use timers::{TimerKey, TimerWheel};
@@ -66,6 +77,10 @@ pub const QUEUE_OVERHEAD_BYTES: u64 = 256;
 
 /// What one place in a ready queue's chunks costs.
 pub const READY_SLOT_BYTES: u64 = std::mem::size_of::<ReadyMessage>() as u64;
+
+/// What a delayed message costs beyond its payload and [`MESSAGE_OVERHEAD_BYTES`]: its
+/// timer, and with a log a nack's delay its entry in the journal's map of copies.
+pub const DELAYED_MESSAGE_BYTES: u64 = TimerWheel::<DelayedMessage>::ENTRY_BYTES as u64 + 32;
 
 /// Identifies one consumer (one consumer connection) to the core.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -105,8 +120,13 @@ impl WallClock {
         let since_epoch = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
+        // `at` is set back to the start of the millisecond, so that a time read from
+        // the clock is the real time rounded down, as the system clock's is.
+        let into_millisecond =
+            Duration::from_nanos(u64::from(since_epoch.subsec_nanos() % 1_000_000));
+        let now = Instant::now();
         WallClock {
-            at: Instant::now(),
+            at: now.checked_sub(into_millisecond).unwrap_or(now),
             unix_ms: u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX),
         }
     }
@@ -119,7 +139,7 @@ impl WallClock {
     }
 }
 
-/// A message the core moved or dropped for good other than by an ack, for the log.
+/// A message the core moved, delayed or dropped other than by an ack, for the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Relocated {
     /// Dead-lettered into `to`, with attempt counting from 0 again and `record`.
@@ -128,12 +148,23 @@ pub enum Relocated {
         from: QueueName,
         to: QueueName,
         payload: Payload,
+        published_at_ms: u64,
         /// The record it carried before (dead-lettered once already), if any.
         replaced: Option<Arc<DeadLetter>>,
         record: Arc<DeadLetter>,
     },
+    /// Delayed by a nack until `due_ms`: logged again with its due time and deliveries.
+    Delayed {
+        id: MessageId,
+        queue: QueueName,
+        payload: Payload,
+        deliveries: u32,
+        published_at_ms: u64,
+        due_ms: u64,
+        dead_letter: Option<Arc<DeadLetter>>,
+    },
     /// Dead-lettered from `queue`, which has no dead-letter queue: dropped, as its
-    /// policy opted into.
+    /// policy opted into or its consumer asked.
     Discarded {
         id: MessageId,
         queue: QueueName,
@@ -171,7 +202,26 @@ impl PublishError {
     }
 }
 
-/// Why an ack changed nothing.
+/// An accepted publish, as the log records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    pub id: MessageId,
+    /// When it was accepted, in milliseconds since the Unix epoch.
+    pub published_at_ms: u64,
+    /// When it is due, if it is delayed.
+    pub due_ms: Option<u64>,
+}
+
+/// What a nack asks for (rule 12).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NackAction {
+    /// Try again: after this delay, or, without one, after the queue's backoff.
+    Retry(Option<Duration>),
+    /// Dead-letter it now, reason `rejected`.
+    DeadLetter,
+}
+
+/// Why an ack, nack or touch changed nothing.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum AckError {
     #[error(
@@ -189,6 +239,12 @@ pub struct Delivery {
     pub payload: Payload,
     /// 1 on the first delivery, one more on each redelivery.
     pub attempt: u32,
+    /// When the broker accepted its publish, in milliseconds since the Unix epoch.
+    pub published_at_ms: u64,
+    /// This delivery's lease.
+    pub lease: Duration,
+    /// Where it was dead-lettered from, if it was.
+    pub dead_letter: Option<Arc<DeadLetter>>,
 }
 
 /// What a drain achieved, for the shutdown log line.
@@ -200,6 +256,8 @@ pub struct DrainReport {
     pub left_ready: usize,
     /// Messages still in flight when the report was taken.
     pub left_in_flight: usize,
+    /// Delayed messages, not yet due, when the report was taken.
+    pub left_delayed: usize,
 }
 
 /// Totals over all queues, kept up to date as things happen so reading them is O(1).
@@ -211,6 +269,8 @@ pub struct CoreStats {
     pub ready: usize,
     /// Messages delivered and not yet acked.
     pub in_flight: usize,
+    /// Messages waiting for their due time.
+    pub delayed: usize,
     /// What ready and in-flight messages and their queues cost, as `--max-memory` counts
     /// it: payloads, [`MESSAGE_OVERHEAD_BYTES`] per message, and per queue
     /// [`QUEUE_OVERHEAD_BYTES`], its name and the chunks of its ready queue.
@@ -221,6 +281,8 @@ pub struct CoreStats {
     pub delivered_total: u64,
     /// Acks that took effect since start.
     pub acked_total: u64,
+    /// Nacks that took effect since start.
+    pub nacked_total: u64,
     /// Messages moved to a dead-letter queue since start.
     pub dead_lettered_total: u64,
     /// Dead letters dropped (no dead-letter queue, as the policy opted into) since start.
@@ -235,6 +297,8 @@ pub struct Core {
     consumers: FxHashMap<ConsumerId, Consumer>,
     /// The lease of every in-flight message, and nothing else.
     leases: TimerWheel<(ConsumerId, MessageId)>,
+    /// Every delayed message, due at its timer.
+    delays: TimerWheel<DelayedMessage>,
     /// Deliveries whose lease ran out since [`Core::take_expired`] last took them.
     expired: Vec<(ConsumerId, MessageId)>,
     /// Queues that may be able to deliver, each at most once.
@@ -268,6 +332,8 @@ struct Queue {
     /// In subscription order; `next_consumer` indexes the next one to try.
     consumers: Vec<ConsumerId>,
     next_consumer: usize,
+    /// Its messages waiting in `Core::delays`: it is kept while it has any.
+    delayed: usize,
     dispatch_scheduled: bool,
     /// Listed in `held_at_watermark`.
     at_watermark: bool,
@@ -279,12 +345,25 @@ struct ReadyMessage {
     payload: Payload,
     /// Deliveries so far; the next one is attempt `deliveries + 1`.
     deliveries: u32,
+    /// When its publish was accepted, in milliseconds since the Unix epoch.
+    published_at_ms: u64,
+}
+
+/// A message waiting for its due time.
+#[derive(Debug)]
+pub struct DelayedMessage {
+    queue: QueueName,
+    message: ReadyMessage,
+    /// Milliseconds since the Unix epoch.
+    due_ms: u64,
 }
 
 #[derive(Debug)]
 struct Consumer {
     queue: QueueName,
     prefetch: usize,
+    /// The lease of each delivery to it.
+    lease: Duration,
     in_flight: FxHashMap<MessageId, InFlight>,
     /// Its connection holds all the output it may: nothing more is delivered to it.
     paused: bool,
@@ -294,7 +373,9 @@ struct Consumer {
 struct InFlight {
     payload: Payload,
     attempt: u32,
+    published_at_ms: u64,
     lease: TimerKey,
+    delivered_at: Instant,
 }
 
 impl InFlight {
@@ -304,19 +385,23 @@ impl InFlight {
             id,
             payload: self.payload,
             deliveries: self.attempt,
+            published_at_ms: self.published_at_ms,
         }
     }
 }
 
-/// A message not yet acked, as log compaction copies it.
+/// A message recovered from storage, as [`Core::restore`] takes it back.
 #[derive(Debug)]
-pub struct Unacked<'a> {
+pub struct Restored {
     pub id: MessageId,
-    /// Deliveries so far.
+    pub payload: Payload,
     pub deliveries: u32,
-    pub queue: &'a QueueName,
-    pub payload: &'a Payload,
-    pub dead_letter: Option<&'a DeadLetter>,
+    /// 0 when the log did not record it (a log written before version 1.1): the time of
+    /// the restore stands in.
+    pub published_at_ms: u64,
+    /// When it is due, if it was delayed; a time already past makes it ready at once.
+    pub due_ms: Option<u64>,
+    pub dead_letter: Option<DeadLetter>,
 }
 
 /// What a message costs against the memory limit.
@@ -332,11 +417,15 @@ fn queue_cost(name: &QueueName) -> u64 {
 impl Core {
     /// An empty broker whose first message id will be 1.
     pub fn new(config: CoreConfig) -> Self {
+        // Due times count from the wall clock's reading: none is before it.
+        let mut delays = TimerWheel::default();
+        delays.advance(config.wall_clock.at, |_| {});
         Core {
             config,
             queues: HashMap::new(),
             consumers: FxHashMap::default(),
             leases: TimerWheel::default(),
+            delays,
             expired: Vec::new(),
             dispatch_queue: VecDeque::new(),
             next_id: 1,
@@ -373,29 +462,40 @@ impl Core {
         }
     }
 
-    /// Puts a message recovered from storage at the back of its queue, ready, with the
-    /// deliveries and the dead-letter record it had; ids must come in increasing order.
-    /// It counts against the memory limit like any message, but is never refused: it was
-    /// confirmed long ago.
-    pub fn restore(
-        &mut self,
-        queue: &QueueName,
-        id: MessageId,
-        payload: Payload,
-        deliveries: u32,
-        dead_letter: Option<DeadLetter>,
-    ) {
+    /// Puts a message recovered from storage at the back of its queue, ready (or
+    /// delayed, if it is not due yet), with the deliveries and the dead-letter record it
+    /// had; ids must come in increasing order. It counts against the memory limit like
+    /// any message, but is never refused: it was confirmed long ago.
+    pub fn restore(&mut self, queue: &QueueName, restored: Restored) {
+        let Restored {
+            id,
+            payload,
+            deliveries,
+            published_at_ms,
+            due_ms,
+            dead_letter,
+        } = restored;
         debug_assert!(id.0 >= self.next_id, "restored out of order");
         self.next_id = self.next_id.max(id.0 + 1);
         self.stats.memory_bytes += message_cost(&payload);
         if let Some(record) = dead_letter {
             self.keep_dead_letter(id, Arc::new(record));
         }
+        let now_ms = self.now_ms();
         let ready = ReadyMessage {
             id,
             payload,
             deliveries,
+            published_at_ms: if published_at_ms == 0 {
+                now_ms
+            } else {
+                published_at_ms
+            },
         };
+        if let Some(due_ms) = due_ms.filter(|&due| due > now_ms) {
+            self.hold_until(queue, ready, due_ms);
+            return;
+        }
         // Its last delivery before the crash may have been its last allowed one: it goes
         // once every message is back, to the back of its dead-letter queue.
         let limit = self.config.policies.for_queue(queue).max_deliveries;
@@ -414,7 +514,7 @@ impl Core {
     pub fn end_restore(&mut self) {
         for (queue, message) in std::mem::take(&mut self.restored_at_limit) {
             let policy = self.config.policies.for_queue(&queue);
-            self.dead_letter(&queue, &policy, message);
+            self.dead_letter(&queue, &policy, message, DeadLetterReason::MaxDeliveries);
         }
     }
 
@@ -428,47 +528,87 @@ impl Core {
         self.next_id = self.next_id.max(next_id);
     }
 
-    /// Every message not yet acked, ready or in flight, with its deliveries so far, for
-    /// log compaction. In no particular order.
-    pub fn live_messages(&self) -> impl Iterator<Item = Unacked<'_>> {
+    /// Every message not yet acked, ready, in flight or delayed, with its deliveries so
+    /// far, for log compaction. In no particular order.
+    pub fn live_messages(&self) -> impl Iterator<Item = LiveMessage<'_>> {
         let dead_letters = &self.dead_letters;
         let ready = self.queues.iter().flat_map(move |(name, queue)| {
-            queue.ready.iter().map(move |m| Unacked {
+            queue.ready.iter().map(move |m| LiveMessage {
                 id: m.id,
                 deliveries: m.deliveries,
+                published_at_ms: m.published_at_ms,
+                due_ms: None,
                 queue: name,
                 payload: &m.payload,
                 dead_letter: dead_letters.get(&m.id).map(|r| &**r),
             })
         });
         let in_flight = self.consumers.values().flat_map(move |consumer| {
-            consumer.in_flight.iter().map(move |(id, f)| Unacked {
+            consumer.in_flight.iter().map(move |(id, f)| LiveMessage {
                 id: *id,
                 deliveries: f.attempt,
+                published_at_ms: f.published_at_ms,
+                due_ms: None,
                 queue: &consumer.queue,
                 payload: &f.payload,
                 dead_letter: dead_letters.get(id).map(|r| &**r),
             })
         });
-        ready.chain(in_flight)
+        let delayed = self.delays.values().map(move |d| LiveMessage {
+            id: d.message.id,
+            deliveries: d.message.deliveries,
+            published_at_ms: d.message.published_at_ms,
+            due_ms: Some(d.due_ms),
+            queue: &d.queue,
+            payload: &d.message.payload,
+            dead_letter: dead_letters.get(&d.message.id).map(|r| &**r),
+        });
+        ready.chain(in_flight).chain(delayed)
     }
 
-    /// Adds a consumer to `queue` (created if new) as the last in its round-robin order.
-    /// A consumer id already subscribed is a caller bug and is ignored.
-    pub fn subscribe(&mut self, consumer: ConsumerId, queue: QueueName, prefetch: u16) {
+    /// The policy of queue `name`, whether it exists yet or not.
+    pub fn policy(&self, name: &QueueName) -> Arc<QueuePolicy> {
+        match self.queues.get(name) {
+            Some(queue) => queue.policy.clone(),
+            None => self.config.policies.for_queue(name),
+        }
+    }
+
+    /// The policy of the queue `consumer` takes from.
+    pub fn consumer_policy(&self, consumer: ConsumerId) -> Option<Arc<QueuePolicy>> {
+        let queue = &self.consumers.get(&consumer)?.queue;
+        self.queues.get(queue).map(|q| q.policy.clone())
+    }
+
+    /// Adds a consumer to `queue` (created if new) as the last in its round-robin order,
+    /// with its own lease (the caller checked it against the queue's `max_lease`) or the
+    /// queue's `ack_timeout`. A consumer id already subscribed is a caller bug and is
+    /// ignored.
+    pub fn subscribe(
+        &mut self,
+        consumer: ConsumerId,
+        queue: QueueName,
+        prefetch: u16,
+        lease: Option<Duration>,
+    ) {
         if self.consumers.contains_key(&consumer) {
             debug_assert!(false, "consumer {consumer} subscribed twice");
             return;
         }
         let memory = &mut self.stats.memory_bytes;
-        Self::queue_entry(&mut self.queues, &self.config.policies, memory, &queue)
-            .consumers
-            .push(consumer);
+        let subscribed = Self::queue_entry(&mut self.queues, &self.config.policies, memory, &queue);
+        subscribed.consumers.push(consumer);
+        // A lease is at most a year (ACK_TIMEOUT_RANGE); one built past that by hand
+        // waits as long as a year, rather than overflow.
+        let lease = lease
+            .unwrap_or(subscribed.policy.ack_timeout)
+            .min(*ACK_TIMEOUT_RANGE.end());
         self.consumers.insert(
             consumer,
             Consumer {
                 queue: queue.clone(),
                 prefetch: usize::from(prefetch.max(1)),
+                lease,
                 in_flight: FxHashMap::default(),
                 paused: false,
             },
@@ -476,7 +616,9 @@ impl Core {
         self.schedule_dispatch(&queue);
     }
 
-    /// Appends a message to the back of `queue` (created if new) and returns its id.
+    /// Appends a message to the back of `queue` (created if new), or, when it is due
+    /// later, holds it until then; returns its id and times. The caller checked a delay
+    /// against the queue's `max_delay`.
     ///
     /// # Errors
     /// [`PublishError::ShuttingDown`] once draining; [`PublishError::QueueFull`] when the
@@ -486,16 +628,30 @@ impl Core {
         &mut self,
         queue: &QueueName,
         payload: Payload,
-    ) -> Result<MessageId, PublishError> {
+        due: Due,
+    ) -> Result<Published, PublishError> {
         if self.drained_deliveries.is_some() {
             return Err(PublishError::ShuttingDown);
         }
+        let now_ms = self.now_ms();
+        let due_ms = match due {
+            Due::Now => None,
+            Due::After(delay) => Some(now_ms.saturating_add(millis(delay))),
+            Due::At(at_ms) => Some(at_ms),
+        }
+        // Due now, or already past: ready at once.
+        .filter(|&due_ms| due_ms > now_ms);
         let existing = self.queues.get_mut(queue);
         let cost = message_cost(&payload)
             + if existing.is_some() {
                 0
             } else {
                 queue_cost(queue)
+            }
+            + if due_ms.is_some() {
+                DELAYED_MESSAGE_BYTES
+            } else {
+                0
             };
         if self.stats.memory_bytes + cost > self.config.max_memory_bytes {
             return Err(PublishError::QueueFull {
@@ -505,25 +661,54 @@ impl Core {
         }
         let id = MessageId(self.next_id);
         self.next_id += 1;
-        self.stats.memory_bytes += cost;
         self.stats.published_total += 1;
-        self.stats.ready += 1;
         let ready_message = ReadyMessage {
             id,
             payload,
             deliveries: 0,
+            published_at_ms: now_ms,
         };
+        let published = Published {
+            id,
+            published_at_ms: now_ms,
+            due_ms,
+        };
+        self.stats.memory_bytes += message_cost(&ready_message.payload);
+        if let Some(due_ms) = due_ms {
+            self.hold_until(queue, ready_message, due_ms);
+            return Ok(published);
+        }
+        self.stats.ready += 1;
         let memory = &mut self.stats.memory_bytes;
         match existing {
             Some(existing) => existing.push_back(ready_message, memory),
             None => {
+                *memory += queue_cost(queue);
                 let mut created = Queue::new(self.config.policies.for_queue(queue));
                 created.push_back(ready_message, memory);
                 self.queues.insert(queue.clone(), created);
             }
         }
         self.schedule_dispatch(queue);
-        Ok(id)
+        Ok(published)
+    }
+
+    /// Holds a message (already counted in `memory_bytes` as a message) until `due_ms`,
+    /// in `queue` (created if new).
+    fn hold_until(&mut self, queue: &QueueName, message: ReadyMessage, due_ms: u64) {
+        let memory = &mut self.stats.memory_bytes;
+        Self::queue_entry(&mut self.queues, &self.config.policies, memory, queue).delayed += 1;
+        *memory += DELAYED_MESSAGE_BYTES;
+        self.stats.delayed += 1;
+        let at = self.instant_at(due_ms);
+        self.delays.insert(
+            at,
+            DelayedMessage {
+                queue: queue.clone(),
+                message,
+                due_ms,
+            },
+        );
     }
 
     /// Removes message `id` for good, if it is in flight to `consumer`, and returns its
@@ -533,18 +718,32 @@ impl Core {
     /// [`AckError::UnknownId`] when it is not (never delivered to this consumer, already
     /// acked, or requeued); nothing changes then.
     pub fn ack(&mut self, consumer: ConsumerId, id: MessageId) -> Result<Acked, AckError> {
+        let acked = self.take_in_flight(consumer, id)?;
+        self.stats.memory_bytes -= message_cost(&acked.payload);
+        self.stats.acked_total += 1;
+        Ok(Acked {
+            payload: acked.payload,
+            dead_letter: self.forget_dead_letter(id),
+        })
+    }
+
+    /// Takes message `id` out of flight to `consumer` (its lease cancelled, its prefetch
+    /// slot free), if it is in flight to it.
+    fn take_in_flight(
+        &mut self,
+        consumer: ConsumerId,
+        id: MessageId,
+    ) -> Result<InFlight, AckError> {
         let holder = self
             .consumers
             .get_mut(&consumer)
             .ok_or(AckError::UnknownId(id))?;
-        let acked = holder
+        let taken = holder
             .in_flight
             .remove(&id)
             .ok_or(AckError::UnknownId(id))?;
-        self.leases.remove(acked.lease);
-        self.stats.memory_bytes -= message_cost(&acked.payload);
+        self.leases.remove(taken.lease);
         self.stats.in_flight -= 1;
-        self.stats.acked_total += 1;
         // Only a consumer that was full held its queue's dispatch back: one with room
         // to spare already had it scheduled if anything was ready.
         let was_full = holder.in_flight.len() + 1 == holder.prefetch;
@@ -552,10 +751,96 @@ impl Core {
             let queue = holder.queue.clone();
             self.schedule_dispatch(&queue);
         }
-        Ok(Acked {
-            payload: acked.payload,
-            dead_letter: self.forget_dead_letter(id),
-        })
+        Ok(taken)
+    }
+
+    /// Takes message `id` out of flight to `consumer` and, as rule 12 says: dead-letters
+    /// it (asked to, or at its queue's `max_deliveries`), or puts it at the back of its
+    /// queue, or delays it (by the nack's delay, or else the queue's backoff). The caller
+    /// checked a delay against the queue's `max_delay`.
+    ///
+    /// # Errors
+    /// [`AckError::UnknownId`] when it is not in flight to `consumer`; nothing changes.
+    pub fn nack(
+        &mut self,
+        consumer: ConsumerId,
+        id: MessageId,
+        action: NackAction,
+    ) -> Result<(), AckError> {
+        let nacked = self.take_in_flight(consumer, id)?;
+        self.stats.nacked_total += 1;
+        let queue = self.consumers[&consumer].queue.clone();
+        let policy = self.policy(&queue);
+        let message = nacked.returned(id);
+        let limit = policy.max_deliveries;
+        let dead_letter_reason = match action {
+            NackAction::DeadLetter => Some(DeadLetterReason::Rejected),
+            NackAction::Retry(_) if limit > 0 && message.deliveries >= limit => {
+                Some(DeadLetterReason::MaxDeliveries)
+            }
+            NackAction::Retry(_) => None,
+        };
+        if let Some(reason) = dead_letter_reason {
+            self.dead_letter(&queue, &policy, message, reason);
+            return Ok(());
+        }
+        let delay = match action {
+            NackAction::Retry(Some(delay)) => delay,
+            _ => policy.backoff(message.deliveries),
+        };
+        if delay.is_zero() {
+            self.stats.ready += 1;
+            let memory = &mut self.stats.memory_bytes;
+            Self::queue_entry(&mut self.queues, &self.config.policies, memory, &queue)
+                .push_back(message, memory);
+            self.schedule_dispatch(&queue);
+            return Ok(());
+        }
+        let due_ms = self.now_ms().saturating_add(millis(delay));
+        self.relocated.push(Relocated::Delayed {
+            id,
+            queue: queue.clone(),
+            payload: message.payload.clone(),
+            deliveries: message.deliveries,
+            published_at_ms: message.published_at_ms,
+            due_ms,
+            dead_letter: self.dead_letters.get(&id).cloned(),
+        });
+        self.hold_until(&queue, message, due_ms);
+        Ok(())
+    }
+
+    /// Restarts the lease of message `id`, in flight to `consumer`, from now (rule 16):
+    /// `lease`, or else the consumer's, but never past its queue's `max_lease` from the
+    /// delivery. The caller checked `lease` against `max_lease`.
+    ///
+    /// # Errors
+    /// [`AckError::UnknownId`] when it is not in flight to `consumer`; nothing changes.
+    pub fn touch(
+        &mut self,
+        consumer: ConsumerId,
+        id: MessageId,
+        lease: Option<Duration>,
+    ) -> Result<(), AckError> {
+        let now = self.current();
+        let holder = self
+            .consumers
+            .get_mut(&consumer)
+            .ok_or(AckError::UnknownId(id))?;
+        let max_lease = match self.queues.get(&holder.queue) {
+            Some(queue) => queue.policy.max_lease,
+            None => *ACK_TIMEOUT_RANGE.end(),
+        };
+        let lease = lease.unwrap_or(holder.lease).min(*ACK_TIMEOUT_RANGE.end());
+        let touched = holder
+            .in_flight
+            .get_mut(&id)
+            .ok_or(AckError::UnknownId(id))?;
+        let deadline =
+            (now + lease).min(touched.delivered_at + max_lease.min(*ACK_TIMEOUT_RANGE.end()));
+        self.leases.remove(touched.lease);
+        touched.lease = self.leases.insert(deadline.max(now), (consumer, id));
+        Ok(())
     }
 
     /// Stops delivering to `consumer` (its connection holds as much output as it may)
@@ -611,6 +896,7 @@ impl Core {
         if let Some(queue) = self.queues.get(&gone.queue)
             && queue.ready.is_empty()
             && queue.consumers.is_empty()
+            && queue.delayed == 0
         {
             // Nothing left to remember: a queue is created again on first use.
             self.stats.memory_bytes -= queue_cost(&gone.queue) + queue.ready_bytes();
@@ -637,24 +923,30 @@ impl Core {
         self.schedule_dispatch(name);
         dead.sort_unstable_by_key(|m| m.id);
         for message in dead {
-            self.dead_letter(name, &policy, message);
+            self.dead_letter(name, &policy, message, DeadLetterReason::MaxDeliveries);
         }
     }
 
     /// Moves a message to the back of its queue's dead-letter queue, with a record of
     /// where it came from and attempt counting from 0 again; or, without a dead-letter
-    /// queue, drops it (the policy opted into that: `discard_dead_letters`).
-    fn dead_letter(&mut self, from: &QueueName, policy: &QueuePolicy, message: ReadyMessage) {
-        let at = self.latest_now.unwrap_or(self.config.wall_clock.at);
+    /// queue, drops it (rule 15: the policy opted into that with `discard_dead_letters`,
+    /// or the consumer asked for it by name).
+    fn dead_letter(
+        &mut self,
+        from: &QueueName,
+        policy: &QueuePolicy,
+        message: ReadyMessage,
+        reason: DeadLetterReason,
+    ) {
         let record = Arc::new(DeadLetter {
             queue: from.clone(),
-            reason: DeadLetterReason::MaxDeliveries,
+            reason,
             attempts: message.deliveries,
-            at_ms: self.config.wall_clock.unix_ms_at(at),
+            at_ms: self.now_ms(),
         });
         let Some(to) = &policy.dead_letter_queue else {
             debug_assert!(
-                policy.discard_dead_letters,
+                policy.discard_dead_letters || reason == DeadLetterReason::Rejected,
                 "a dead letter with nowhere to go"
             );
             self.stats.memory_bytes -= message_cost(&message.payload);
@@ -674,13 +966,13 @@ impl Core {
             from: from.clone(),
             to: to.clone(),
             payload: message.payload.clone(),
+            published_at_ms: message.published_at_ms,
             replaced,
             record,
         });
         let moved = ReadyMessage {
-            id: message.id,
-            payload: message.payload,
             deliveries: 0,
+            ..message
         };
         self.stats.ready += 1;
         self.stats.dead_lettered_total += 1;
@@ -721,9 +1013,10 @@ impl Core {
         std::mem::take(&mut self.relocated)
     }
 
-    /// Returns every message whose ack deadline is at or before `now` to the front of its
-    /// queue. Messages of one queue that expire together keep their id order. Each is
-    /// also listed for [`Core::take_expired`].
+    /// Returns every message whose lease ends at or before `now` to the front of its
+    /// queue (messages of one queue that expire together keep their id order; each is
+    /// also listed for [`Core::take_expired`]), and makes every delayed message due by
+    /// `now` ready.
     pub fn handle_timeout(&mut self, now: Instant) {
         let now = self.observe(now);
         let mut expired: HashMap<QueueName, Vec<ReadyMessage>> = HashMap::new();
@@ -749,12 +1042,30 @@ impl Core {
         for (name, returning) in expired {
             self.return_messages(&name, returning);
         }
+        let mut due = Vec::new();
+        self.delays.advance(now, |delayed| due.push(delayed));
+        // Those due together become ready in id order (rule 13).
+        due.sort_unstable_by_key(|d| (d.due_ms, d.message.id));
+        for DelayedMessage { queue, message, .. } in due {
+            self.stats.delayed -= 1;
+            self.stats.ready += 1;
+            let memory = &mut self.stats.memory_bytes;
+            *memory -= DELAYED_MESSAGE_BYTES;
+            let ready = Self::queue_entry(&mut self.queues, &self.config.policies, memory, &queue);
+            ready.delayed -= 1;
+            ready.push_back(message, memory);
+            self.schedule_dispatch(&queue);
+        }
     }
 
     /// When [`Core::handle_timeout`] must next be called: at most a [`TIMER_TICK`] after
-    /// the earliest ack deadline (sooner when the timing wheel has entries to move).
+    /// the earliest lease deadline or due time (sooner when a timing wheel has entries to
+    /// move).
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.leases.next_deadline()
+        match (self.leases.next_deadline(), self.delays.next_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// The deliveries whose lease ran out since the last call, by consumer: a connection
@@ -765,19 +1076,15 @@ impl Core {
 
     /// Makes every delivery the core can make now, handing each to `deliver` in order:
     /// while a queue has a ready message and a consumer with spare prefetch, the message
-    /// moves to the in-flight set with deadline `now +` its queue's ack timeout. Queues take turns in
-    /// the order they became deliverable; each is looked up once per turn, not once per
-    /// message.
+    /// moves to the in-flight set with deadline `now +` its consumer's lease. Queues take
+    /// turns in the order they became deliverable; each is looked up once per turn, not
+    /// once per message.
     pub fn dispatch(&mut self, now: Instant, mut deliver: impl FnMut(Delivery)) {
         let now = self.observe(now);
         while let Some(name) = self.dispatch_queue.pop_front() {
             let Some(queue) = self.queues.get_mut(&name) else {
                 continue;
             };
-            // A policy's timeout is at most a year (ACK_TIMEOUT_RANGE); one built past
-            // that by hand waits as long as a year, rather than overflow.
-            let lease = queue.policy.ack_timeout.min(*ACK_TIMEOUT_RANGE.end());
-            let deadline = now + lease;
             queue.dispatch_scheduled = false;
             loop {
                 if queue
@@ -795,7 +1102,8 @@ impl Core {
                 let Some(delivery) = queue.deliver_next(
                     &mut self.consumers,
                     &mut self.leases,
-                    deadline,
+                    now,
+                    &self.dead_letters,
                     &mut self.stats.memory_bytes,
                 ) else {
                     break;
@@ -839,6 +1147,7 @@ impl Core {
             delivered: self.drained_deliveries.unwrap_or(0),
             left_ready: stats.ready,
             left_in_flight: stats.in_flight,
+            left_delayed: stats.delayed,
         }
     }
 
@@ -847,6 +1156,11 @@ impl Core {
             self.leases.len(),
             self.stats.in_flight,
             "one lease per message in flight"
+        );
+        debug_assert_eq!(
+            self.delays.len(),
+            self.stats.delayed,
+            "one timer per delayed message"
         );
         CoreStats {
             queues: self.queues.len(),
@@ -883,11 +1197,31 @@ impl Core {
     fn observe(&mut self, now: Instant) -> Instant {
         let latest = self.latest_now.map_or(now, |latest| latest.max(now));
         if self.latest_now.is_none() {
-            // The wheel counts from the first instant seen, so nothing can come before it.
+            // The wheels count from the first instant seen, so nothing can come before it.
             self.leases.advance(latest, |_| {});
         }
         self.latest_now = Some(latest);
         latest
+    }
+
+    /// The latest instant the core was given (or its wall clock's, before any): what
+    /// happens without an instant of its own happens then.
+    fn current(&self) -> Instant {
+        self.latest_now
+            .unwrap_or(self.config.wall_clock.at)
+            .max(self.config.wall_clock.at)
+    }
+
+    /// [`Core::current`] in milliseconds since the Unix epoch.
+    fn now_ms(&self) -> u64 {
+        self.config.wall_clock.unix_ms_at(self.current())
+    }
+
+    /// The instant of a time in milliseconds since the Unix epoch; any time before the
+    /// wall clock's reading is its instant (already past).
+    fn instant_at(&self, unix_ms: u64) -> Instant {
+        let clock = self.config.wall_clock;
+        clock.at + Duration::from_millis(unix_ms.saturating_sub(clock.unix_ms))
     }
 
     /// The queue named `name`, created (and counted in `memory_bytes`) if new.
@@ -924,6 +1258,7 @@ impl Queue {
             ready: ChunkedDeque::default(),
             consumers: Vec::new(),
             next_consumer: 0,
+            delayed: 0,
             dispatch_scheduled: false,
             at_watermark: false,
         }
@@ -953,13 +1288,14 @@ impl Queue {
     }
 
     /// Hands the front message to the next consumer in round-robin order with spare
-    /// prefetch and no pause, if there is a message and such a consumer; its lease ends at
-    /// `deadline`.
+    /// prefetch and no pause, if there is a message and such a consumer; its lease starts
+    /// at `now`.
     fn deliver_next(
         &mut self,
         consumers: &mut FxHashMap<ConsumerId, Consumer>,
         leases: &mut TimerWheel<(ConsumerId, MessageId)>,
-        deadline: Instant,
+        now: Instant,
+        dead_letters: &FxHashMap<MessageId, Arc<DeadLetter>>,
         memory_bytes: &mut u64,
     ) -> Option<Delivery> {
         if self.ready.is_empty() {
@@ -985,17 +1321,33 @@ impl Queue {
                 InFlight {
                     payload: message.payload.clone(),
                     attempt,
-                    lease: leases.insert(deadline, (consumer_id, message.id)),
+                    published_at_ms: message.published_at_ms,
+                    lease: leases.insert(now + consumer.lease, (consumer_id, message.id)),
+                    delivered_at: now,
                 },
             );
             self.next_consumer = (index + 1) % count;
+            // Most brokers hold no dead letter: spare every delivery the lookup.
+            let dead_letter = if dead_letters.is_empty() {
+                None
+            } else {
+                dead_letters.get(&message.id).cloned()
+            };
             return Some(Delivery {
                 consumer: consumer_id,
                 id: message.id,
                 payload: message.payload,
                 attempt,
+                published_at_ms: message.published_at_ms,
+                lease: consumer.lease,
+                dead_letter,
             });
         }
         None
     }
+}
+
+/// A duration in whole milliseconds, as due times count.
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }

@@ -14,6 +14,16 @@ fn t(ms: u64) -> Instant {
     *ORIGIN.get_or_init(Instant::now) + Duration::from_millis(ms)
 }
 
+/// The wall-clock time at `t(0)`, in milliseconds since the Unix epoch.
+const WALL_MS: u64 = 1_767_225_600_000;
+
+fn wall_clock() -> WallClock {
+    WallClock {
+        at: t(0),
+        unix_ms: WALL_MS,
+    }
+}
+
 fn core() -> Core {
     core_with_memory(u64::MAX)
 }
@@ -22,7 +32,7 @@ fn core_with_memory(max_memory_bytes: u64) -> Core {
     Core::new(CoreConfig {
         policies: Policies::uniform(QueuePolicy::new(ACK_TIMEOUT)),
         max_memory_bytes,
-        wall_clock: WallClock::now(),
+        wall_clock: wall_clock(),
     })
 }
 
@@ -35,7 +45,21 @@ const C2: ConsumerId = ConsumerId(2);
 const C3: ConsumerId = ConsumerId(3);
 
 fn publish(core: &mut Core, queue: &str, text: &str) -> MessageId {
-    core.publish(&q(queue), Payload::from_text(text)).unwrap()
+    core.publish(&q(queue), Payload::from_text(text), Due::Now)
+        .unwrap()
+        .id
+}
+
+/// A message as storage gives it back: not delayed, published at the wall clock's start.
+fn restored(id: u64, text: &str, deliveries: u32) -> Restored {
+    Restored {
+        id: MessageId(id),
+        payload: Payload::from_text(text),
+        deliveries,
+        published_at_ms: WALL_MS,
+        due_ms: None,
+        dead_letter: None,
+    }
 }
 
 fn publish_n(core: &mut Core, queue: &str, n: usize) -> Vec<MessageId> {
@@ -75,7 +99,7 @@ fn ids_start_at_one_and_increase_across_queues() {
 fn rule1_ready_messages_are_delivered_in_fifo_order_with_their_payload() {
     let mut core = core();
     let published = publish_n(&mut core, "q", 5);
-    core.subscribe(C1, q("q"), 100);
+    core.subscribe(C1, q("q"), 100, None);
     let delivered = deliveries(&mut core, t(0));
     assert_eq!(
         delivered.iter().map(|d| d.id).collect::<Vec<_>>(),
@@ -88,9 +112,9 @@ fn rule1_ready_messages_are_delivered_in_fifo_order_with_their_payload() {
 #[test]
 fn rule2_round_robin_in_subscription_order() {
     let mut core = core();
-    core.subscribe(C1, q("q"), 100);
-    core.subscribe(C2, q("q"), 100);
-    core.subscribe(C3, q("q"), 100);
+    core.subscribe(C1, q("q"), 100, None);
+    core.subscribe(C2, q("q"), 100, None);
+    core.subscribe(C3, q("q"), 100, None);
     publish_n(&mut core, "q", 7);
     let consumers: Vec<_> = drain(&mut core, t(0)).iter().map(|d| d.0).collect();
     assert_eq!(consumers, [C1, C2, C3, C1, C2, C3, C1]);
@@ -103,8 +127,8 @@ fn rule2_round_robin_in_subscription_order() {
 #[test]
 fn rule2_consumers_at_their_prefetch_are_skipped() {
     let mut core = core();
-    core.subscribe(C1, q("q"), 1);
-    core.subscribe(C2, q("q"), 3);
+    core.subscribe(C1, q("q"), 1, None);
+    core.subscribe(C2, q("q"), 3, None);
     let published = publish_n(&mut core, "q", 6);
     let delivered = drain(&mut core, t(0));
     let consumers: Vec<_> = delivered.iter().map(|d| d.0).collect();
@@ -136,7 +160,7 @@ fn assert_next_timeout_for(core: &mut Core, at: Instant) {
 #[test]
 fn rule3_delivery_sets_the_deadline_to_now_plus_ack_timeout() {
     let mut core = core();
-    core.subscribe(C1, q("q"), 10);
+    core.subscribe(C1, q("q"), 10, None);
     assert_eq!(core.poll_timeout(), None);
     publish_n(&mut core, "q", 1);
     drain(&mut core, t(50));
@@ -163,10 +187,10 @@ fn each_queue_leases_its_deliveries_for_its_policys_ack_timeout() {
     let mut core = Core::new(CoreConfig {
         policies: file.resolve(&QueuePolicy::new(ACK_TIMEOUT)),
         max_memory_bytes: u64::MAX,
-        wall_clock: WallClock::now(),
+        wall_clock: wall_clock(),
     });
-    core.subscribe(C1, q("fast-lane"), 10);
-    core.subscribe(C2, q("slow"), 10);
+    core.subscribe(C1, q("fast-lane"), 10, None);
+    core.subscribe(C2, q("slow"), 10, None);
     publish(&mut core, "fast-lane", "f");
     publish(&mut core, "slow", "s");
     assert_eq!(drain(&mut core, t(0)).len(), 2);
@@ -189,7 +213,7 @@ fn each_queue_leases_its_deliveries_for_its_policys_ack_timeout() {
 #[test]
 fn rule4_an_ack_removes_the_message_for_good() {
     let mut core = core();
-    core.subscribe(C1, q("q"), 10);
+    core.subscribe(C1, q("q"), 10, None);
     let id = publish(&mut core, "q", "x");
     drain(&mut core, t(0));
     core.ack(C1, id).unwrap();
@@ -218,8 +242,8 @@ fn rule4_an_ack_removes_the_message_for_good() {
 #[test]
 fn rule4_acks_from_another_consumer_or_for_unknown_ids_change_nothing() {
     let mut core = core();
-    core.subscribe(C1, q("q"), 10);
-    core.subscribe(C2, q("q"), 10);
+    core.subscribe(C1, q("q"), 10, None);
+    core.subscribe(C2, q("q"), 10, None);
     let id = publish(&mut core, "q", "x");
     assert_eq!(drain(&mut core, t(0)), [(C1, id, 1)]);
     assert_eq!(core.ack(C2, id), Err(AckError::UnknownId(id)));
@@ -239,7 +263,7 @@ fn rule4_acks_from_another_consumer_or_for_unknown_ids_change_nothing() {
 #[test]
 fn rule4_an_ack_after_the_requeue_is_unknown() {
     let mut core = core();
-    core.subscribe(C1, q("q"), 10);
+    core.subscribe(C1, q("q"), 10, None);
     let id = publish(&mut core, "q", "x");
     drain(&mut core, t(0));
     core.handle_timeout(t(200));
@@ -250,7 +274,7 @@ fn rule4_an_ack_after_the_requeue_is_unknown() {
 #[test]
 fn rule5_an_expired_message_returns_to_the_front_with_the_next_attempt() {
     let mut core = core();
-    core.subscribe(C1, q("q"), 1);
+    core.subscribe(C1, q("q"), 1, None);
     let first = publish(&mut core, "q", "first");
     let rest = publish_n(&mut core, "q", 2);
     assert_eq!(drain(&mut core, t(0)), [(C1, first, 1)]);
@@ -275,8 +299,8 @@ fn rule5_an_expired_message_returns_to_the_front_with_the_next_attempt() {
 #[test]
 fn rule5_a_redelivery_may_go_to_another_consumer() {
     let mut core = core();
-    core.subscribe(C1, q("q"), 1);
-    core.subscribe(C2, q("q"), 1);
+    core.subscribe(C1, q("q"), 1, None);
+    core.subscribe(C2, q("q"), 1, None);
     let a = publish(&mut core, "q", "a");
     assert_eq!(drain(&mut core, t(0)), [(C1, a, 1)]);
     core.handle_timeout(t(200));
@@ -296,7 +320,7 @@ fn rule5_a_redelivery_may_go_to_another_consumer() {
 #[test]
 fn rule5_poll_timeout_skips_deadlines_of_acked_messages() {
     let mut core = core();
-    core.subscribe(C1, q("q"), 10);
+    core.subscribe(C1, q("q"), 10, None);
     let ids = publish_n(&mut core, "q", 2);
     drain(&mut core, t(0));
     publish_n(&mut core, "q", 1);
@@ -309,7 +333,7 @@ fn rule5_poll_timeout_skips_deadlines_of_acked_messages() {
 #[test]
 fn rule6_a_disconnect_returns_all_in_flight_messages_at_once() {
     let mut core = core();
-    core.subscribe(C1, q("q"), 3);
+    core.subscribe(C1, q("q"), 3, None);
     let ids = publish_n(&mut core, "q", 5);
     drain(&mut core, t(0));
     assert_eq!(core.disconnect(C1), 3);
@@ -319,7 +343,7 @@ fn rule6_a_disconnect_returns_all_in_flight_messages_at_once() {
         None,
         "their deadlines died with the consumer"
     );
-    core.subscribe(C2, q("q"), 10);
+    core.subscribe(C2, q("q"), 10, None);
     let again = drain(&mut core, t(1));
     assert_eq!(delivered_ids(&again), ids);
     let attempts: Vec<_> = again.iter().map(|d| d.2).collect();
@@ -330,7 +354,7 @@ fn rule6_a_disconnect_returns_all_in_flight_messages_at_once() {
 fn rule6_disconnect_keeps_round_robin_fair_for_the_rest() {
     let mut core = core();
     for c in [C1, C2, C3] {
-        core.subscribe(c, q("q"), 100);
+        core.subscribe(c, q("q"), 100, None);
     }
     publish_n(&mut core, "q", 2);
     assert_eq!(
@@ -350,8 +374,8 @@ fn rule6_disconnect_keeps_round_robin_fair_for_the_rest() {
 #[test]
 fn rule7_messages_returning_together_keep_their_relative_order() {
     let mut core = core();
-    core.subscribe(C1, q("q"), 100);
-    core.subscribe(C2, q("q"), 100);
+    core.subscribe(C1, q("q"), 100, None);
+    core.subscribe(C2, q("q"), 100, None);
     let ids = publish_n(&mut core, "q", 6);
     drain(&mut core, t(0));
     let fresh = publish_n(&mut core, "q", 1);
@@ -365,7 +389,7 @@ fn rule7_messages_returning_together_keep_their_relative_order() {
 #[test]
 fn rule7_earlier_returns_stay_ahead_of_never_delivered_messages() {
     let mut core = core();
-    core.subscribe(C1, q("q"), 2);
+    core.subscribe(C1, q("q"), 2, None);
     let ids = publish_n(&mut core, "q", 4);
     drain(&mut core, t(0));
     core.disconnect(C1);
@@ -379,9 +403,9 @@ fn rule8_messages_wait_while_no_consumer_is_connected() {
     let ids = publish_n(&mut core, "q", 3);
     assert!(drain(&mut core, t(0)).is_empty());
     assert_eq!(core.poll_timeout(), None);
-    core.subscribe(C1, q("other"), 10);
+    core.subscribe(C1, q("other"), 10, None);
     assert!(drain(&mut core, t(0)).is_empty(), "queues are separate");
-    core.subscribe(C2, q("q"), 10);
+    core.subscribe(C2, q("q"), 10, None);
     assert_eq!(delivered_ids(&drain(&mut core, t(0))), ids);
 }
 
@@ -393,7 +417,7 @@ fn the_memory_limit_counts_ready_and_in_flight_messages_until_acked() {
     let mut core = core_with_memory(queue + 2 * one);
     let a = publish(&mut core, "q", "0123456789");
     publish(&mut core, "q", "abcdefghij");
-    let refused = core.publish(&q("q"), Payload::from_text("ABCDEFGHIJ"));
+    let refused = core.publish(&q("q"), Payload::from_text("ABCDEFGHIJ"), Due::Now);
     assert_eq!(
         refused,
         Err(PublishError::QueueFull {
@@ -402,10 +426,10 @@ fn the_memory_limit_counts_ready_and_in_flight_messages_until_acked() {
         })
     );
     assert_eq!(refused.unwrap_err().code(), ErrorCode::QueueFull);
-    core.subscribe(C1, q("q"), 10);
+    core.subscribe(C1, q("q"), 10, None);
     drain(&mut core, t(0));
     assert!(
-        core.publish(&q("q"), Payload::from_text("ABCDEFGHIJ"))
+        core.publish(&q("q"), Payload::from_text("ABCDEFGHIJ"), Due::Now)
             .is_err(),
         "in flight still counts"
     );
@@ -420,12 +444,12 @@ fn the_memory_limit_counts_ready_and_in_flight_messages_until_acked() {
 #[test]
 fn draining_refuses_publishes_and_finishes_when_nothing_is_in_flight() {
     let mut core = core();
-    core.subscribe(C1, q("q"), 1);
+    core.subscribe(C1, q("q"), 1, None);
     let ids = publish_n(&mut core, "q", 2);
     core.begin_drain();
     assert!(core.is_draining());
     assert_eq!(
-        core.publish(&q("q"), Payload::from_text("late")),
+        core.publish(&q("q"), Payload::from_text("late"), Due::Now),
         Err(PublishError::ShuttingDown)
     );
     assert!(
@@ -443,7 +467,8 @@ fn draining_refuses_publishes_and_finishes_when_nothing_is_in_flight() {
         DrainReport {
             delivered: 2,
             left_ready: 0,
-            left_in_flight: 0
+            left_in_flight: 0,
+            left_delayed: 0,
         }
     );
 }
@@ -459,10 +484,11 @@ fn draining_ends_with_ready_messages_when_no_consumer_is_left() {
         DrainReport {
             delivered: 0,
             left_ready: 3,
-            left_in_flight: 0
+            left_in_flight: 0,
+            left_delayed: 0,
         }
     );
-    core.subscribe(C1, q("q"), 2);
+    core.subscribe(C1, q("q"), 2, None);
     assert!(!core.is_drained(), "a consumer arrived");
     drain(&mut core, t(0));
     core.disconnect(C1);
@@ -474,7 +500,7 @@ fn draining_ends_with_ready_messages_when_no_consumer_is_left() {
 #[test]
 fn an_empty_queue_without_consumers_is_forgotten() {
     let mut core = core();
-    core.subscribe(C1, q("q"), 1);
+    core.subscribe(C1, q("q"), 1, None);
     let id = publish(&mut core, "q", "x");
     drain(&mut core, t(0));
     core.ack(C1, id).unwrap();
@@ -488,7 +514,7 @@ fn an_empty_queue_without_consumers_is_forgotten() {
         (0, 0, 0)
     );
     // A queue with messages is kept.
-    core.subscribe(C2, q("q"), 1);
+    core.subscribe(C2, q("q"), 1, None);
     publish(&mut core, "q", "y");
     core.disconnect(C2);
     assert_eq!(core.stats().queues, 1);
@@ -506,7 +532,7 @@ fn disconnecting_an_unknown_consumer_is_harmless() {
 #[test]
 fn lease_memory_follows_what_is_in_flight_not_what_was_acked() {
     let mut core = core();
-    core.subscribe(C1, q("q"), 10);
+    core.subscribe(C1, q("q"), 10, None);
     // One delivery is never acked; a hundred thousand after it are.
     publish(&mut core, "q", "stuck");
     drain(&mut core, t(0));
@@ -529,7 +555,7 @@ fn lease_memory_follows_what_is_in_flight_not_what_was_acked() {
 #[test]
 fn a_clock_that_steps_back_cannot_reorder_deadlines() {
     let mut core = core();
-    core.subscribe(C1, q("q"), 10);
+    core.subscribe(C1, q("q"), 10, None);
     publish_n(&mut core, "q", 1);
     drain(&mut core, t(1000));
     publish_n(&mut core, "q", 1);
@@ -548,7 +574,7 @@ fn held_new_messages_wait_for_make_deliverable_in_id_order() {
     let old = publish(&mut core, "q", "before");
     core.hold_new_messages();
     let new = publish_n(&mut core, "q", 3);
-    core.subscribe(C1, q("q"), 10);
+    core.subscribe(C1, q("q"), 10, None);
     assert_eq!(
         delivered_ids(&drain(&mut core, t(0))),
         [old],
@@ -562,17 +588,17 @@ fn held_new_messages_wait_for_make_deliverable_in_id_order() {
     assert_eq!(delivered_ids(&drain(&mut core, t(0))), new[1..]);
     // Redeliveries are never held: they were delivered before.
     core.disconnect(C1);
-    core.subscribe(C2, q("q"), 10);
+    core.subscribe(C2, q("q"), 10, None);
     assert_eq!(drain(&mut core, t(0)).len(), 4);
 }
 
 #[test]
 fn restored_messages_keep_their_deliveries_and_ids_go_on_after_them() {
     let mut core = core();
-    core.restore(&q("q"), MessageId(7), Payload::from_text("seven"), 2, None);
-    core.restore(&q("q"), MessageId(9), Payload::from_text("nine"), 0, None);
+    core.restore(&q("q"), restored(7, "seven", 2));
+    core.restore(&q("q"), restored(9, "nine", 0));
     core.skip_ids_below(12);
-    core.subscribe(C1, q("q"), 10);
+    core.subscribe(C1, q("q"), 10, None);
     assert_eq!(
         drain(&mut core, t(0)),
         [(C1, MessageId(7), 3), (C1, MessageId(9), 1)]
@@ -586,8 +612,8 @@ fn restored_messages_keep_their_deliveries_and_ids_go_on_after_them() {
 #[test]
 fn a_paused_consumer_is_skipped_until_resumed() {
     let mut core = core();
-    core.subscribe(C1, q("q"), 10);
-    core.subscribe(C2, q("q"), 10);
+    core.subscribe(C1, q("q"), 10, None);
+    core.subscribe(C2, q("q"), 10, None);
     core.pause(C1);
     let ids = publish_n(&mut core, "q", 3);
     assert_eq!(
@@ -616,7 +642,7 @@ fn a_paused_consumer_is_skipped_until_resumed() {
 #[test]
 fn a_queue_costs_memory_while_it_exists() {
     let mut core = core();
-    core.subscribe(C1, q("a-queue"), 1);
+    core.subscribe(C1, q("a-queue"), 1, None);
     let empty_queue = QUEUE_OVERHEAD_BYTES + "a-queue".len() as u64;
     assert_eq!(core.stats().memory_bytes, empty_queue);
     let id = publish(&mut core, "a-queue", "x");
@@ -638,10 +664,7 @@ fn core_with_policies(text: &str) -> Core {
     Core::new(CoreConfig {
         policies: file.resolve(&QueuePolicy::new(ACK_TIMEOUT)),
         max_memory_bytes: u64::MAX,
-        wall_clock: WallClock {
-            at: t(0),
-            unix_ms: 1_767_225_600_000,
-        },
+        wall_clock: wall_clock(),
     })
 }
 
@@ -654,7 +677,7 @@ const TWO_DELIVERIES_THEN_DLQ: &str =
 #[test]
 fn rule14_a_message_returned_after_max_deliveries_is_dead_lettered() {
     let mut core = core_with_policies(TWO_DELIVERIES_THEN_DLQ);
-    core.subscribe(C1, q("jobs"), 10);
+    core.subscribe(C1, q("jobs"), 10, None);
     let id = publish(&mut core, "jobs", "job");
     let waiting = publish(&mut core, "jobs.dlq", "already there");
     assert_eq!(drain(&mut core, t(0)), [(C1, id, 1)]);
@@ -672,7 +695,7 @@ fn rule14_a_message_returned_after_max_deliveries_is_dead_lettered() {
         queue: q("jobs"),
         reason: DeadLetterReason::MaxDeliveries,
         attempts: 2,
-        at_ms: 1_767_225_600_000 + 500,
+        at_ms: WALL_MS + 500,
     });
     assert_eq!(
         core.take_relocated(),
@@ -681,11 +704,12 @@ fn rule14_a_message_returned_after_max_deliveries_is_dead_lettered() {
             from: q("jobs"),
             to: q("jobs.dlq"),
             payload: Payload::from_text("job"),
+            published_at_ms: WALL_MS,
             replaced: None,
             record: record.clone(),
         }]
     );
-    core.subscribe(C2, q("jobs.dlq"), 10);
+    core.subscribe(C2, q("jobs.dlq"), 10, None);
     assert_eq!(drain(&mut core, t(600)), [(C2, waiting, 1), (C2, id, 1)]);
     let stats = core.stats();
     assert_eq!(
@@ -707,7 +731,7 @@ fn rule14_a_message_returned_after_max_deliveries_is_dead_lettered() {
 #[test]
 fn rule14_a_disconnect_dead_letters_the_messages_at_their_limit() {
     let mut core = core_with_policies(TWO_DELIVERIES_THEN_DLQ);
-    core.subscribe(C1, q("jobs"), 10);
+    core.subscribe(C1, q("jobs"), 10, None);
     let first = publish(&mut core, "jobs", "first");
     drain(&mut core, t(0));
     core.handle_timeout(t(0) + ACK_TIMEOUT);
@@ -721,11 +745,7 @@ fn rule14_a_disconnect_dead_letters_the_messages_at_their_limit() {
     let Relocated::DeadLettered { record, .. } = &core.take_relocated()[0] else {
         panic!("a move")
     };
-    assert_eq!(
-        record.at_ms,
-        1_767_225_600_000 + 900,
-        "stamped when it happened"
-    );
+    assert_eq!(record.at_ms, WALL_MS + 900, "stamped when it happened");
 }
 
 /// Without a dead-letter queue, a policy that opted in drops the message, and counts it.
@@ -733,7 +753,7 @@ fn rule14_a_disconnect_dead_letters_the_messages_at_their_limit() {
 fn rule15_without_a_dead_letter_queue_an_opted_in_policy_discards() {
     let mut core =
         core_with_policies("[queues.\"lossy\"]\nmax_deliveries = 1\ndiscard_dead_letters = true\n");
-    core.subscribe(C1, q("lossy"), 10);
+    core.subscribe(C1, q("lossy"), 10, None);
     let id = publish(&mut core, "lossy", "x");
     let before = core.stats().memory_bytes;
     drain(&mut core, t(0));
@@ -758,8 +778,8 @@ fn a_dead_letter_queue_applies_its_own_policy() {
     let mut core = core_with_policies(
         "[queues.\"a\"]\nmax_deliveries = 1\ndead_letter_queue = \"b\"\n[queues.\"b\"]\nmax_deliveries = 1\ndead_letter_queue = \"c\"\n",
     );
-    core.subscribe(C1, q("a"), 10);
-    core.subscribe(C2, q("b"), 10);
+    core.subscribe(C1, q("a"), 10, None);
+    core.subscribe(C2, q("b"), 10, None);
     let id = publish(&mut core, "a", "m");
     drain(&mut core, t(0));
     core.handle_timeout(t(0) + ACK_TIMEOUT);
@@ -782,16 +802,10 @@ fn a_dead_letter_queue_applies_its_own_policy() {
 #[test]
 fn a_restored_message_at_its_limit_is_dead_lettered_at_once() {
     let mut core = core_with_policies(TWO_DELIVERIES_THEN_DLQ);
-    core.restore(&q("jobs"), MessageId(4), Payload::from_text("m"), 2, None);
-    core.restore(&q("jobs"), MessageId(5), Payload::from_text("n"), 1, None);
+    core.restore(&q("jobs"), restored(4, "m", 2));
+    core.restore(&q("jobs"), restored(5, "n", 1));
     // Dead-lettered earlier, so at the front of its dead-letter queue.
-    core.restore(
-        &q("jobs.dlq"),
-        MessageId(6),
-        Payload::from_text("o"),
-        0,
-        None,
-    );
+    core.restore(&q("jobs.dlq"), restored(6, "o", 0));
     core.end_restore();
     assert_eq!(core.ready_ids(&q("jobs")), [MessageId(5)]);
     assert_eq!(
@@ -801,4 +815,337 @@ fn a_restored_message_at_its_limit_is_dead_lettered_at_once() {
     );
     assert_eq!(core.take_relocated().len(), 1);
     assert_eq!(core.stats().ready, 3);
+}
+
+// Version 1.1: nack, touch, consumer leases, delays (rules 11 to 16).
+
+/// Runs the core's timers at `now`: what is due fires.
+fn tick(core: &mut Core, now: Instant) {
+    core.advance_to(now);
+    core.handle_timeout(now);
+}
+
+fn delayed_publish(core: &mut Core, queue: &str, text: &str, due: Due) -> Published {
+    core.publish(&q(queue), Payload::from_text(text), due)
+        .unwrap()
+}
+
+/// Rule 12: a nack without a delay (and no backoff) frees the prefetch slot at once and
+/// puts the message at the back of its queue, behind what was waiting.
+#[test]
+fn rule12_a_nack_returns_the_message_to_the_back_and_frees_its_slot() {
+    let mut core = core();
+    core.subscribe(C1, q("q"), 1, None);
+    let ids = publish_n(&mut core, "q", 3);
+    assert_eq!(drain(&mut core, t(0)), [(C1, ids[0], 1)]);
+    core.nack(C1, ids[0], NackAction::Retry(None)).unwrap();
+    assert_eq!(core.ready_ids(&q("q")), [ids[1], ids[2], ids[0]]);
+    assert_eq!(
+        drain(&mut core, t(1)),
+        [(C1, ids[1], 1)],
+        "the slot is free"
+    );
+    core.ack(C1, ids[1]).unwrap();
+    core.ack(C1, ids[2]).unwrap_err();
+    assert_eq!(drain(&mut core, t(2)), [(C1, ids[2], 1)]);
+    core.ack(C1, ids[2]).unwrap();
+    assert_eq!(
+        drain(&mut core, t(3)),
+        [(C1, ids[0], 2)],
+        "attempt counts the nack"
+    );
+    assert_eq!(core.stats().nacked_total, 1);
+    assert_eq!(
+        core.nack(C1, MessageId(99), NackAction::Retry(None)),
+        Err(AckError::UnknownId(MessageId(99)))
+    );
+    assert_eq!(core.take_relocated(), [], "nothing to log again");
+}
+
+/// Rules 12 and 13: a nack with a delay holds the message (no prefetch slot, no ready
+/// place) until its due time, then puts it at the back; the log gets it again with its
+/// due time.
+#[test]
+fn rule13_a_nack_with_a_delay_holds_the_message_until_it_is_due() {
+    let mut core = core();
+    core.subscribe(C1, q("q"), 1, None);
+    let id = publish(&mut core, "q", "later");
+    let other = publish(&mut core, "q", "now");
+    drain(&mut core, t(0));
+    core.advance_to(t(10));
+    core.nack(C1, id, NackAction::Retry(Some(Duration::from_millis(500))))
+        .unwrap();
+    let stats = core.stats();
+    assert_eq!((stats.ready, stats.delayed, stats.in_flight), (1, 1, 0));
+    assert_eq!(
+        core.take_relocated(),
+        [Relocated::Delayed {
+            id,
+            queue: q("q"),
+            payload: Payload::from_text("later"),
+            deliveries: 1,
+            published_at_ms: WALL_MS,
+            due_ms: WALL_MS + 510,
+            dead_letter: None,
+        }]
+    );
+    assert_eq!(drain(&mut core, t(11)), [(C1, other, 1)]);
+    core.ack(C1, other).unwrap();
+    tick(&mut core, t(509));
+    assert_eq!(drain(&mut core, t(509)), [], "not before its due time");
+    let due = core.poll_timeout().unwrap();
+    assert!(due >= t(510) && due <= t(510) + TIMER_TICK, "{due:?}");
+    tick(&mut core, t(510) + TIMER_TICK);
+    assert_eq!(drain(&mut core, t(511)), [(C1, id, 2)]);
+    assert_eq!(core.stats().delayed, 0);
+}
+
+/// Rule 12's backoff: a nack without a delay waits `backoff_initial ×
+/// backoff_multiplier^(attempt − 1)`, capped by `backoff_max`; a nack's own delay (even
+/// 0) takes its place.
+#[test]
+fn rule12_a_nack_without_a_delay_waits_the_queues_backoff() {
+    let mut core = core_with_policies(
+        "[queues.\"q\"]\nbackoff_initial = \"100ms\"\nbackoff_multiplier = 3.0\nbackoff_max = \"250ms\"\n",
+    );
+    core.subscribe(C1, q("q"), 10, None);
+    let id = publish(&mut core, "q", "m");
+    let mut now = 0;
+    for expected_wait in [100, 250, 250] {
+        assert_eq!(drain(&mut core, t(now)).len(), 1);
+        core.advance_to(t(now));
+        core.nack(C1, id, NackAction::Retry(None)).unwrap();
+        tick(&mut core, t(now + expected_wait - 1));
+        assert_eq!(
+            core.stats().delayed,
+            1,
+            "still waiting at {now} + {expected_wait} - 1"
+        );
+        now += expected_wait;
+        tick(&mut core, t(now) + TIMER_TICK);
+        assert_eq!(core.stats().ready, 1, "due at {now}");
+    }
+    assert_eq!(drain(&mut core, t(now + 1)), [(C1, id, 4)]);
+    core.nack(C1, id, NackAction::Retry(Some(Duration::ZERO)))
+        .unwrap();
+    assert_eq!(core.stats().ready, 1, "an explicit 0 skips the backoff");
+}
+
+/// Rules 12, 14 and 15: a nack asking for it dead-letters with reason `rejected`
+/// (discarded without a dead-letter queue: the consumer asked); a nack at
+/// `max_deliveries` dead-letters with reason `max_deliveries` whatever its delay.
+#[test]
+fn rule12_nacks_dead_letter_when_asked_and_at_the_limit() {
+    let mut core = core_with_policies(TWO_DELIVERIES_THEN_DLQ);
+    core.subscribe(C1, q("jobs"), 10, None);
+    core.subscribe(C2, q("scratch"), 10, None);
+    let rejected = publish(&mut core, "jobs", "bad");
+    let limited = publish(&mut core, "jobs", "flaky");
+    let dropped = publish(&mut core, "scratch", "junk");
+    drain(&mut core, t(0));
+    core.advance_to(t(5));
+    core.nack(C1, rejected, NackAction::DeadLetter).unwrap();
+    core.nack(C1, limited, NackAction::Retry(Some(Duration::ZERO)))
+        .unwrap();
+    drain(&mut core, t(6));
+    core.nack(
+        C1,
+        limited,
+        NackAction::Retry(Some(Duration::from_secs(60))),
+    )
+    .unwrap();
+    core.nack(C2, dropped, NackAction::DeadLetter).unwrap();
+    assert_eq!(core.ready_ids(&q("jobs.dlq")), [rejected, limited]);
+    let records: Vec<_> = core
+        .take_relocated()
+        .into_iter()
+        .map(|relocated| match relocated {
+            Relocated::DeadLettered { id, record, .. } => {
+                (id, Some(record.reason), record.attempts)
+            }
+            Relocated::Discarded { id, .. } => (id, None, 0),
+            Relocated::Delayed { id, .. } => panic!("{id} delayed"),
+        })
+        .collect();
+    assert_eq!(
+        records,
+        [
+            (rejected, Some(DeadLetterReason::Rejected), 1),
+            (limited, Some(DeadLetterReason::MaxDeliveries), 2),
+            (dropped, None, 0),
+        ]
+    );
+    let stats = core.stats();
+    assert_eq!(
+        (
+            stats.dead_lettered_total,
+            stats.discarded_total,
+            stats.delayed
+        ),
+        (2, 1, 0)
+    );
+    core.subscribe(C3, q("jobs.dlq"), 10, None);
+    let shown = deliveries(&mut core, t(7));
+    assert_eq!(
+        shown[0]
+            .dead_letter
+            .as_deref()
+            .map(|r| (r.reason, r.attempts, r.at_ms)),
+        Some((DeadLetterReason::Rejected, 1, WALL_MS + 5))
+    );
+}
+
+/// Rule 16: touch restarts the lease from now (never adds to what was left), for the
+/// consumer's lease or the touch's own, and never past `max_lease` from the delivery.
+#[test]
+fn rule16_touch_restarts_the_lease_up_to_max_lease() {
+    let mut core = core_with_policies("[queues.\"q\"]\nmax_lease = \"1s\"\n");
+    core.subscribe(C1, q("q"), 10, None);
+    let id = publish(&mut core, "q", "long job");
+    drain(&mut core, t(0));
+    core.advance_to(t(150));
+    core.touch(C1, id, None).unwrap();
+    tick(&mut core, t(349));
+    assert_eq!(core.take_expired(), [], "the lease restarted at 150");
+    core.advance_to(t(349));
+    core.touch(C1, id, Some(Duration::from_millis(50))).unwrap();
+    tick(&mut core, t(398));
+    assert_eq!(core.take_expired(), [], "leased to 399");
+    tick(&mut core, t(399) + TIMER_TICK);
+    assert_eq!(
+        core.take_expired(),
+        [(C1, id)],
+        "a shorter touch shortens it"
+    );
+    assert_eq!(drain(&mut core, t(400)), [(C1, id, 2)]);
+    core.advance_to(t(1300));
+    core.touch(C1, id, Some(Duration::from_secs(5))).unwrap();
+    tick(&mut core, t(1399));
+    assert_eq!(
+        core.take_expired(),
+        [],
+        "max_lease counts from the delivery at 400"
+    );
+    tick(&mut core, t(1400) + TIMER_TICK);
+    assert_eq!(core.take_expired(), [(C1, id)]);
+    assert_eq!(
+        core.touch(C2, id, None),
+        Err(AckError::UnknownId(id)),
+        "not in flight to it"
+    );
+}
+
+/// §9: a consumer's own `ack_timeout_ms` is its deliveries' lease, and the message frame
+/// says so.
+#[test]
+fn a_consumers_own_lease_times_its_deliveries() {
+    let mut core = core();
+    core.subscribe(C1, q("q"), 10, Some(Duration::from_millis(40)));
+    core.subscribe(C2, q("q"), 10, None);
+    let ids = publish_n(&mut core, "q", 2);
+    let made = deliveries(&mut core, t(0));
+    let leases: Vec<_> = made.iter().map(|d| (d.consumer, d.lease)).collect();
+    assert_eq!(leases, [(C1, Duration::from_millis(40)), (C2, ACK_TIMEOUT)]);
+    assert!(made.iter().all(|d| d.published_at_ms == WALL_MS));
+    tick(&mut core, t(40) + TIMER_TICK);
+    assert_eq!(core.take_expired(), [(C1, ids[0])]);
+}
+
+/// Rule 13: a delayed publish is never delivered before its due time, takes no prefetch
+/// slot, and joins the back of its queue when due; messages due together become ready
+/// in id order; a due time in the past is now.
+#[test]
+fn rule13_delayed_publishes_become_ready_at_their_due_time_in_id_order() {
+    let mut core = core();
+    core.subscribe(C1, q("q"), 10, None);
+    core.advance_to(t(100));
+    let second = delayed_publish(&mut core, "q", "b", Due::At(WALL_MS + 300));
+    let first = delayed_publish(&mut core, "q", "a", Due::After(Duration::from_millis(200)));
+    assert_eq!(
+        (first.due_ms, second.due_ms),
+        (Some(WALL_MS + 300), Some(WALL_MS + 300))
+    );
+    assert_eq!(first.published_at_ms, WALL_MS + 100);
+    let past = delayed_publish(&mut core, "q", "c", Due::At(WALL_MS));
+    assert_eq!(past.due_ms, None, "a time in the past is now");
+    let now = publish(&mut core, "q", "d");
+    assert_eq!(drain(&mut core, t(100)), [(C1, past.id, 1), (C1, now, 1)]);
+    core.ack(C1, past.id).unwrap();
+    core.ack(C1, now).unwrap();
+    tick(&mut core, t(299));
+    assert_eq!(drain(&mut core, t(299)), []);
+    tick(&mut core, t(300) + TIMER_TICK);
+    assert_eq!(
+        delivered_ids(&drain(&mut core, t(301))),
+        [second.id, first.id],
+        "due together: in id order"
+    );
+}
+
+/// §14: delayed messages neither hold a drain open nor go out early; the report counts
+/// them.
+#[test]
+fn delayed_messages_do_not_hold_a_drain() {
+    let mut core = core();
+    core.subscribe(C1, q("q"), 10, None);
+    delayed_publish(&mut core, "q", "later", Due::After(Duration::from_secs(60)));
+    core.begin_drain();
+    assert!(core.is_drained());
+    assert_eq!(core.drain_report().left_delayed, 1);
+    assert_eq!(drain(&mut core, t(1)), []);
+}
+
+/// §14: a restored message keeps its due time on the wall clock: one not due yet waits
+/// for it, one already due is ready at once.
+#[test]
+fn restored_delays_keep_their_wall_clock_due_time() {
+    let mut core = core();
+    core.restore(
+        &q("q"),
+        Restored {
+            due_ms: Some(WALL_MS + 500),
+            ..restored(3, "later", 1)
+        },
+    );
+    core.restore(
+        &q("q"),
+        Restored {
+            due_ms: Some(WALL_MS - 500),
+            published_at_ms: 0,
+            ..restored(4, "overdue", 0)
+        },
+    );
+    core.end_restore();
+    assert_eq!(core.ready_ids(&q("q")), [MessageId(4)]);
+    core.subscribe(C1, q("q"), 10, None);
+    let made = deliveries(&mut core, t(0));
+    assert_eq!(
+        made[0].published_at_ms, WALL_MS,
+        "unknown: the restore's time"
+    );
+    core.ack(C1, MessageId(4)).unwrap();
+    tick(&mut core, t(500) + TIMER_TICK);
+    assert_eq!(drain(&mut core, t(501)), [(C1, MessageId(3), 2)]);
+}
+
+/// Delayed messages count against the memory limit, and give it back.
+#[test]
+fn delayed_messages_cost_memory_while_they_wait() {
+    let mut core = core();
+    core.subscribe(C1, q("q"), 10, None);
+    let empty = core.stats().memory_bytes;
+    let published = delayed_publish(&mut core, "q", "x", Due::After(Duration::from_millis(5)));
+    assert_eq!(
+        core.stats().memory_bytes,
+        empty + 3 + MESSAGE_OVERHEAD_BYTES + DELAYED_MESSAGE_BYTES,
+        "the payload's literal, the message, its timer"
+    );
+    tick(&mut core, t(5) + TIMER_TICK);
+    drain(&mut core, t(6));
+    core.ack(C1, published.id).unwrap();
+    assert_eq!(
+        core.stats().memory_bytes,
+        empty + 4 * READY_SLOT_BYTES,
+        "all but the ready queue's first chunk, which it keeps"
+    );
 }

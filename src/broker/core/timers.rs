@@ -98,6 +98,17 @@ impl<T> TimerWheel<T> {
         self.entries.len()
     }
 
+    /// What one timer costs in the slab.
+    pub const ENTRY_BYTES: usize = std::mem::size_of::<Option<Entry<T>>>();
+
+    /// The values of every timer held, in no particular order.
+    pub fn values(&self) -> impl Iterator<Item = &T> {
+        self.entries
+            .chunks
+            .iter()
+            .flat_map(|chunk| chunk.slots.iter().flatten().map(|entry| &entry.value))
+    }
+
     /// Slab entries allocated, live or free: what the timers cost in memory.
     #[cfg(test)]
     pub fn allocated(&self) -> usize {

@@ -24,23 +24,17 @@ use rustc_hash::FxHashMap;
 use tracing::{debug, info};
 
 use super::commands::{Command, ConnectionId, Reply, ToConnection};
-use super::core::{Core, CoreStats, Delivery, DrainReport, Relocated};
+use super::core::{AckError, Core, CoreStats, Delivery, DrainReport, Relocated};
 use super::held_replies::HeldReplies;
-use crate::protocol::{DeadLetter, ErrorCode, MessageId, Payload, QueueName, Role};
+use crate::protocol::{Due, ErrorCode, Ids, MessageId, Payload, QueueName, Role};
 use crate::storage::{Journal, LiveMessage, record};
 
 /// What the gate needs of the durable log: [`Journal`], or a test's stand-in.
 pub(crate) trait Log {
-    fn log_publish(&mut self, id: MessageId, queue: &QueueName, payload: &Payload);
-    /// A live message dead-lettered into `queue`; its records took `replaced_bytes`.
-    fn log_moved(
-        &mut self,
-        id: MessageId,
-        queue: &QueueName,
-        payload: &Payload,
-        dead_letter: &DeadLetter,
-        replaced_bytes: u64,
-    );
+    fn log_publish(&mut self, message: &LiveMessage<'_>);
+    /// A live message logged again as it is now (dead-lettered, or delayed by a nack);
+    /// its records took `replaced_bytes`.
+    fn log_rewritten(&mut self, message: &LiveMessage<'_>, replaced_bytes: u64);
     fn log_acked(&mut self, ids: &[MessageId], record_bytes: u64);
     fn log_delivered(&mut self, ids: &[MessageId]);
     /// Marks the batch being logged as awaited and returns its sequence number.
@@ -53,18 +47,11 @@ pub(crate) trait Log {
 }
 
 impl Log for Journal {
-    fn log_publish(&mut self, id: MessageId, queue: &QueueName, payload: &Payload) {
-        Journal::log_publish(self, id, 0, queue, payload, None);
+    fn log_publish(&mut self, message: &LiveMessage<'_>) {
+        Journal::log_publish(self, message);
     }
-    fn log_moved(
-        &mut self,
-        id: MessageId,
-        queue: &QueueName,
-        payload: &Payload,
-        dead_letter: &DeadLetter,
-        replaced_bytes: u64,
-    ) {
-        Journal::log_moved(self, id, queue, payload, dead_letter, replaced_bytes);
+    fn log_rewritten(&mut self, message: &LiveMessage<'_>, replaced_bytes: u64) {
+        Journal::log_rewritten(self, message, replaced_bytes);
     }
     fn log_acked(&mut self, ids: &[MessageId], record_bytes: u64) {
         Journal::log_acked(self, ids, record_bytes);
@@ -157,10 +144,11 @@ impl<L: Log> Gate<L> {
                     role,
                     queue,
                     prefetch,
+                    lease,
                 } => {
                     if role == Role::Consumer {
                         self.core
-                            .subscribe(conn.consumer(), queue.clone(), prefetch);
+                            .subscribe(conn.consumer(), queue.clone(), prefetch, lease);
                     }
                     self.connections.insert(
                         conn,
@@ -172,8 +160,16 @@ impl<L: Log> Gate<L> {
                     );
                     replies.push(Reply::Registered);
                 }
-                Command::Publish(payload) => replies.push(self.publish(conn, payload)),
-                Command::Ack(id) => replies.push(self.ack(conn, id)),
+                Command::Publish { payload, due } => {
+                    replies.push(self.publish(conn, payload, due));
+                }
+                Command::Ack(ids) => replies.push(self.settle(&ids, |gate, id| gate.ack(conn, id))),
+                Command::Nack { ids, action } => replies.push(
+                    self.settle(&ids, |gate, id| gate.core.nack(conn.consumer(), id, action)),
+                ),
+                Command::Touch { ids, lease } => replies.push(
+                    self.settle(&ids, |gate, id| gate.core.touch(conn.consumer(), id, lease)),
+                ),
                 Command::Pause => self.core.pause(conn.consumer()),
                 Command::Resume => self.core.resume(conn.consumer()),
                 Command::Disconnect => {
@@ -267,14 +263,7 @@ impl<L: Log> Gate<L> {
             log.log_acked(&self.acked, std::mem::take(&mut self.acked_record_bytes));
             log.log_delivered(&self.delivered);
             if log.wants_compaction() {
-                let live = self.core.live_messages().map(|m| LiveMessage {
-                    id: m.id,
-                    deliveries: m.deliveries,
-                    queue: m.queue,
-                    payload: m.payload,
-                    dead_letter: m.dead_letter,
-                });
-                let copied = log.compact_oldest(live);
+                let copied = log.compact_oldest(self.core.live_messages());
                 debug!(
                     copied,
                     "compacting the log: live messages of its oldest segment copied forward"
@@ -326,7 +315,7 @@ impl<L: Log> Gate<L> {
         self.log.take()
     }
 
-    fn publish(&mut self, conn: ConnectionId, payload: Payload) -> Reply {
+    fn publish(&mut self, conn: ConnectionId, payload: Payload, due: Due) -> Reply {
         let Some(registered) = self.connections.get(&conn) else {
             // Not reached: apply passes on only the commands of known connections.
             return Reply::Refused {
@@ -337,13 +326,21 @@ impl<L: Log> Gate<L> {
         };
         debug_assert_eq!(registered.role, Role::Producer);
         let logged = self.log.is_some().then(|| payload.clone());
-        match self.core.publish(&registered.queue, payload) {
-            Ok(id) => {
+        match self.core.publish(&registered.queue, payload, due) {
+            Ok(published) => {
                 if let (Some(log), Some(payload)) = (&mut self.log, logged) {
-                    log.log_publish(id, &registered.queue, &payload);
-                    self.newest_published = Some(id);
+                    log.log_publish(&LiveMessage {
+                        id: published.id,
+                        deliveries: 0,
+                        published_at_ms: published.published_at_ms,
+                        due_ms: published.due_ms,
+                        queue: &registered.queue,
+                        payload: &payload,
+                        dead_letter: None,
+                    });
+                    self.newest_published = Some(published.id);
                 }
-                Reply::Published(id)
+                Reply::Published(published.id)
             }
             Err(refusal) => {
                 debug!(conn = %conn, queue = %registered.queue, %refusal, "publish refused");
@@ -356,8 +353,8 @@ impl<L: Log> Gate<L> {
         }
     }
 
-    /// Logs the messages the core dead-lettered (timeouts, disconnects): moved into a
-    /// dead-letter queue, or dropped as their policy opted into (logged as acked).
+    /// Logs the messages the core relocated (timeouts, disconnects, nacks): moved into a
+    /// dead-letter queue or delayed (logged again), or dropped (logged as acked).
     fn log_relocated(&mut self) {
         for relocated in self.core.take_relocated() {
             match relocated {
@@ -366,6 +363,7 @@ impl<L: Log> Gate<L> {
                     from,
                     to,
                     payload,
+                    published_at_ms,
                     replaced,
                     record: dead_letter,
                 } => {
@@ -373,7 +371,41 @@ impl<L: Log> Gate<L> {
                     if let Some(log) = &mut self.log {
                         let replaced_bytes =
                             record::live_record_bytes(&from, &payload, replaced.as_deref());
-                        log.log_moved(id, &to, &payload, &dead_letter, replaced_bytes);
+                        let moved = LiveMessage {
+                            id,
+                            deliveries: 0,
+                            published_at_ms,
+                            due_ms: None,
+                            queue: &to,
+                            payload: &payload,
+                            dead_letter: Some(&dead_letter),
+                        };
+                        log.log_rewritten(&moved, replaced_bytes);
+                    }
+                }
+                Relocated::Delayed {
+                    id,
+                    queue,
+                    payload,
+                    deliveries,
+                    published_at_ms,
+                    due_ms,
+                    dead_letter,
+                } => {
+                    if let Some(log) = &mut self.log {
+                        let dead_letter = dead_letter.as_deref();
+                        let replaced_bytes =
+                            record::live_record_bytes(&queue, &payload, dead_letter);
+                        let delayed = LiveMessage {
+                            id,
+                            deliveries,
+                            published_at_ms,
+                            due_ms: Some(due_ms),
+                            queue: &queue,
+                            payload: &payload,
+                            dead_letter,
+                        };
+                        log.log_rewritten(&delayed, replaced_bytes);
                     }
                 }
                 Relocated::Discarded {
@@ -393,27 +425,39 @@ impl<L: Log> Gate<L> {
         }
     }
 
-    fn ack(&mut self, conn: ConnectionId, id: MessageId) -> Reply {
-        match self.core.ack(conn.consumer(), id) {
-            Ok(acked) => {
-                if self.log.is_some()
-                    && let Some(registered) = self.connections.get(&conn)
-                {
-                    self.acked.push(id);
-                    self.acked_record_bytes += record::live_record_bytes(
-                        &registered.queue,
-                        &acked.payload,
-                        acked.dead_letter.as_deref(),
-                    );
-                }
-                Reply::Acked
+    /// Applies an ack, nack or touch to each id in order: the reply lists those not in
+    /// flight to the consumer.
+    fn settle(
+        &mut self,
+        ids: &Ids,
+        mut apply: impl FnMut(&mut Self, MessageId) -> Result<(), AckError>,
+    ) -> Reply {
+        let mut unknown = Vec::new();
+        for &id in ids.as_slice() {
+            if apply(self, id).is_err() {
+                unknown.push(id);
             }
-            Err(refusal) => Reply::Refused {
-                code: ErrorCode::UnknownId,
-                message: refusal.to_string(),
-                id: Some(id),
-            },
         }
+        if unknown.is_empty() {
+            Reply::Settled
+        } else {
+            Reply::UnknownIds(unknown)
+        }
+    }
+
+    fn ack(&mut self, conn: ConnectionId, id: MessageId) -> Result<(), AckError> {
+        let acked = self.core.ack(conn.consumer(), id)?;
+        if self.log.is_some()
+            && let Some(registered) = self.connections.get(&conn)
+        {
+            self.acked.push(id);
+            self.acked_record_bytes += record::live_record_bytes(
+                &registered.queue,
+                &acked.payload,
+                acked.dead_letter.as_deref(),
+            );
+        }
+        Ok(())
     }
 
     /// Sends replies, or holds them: a confirm waits until its record is durable, and a

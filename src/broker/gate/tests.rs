@@ -39,12 +39,12 @@ struct LogState {
 struct FakeLog(Rc<RefCell<LogState>>);
 
 impl Log for FakeLog {
-    fn log_publish(&mut self, id: MessageId, _: &QueueName, _: &Payload) {
+    fn log_publish(&mut self, message: &LiveMessage<'_>) {
         let mut state = self.0.borrow_mut();
         state.pending = true;
-        state.pending_publishes.push(id);
+        state.pending_publishes.push(message.id);
     }
-    fn log_moved(&mut self, _: MessageId, _: &QueueName, _: &Payload, _: &DeadLetter, _: u64) {
+    fn log_rewritten(&mut self, _: &LiveMessage<'_>, _: u64) {
         self.0.borrow_mut().pending = true;
     }
     fn log_acked(&mut self, ids: &[MessageId], _: u64) {
@@ -235,6 +235,7 @@ impl World {
                         role,
                         queue,
                         prefetch,
+                        lease: None,
                     }],
                 );
             }
@@ -243,7 +244,10 @@ impl World {
                     return;
                 }
                 let mut commands: Vec<Command> = (0..count)
-                    .map(|n| Command::Publish(Payload::from_text(&format!("m{n}"))))
+                    .map(|n| Command::Publish {
+                        payload: Payload::from_text(&format!("m{n}")),
+                        due: Due::Now,
+                    })
                     .collect();
                 if matches!(op, Op::PublishAndEnd { .. }) {
                     commands.push(Command::Disconnect);
@@ -269,7 +273,7 @@ impl World {
                 {
                     // Acked in time or not, it is the consumer's to ack until taken back.
                 }
-                self.apply(conn, vec![Command::Ack(id)]);
+                self.apply(conn, vec![Command::Ack(Ids::One(id))]);
             }
             Op::Pause { conn } | Op::Resume { conn } => {
                 if self.is_live(conn, Role::Consumer) {
@@ -489,12 +493,17 @@ fn requests_of_a_connection_found_gone_are_dropped() {
             role: Role::Producer,
             queue,
             prefetch: 1,
+            lease: None,
         }],
     );
     world.gate.handle_gone(conn);
-    world
-        .gate
-        .apply(conn, vec![Command::Publish(Payload::from_text("late"))]);
+    world.gate.apply(
+        conn,
+        vec![Command::Publish {
+            payload: Payload::from_text("late"),
+            due: Due::Now,
+        }],
+    );
     world.gate.end_turn(world.now);
     assert_eq!(world.gate.stats().published_total, 0);
     let sent: Vec<_> = std::iter::from_fn(|| world.gate.poll_outbound()).collect();

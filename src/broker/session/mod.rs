@@ -7,11 +7,16 @@
 //! - **Reply order** (contract §5): every answered command and every refused frame gets
 //!   its reply in the order the frames came. A refusal made here waits in `unanswered`
 //!   behind the replies the core still owes.
+//! - **Versions** (contract §8): what the register negotiated decides which frame types
+//!   and fields exist and how deliveries are written. Every 1.1 field is checked here,
+//!   against the queue's policy where it must be (`max_lease`, `max_delay`), so the core
+//!   only ever sees valid requests.
 //! - **Fatal errors**: [`ErrorCode::is_fatal`] is the one table; a fatal refusal stops
 //!   reading, and the connection ends once it and everything before it are written.
 //! - **Bounds**: output queued for the client (bytes encoded, plus a reservation of
-//!   [`REPLY_RESERVE_BYTES`] for each reply the core owes) stops the reading of more
-//!   frames at [`OUTPUT_BYTES_MAX`], so each frame read can add one reply at most; its
+//!   [`REPLY_RESERVE_BYTES`] for each reply the core owes, one per id of an `ids` frame)
+//!   stops the reading of more frames at [`OUTPUT_BYTES_MAX`], so each frame read can
+//!   add what it reserved at most; its
 //!   deliveries are encoded only while the encoded output is under that bound, and the
 //!   others wait, sharing their payloads with the core, while the core is told to pause
 //!   deliveries; deliveries taken back by a timeout before they were written are
@@ -33,11 +38,12 @@ use tracing::{Span, debug, field, info};
 
 use super::auth::Access;
 use super::commands::{Command, Reply, ToConnection};
-use super::core::Delivery;
+use super::core::{Delivery, NackAction, WallClock};
+use super::policy::{Policies, QueuePolicy};
 use crate::protocol::client_frame::{FrameType, InboundFrame, InvalidFrame};
 use crate::protocol::codec::{FrameDecoder, FrameError};
-use crate::protocol::server_frame::ServerFrame;
-use crate::protocol::{ErrorCode, MessageId, Payload, Role, Version};
+use crate::protocol::server_frame::{DeliveryDetails, ServerFrame};
+use crate::protocol::{Due, ErrorCode, MessageId, Payload, Role, Version};
 
 /// What every connection of a broker shares.
 #[derive(Debug)]
@@ -45,7 +51,14 @@ pub(crate) struct ConnectionSettings {
     pub max_frame_bytes: usize,
     pub register_timeout: Duration,
     pub access: Access,
+    /// The queues' policies, which 1.1 fields are checked against.
+    pub policies: Policies,
+    /// The core's wall clock: `not_before` is checked against it.
+    pub wall_clock: WallClock,
 }
+
+/// Version 1.1: nack, touch, `ids`, delays, consumer leases, the full message frame.
+const V1_1: Version = Version::V1_1;
 
 /// Output a connection may queue for its client: encoded bytes plus what replies still
 /// owed by the core reserve. Past it, no more frames are read; deliveries wait unencoded.
@@ -72,8 +85,8 @@ pub const SHUTDOWN_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 /// A reply owed to the client, in the order the client is owed them.
 #[derive(Debug)]
 enum Slot {
-    /// The core's reply to a command sent to it.
-    Core,
+    /// The core's reply to a command sent to it, and the output it reserves.
+    Core(usize),
     /// An error frame produced here, already encoded.
     Local(Bytes),
 }
@@ -148,9 +161,11 @@ pub(crate) struct Session {
     /// The version negotiated at register, when the register asked for one; `None` is
     /// 1.0 with the register's `ok` exactly as version 1.0 spells it.
     version: Option<Version>,
+    /// The policy of the queue registered on.
+    policy: Option<Arc<QueuePolicy>>,
     unanswered: VecDeque<Slot>,
-    /// `Slot::Core` entries in `unanswered`.
-    owed_by_core: usize,
+    /// What the `Slot::Core` entries in `unanswered` reserve.
+    owed_bytes: usize,
     /// Bytes of the `Slot::Local` entries in `unanswered`.
     local_bytes: usize,
     pending: PendingDeliveries,
@@ -183,8 +198,9 @@ impl Session {
             out: BytesMut::new(),
             role: None,
             version: None,
+            policy: None,
             unanswered: VecDeque::new(),
-            owed_by_core: 0,
+            owed_bytes: 0,
             local_bytes: 0,
             pending: PendingDeliveries::default(),
             paused: false,
@@ -247,11 +263,12 @@ impl Session {
                 // An ending connection's messages go back to their queue; writing
                 // more of them helps nobody.
                 if self.ending.is_none() {
+                    let v1_1 = self.speaks_1_1();
                     for delivery in deliveries {
                         // Straight into the output while it has room and nothing waits
                         // before it: the common case costs no bookkeeping.
                         if self.pending.is_empty() && self.out.len() < OUTPUT_BYTES_MAX {
-                            encode_delivery(&mut self.out, &delivery);
+                            encode_delivery(&mut self.out, &delivery, v1_1);
                         } else {
                             self.pending.push(delivery);
                         }
@@ -291,7 +308,7 @@ impl Session {
     /// briefly, then close. Replies that come after this are not written.
     pub fn handle_shutdown(&mut self, now: Instant) {
         self.unanswered.clear();
-        self.owed_by_core = 0;
+        self.owed_bytes = 0;
         self.local_bytes = 0;
         self.ending = Some(Ending::Shutdown);
         self.flush_deadline = Some(now + SHUTDOWN_FLUSH_TIMEOUT);
@@ -342,8 +359,7 @@ impl Session {
 
     /// Whether another frame may be read: what it could add fits the output bound.
     fn has_input_room(&self) -> bool {
-        self.out.len() + self.local_bytes + self.owed_by_core * REPLY_RESERVE_BYTES
-            < OUTPUT_BYTES_MAX
+        self.out.len() + self.local_bytes + self.owed_bytes < OUTPUT_BYTES_MAX
     }
 
     /// Gives the next read room to match the connection's pace, and says how much it may
@@ -365,15 +381,16 @@ impl Session {
     /// Moves everything on as far as the bounds allow: deliveries into the output,
     /// frames out of the input, flow control to the core, and the end.
     fn pump(&mut self, now: Instant) {
+        let v1_1 = self.speaks_1_1();
         while self.out.len() < OUTPUT_BYTES_MAX {
             let Some(delivery) = self.pending.pop() else {
                 break;
             };
-            encode_delivery(&mut self.out, &delivery);
+            encode_delivery(&mut self.out, &delivery, v1_1);
         }
         while self.frames_left && self.ending.is_none() && self.has_input_room() {
             match self.decoder.decode(&mut self.read_buf) {
-                Ok(Some(body)) => self.handle_frame(&body),
+                Ok(Some(body)) => self.handle_frame(&body, now),
                 Ok(None) => self.frames_left = false,
                 Err(FrameError::Io(e)) => self.handle_broken(e),
                 Err(refusal) => self.refuse_framing(refusal),
@@ -405,7 +422,12 @@ impl Session {
         }
     }
 
-    fn handle_frame(&mut self, body: &[u8]) {
+    /// Whether the connection speaks version 1.1 or later.
+    fn speaks_1_1(&self) -> bool {
+        self.version.is_some_and(|v| v >= V1_1)
+    }
+
+    fn handle_frame(&mut self, body: &[u8], now: Instant) {
         let Some(role) = self.role else {
             return self.handle_register(body);
         };
@@ -413,40 +435,112 @@ impl Session {
             Ok(frame) => frame,
             Err(invalid) => return self.refuse(ErrorCode::InvalidFrame, &invalid.to_string()),
         };
-        let command = match (frame.frame_type(), role) {
+        let frame_type = frame.frame_type();
+        let v1_1 = self.speaks_1_1();
+        if matches!(frame_type, FrameType::Nack | FrameType::Touch) && !v1_1 {
+            let message = format!(
+                "unknown frame type `{}` on a version 1.0 connection; register with \"version\":\"1.1\" to use it",
+                frame_type.as_str()
+            );
+            return self.refuse(ErrorCode::InvalidFrame, &message);
+        }
+        let command = match (frame_type, role) {
             (FrameType::Register, _) => {
                 let message = format!(
                     "this connection is already registered as a {role}; open another connection for another role or queue"
                 );
                 return self.refuse(ErrorCode::AlreadyRegistered, &message);
             }
-            (FrameType::Publish, Role::Producer) => match frame.publish_payload() {
-                Ok(literal) => Command::Publish(Payload::from_validated(literal)),
-                Err(invalid) => {
-                    return self.refuse(ErrorCode::InvalidFrame, &invalid.to_string());
-                }
-            },
+            (FrameType::Publish, Role::Producer) => self.publish_command(&frame, now),
             // No delivery waits unwritten here: frames are read only while the output has
             // room, and deliveries wait only while it has none.
-            (FrameType::Ack, Role::Consumer) => match frame.ack_id() {
-                Ok(id) => Command::Ack(id),
-                Err(invalid) => {
-                    return self.refuse(ErrorCode::InvalidFrame, &invalid.to_string());
-                }
-            },
+            (FrameType::Ack, Role::Consumer) => frame.target_ids(v1_1).map(Command::Ack),
+            (FrameType::Nack, Role::Consumer) => self.nack_command(&frame),
+            (FrameType::Touch, Role::Consumer) => self.touch_command(&frame),
             (FrameType::Publish, Role::Consumer) => {
                 return self.refuse(
                     ErrorCode::WrongRole,
                     "a consumer cannot publish; open a producer connection",
                 );
             }
-            (FrameType::Ack, Role::Producer) => {
-                return self.refuse(ErrorCode::WrongRole,
-                    "a producer cannot ack; acks come from the consumer the message was delivered to",
+            (FrameType::Ack | FrameType::Nack | FrameType::Touch, Role::Producer) => {
+                let message = format!(
+                    "a producer cannot {}; only the consumer a message was delivered to can",
+                    frame_type.as_str()
                 );
+                return self.refuse(ErrorCode::WrongRole, &message);
             }
         };
-        self.send_to_core(command);
+        match command {
+            Ok(command) => self.send_to_core(command),
+            Err(invalid) => self.refuse(ErrorCode::InvalidFrame, &invalid.to_string()),
+        }
+    }
+
+    /// The queue's policy: set at register, before any other frame is handled.
+    fn policy(&self) -> &QueuePolicy {
+        self.policy
+            .as_deref()
+            .expect("frames after register have a queue policy")
+    }
+
+    fn publish_command(
+        &self,
+        frame: &InboundFrame<'_>,
+        now: Instant,
+    ) -> Result<Command, InvalidFrame> {
+        let payload = Payload::from_validated(frame.publish_payload()?);
+        if !self.speaks_1_1() {
+            return Ok(Command::Publish {
+                payload,
+                due: Due::Now,
+            });
+        }
+        let due = frame.publish_due()?;
+        let max_delay = self.policy().max_delay;
+        let asked = match due {
+            Due::Now => Duration::ZERO,
+            Due::After(delay) => delay,
+            Due::At(at_ms) => {
+                let now_ms = self.settings.wall_clock.unix_ms_at(now);
+                Duration::from_millis(at_ms.saturating_sub(now_ms))
+            }
+        };
+        if asked > max_delay {
+            let field = if matches!(due, Due::At(_)) {
+                "not_before"
+            } else {
+                "delay_ms"
+            };
+            return Err(past_limit(field, asked, "max_delay", max_delay));
+        }
+        Ok(Command::Publish { payload, due })
+    }
+
+    fn nack_command(&self, frame: &InboundFrame<'_>) -> Result<Command, InvalidFrame> {
+        let nack = frame.nack()?;
+        let max_delay = self.policy().max_delay;
+        if let Some(delay) = nack.delay.filter(|&delay| delay > max_delay) {
+            return Err(past_limit("delay_ms", delay, "max_delay", max_delay));
+        }
+        let action = if nack.dead_letter {
+            NackAction::DeadLetter
+        } else {
+            NackAction::Retry(nack.delay)
+        };
+        Ok(Command::Nack {
+            ids: nack.ids,
+            action,
+        })
+    }
+
+    fn touch_command(&self, frame: &InboundFrame<'_>) -> Result<Command, InvalidFrame> {
+        let (ids, lease) = frame.touch()?;
+        let max_lease = self.policy().max_lease;
+        if let Some(lease) = lease.filter(|&lease| lease > max_lease) {
+            return Err(past_limit("ack_timeout_ms", lease, "max_lease", max_lease));
+        }
+        Ok(Command::Touch { ids, lease })
     }
 
     fn handle_register(&mut self, body: &[u8]) {
@@ -476,26 +570,44 @@ impl Session {
         span.record("queue", field::display(&register.queue));
         let version = register.version.map(Version::negotiate);
         let speaks = version.unwrap_or(Version::V1_0);
+        let policy = self.settings.policies.for_queue(&register.queue);
+        // A 1.0 connection's register is served as 1.0 spells it: the field is ignored.
+        let lease = register.lease.filter(|_| speaks >= V1_1);
+        if let Some(lease) = lease.filter(|&lease| lease > policy.max_lease) {
+            let problem = past_limit("ack_timeout_ms", lease, "max_lease", policy.max_lease);
+            let message = format!("the first frame must be a valid register: {problem}");
+            return self.refuse(ErrorCode::NotRegistered, &message);
+        }
         match register.role {
             Role::Consumer => info!(prefetch = register.prefetch, version = %speaks, "registered"),
             Role::Producer => info!(version = %speaks, "registered"),
         }
         self.role = Some(register.role);
         self.version = version;
+        self.policy = Some(policy);
         // Frames after the register may be as large as the broker allows.
         self.decoder = FrameDecoder::new(self.settings.max_frame_bytes);
         self.send_to_core(Command::Register {
             role: register.role,
             queue: register.queue,
             prefetch: register.prefetch,
+            lease,
         });
     }
 
     fn send_to_core(&mut self, command: Command) {
         debug_assert!(command.is_answered());
+        // A reply of unknown ids has an error per id.
+        let replies = match &command {
+            Command::Ack(ids) | Command::Nack { ids, .. } | Command::Touch { ids, .. } => {
+                ids.as_slice().len()
+            }
+            _ => 1,
+        };
+        let reserve = replies * REPLY_RESERVE_BYTES;
         self.commands.push(command);
-        self.unanswered.push_back(Slot::Core);
-        self.owed_by_core += 1;
+        self.unanswered.push_back(Slot::Core(reserve));
+        self.owed_bytes += reserve;
     }
 
     fn on_reply(&mut self, reply: Reply) {
@@ -504,16 +616,36 @@ impl Session {
         if self.is_shutting_down() {
             return;
         }
-        let slot = self.unanswered.pop_front();
-        debug_assert!(matches!(slot, Some(Slot::Core)), "a reply to no command");
-        self.owed_by_core = self.owed_by_core.saturating_sub(1);
+        let reserved = match self.unanswered.pop_front() {
+            Some(Slot::Core(reserved)) => reserved,
+            _ => {
+                debug_assert!(false, "a reply to no command");
+                0
+            }
+        };
+        self.owed_bytes = self.owed_bytes.saturating_sub(reserved);
         match reply {
             Reply::Registered => ServerFrame::Registered {
                 version: self.version,
             }
             .encode(&mut self.out),
             Reply::Published(id) => ServerFrame::Published(id).encode(&mut self.out),
-            Reply::Acked => {}
+            Reply::Settled => {}
+            Reply::UnknownIds(ids) => {
+                // Many errors for one frame say it briefly: the reply to an `ids` frame
+                // of unknown ids is the largest a frame can earn.
+                let many = ids.len() > 1;
+                for id in ids {
+                    let message = if many {
+                        std::borrow::Cow::Borrowed("not in flight to this consumer")
+                    } else {
+                        std::borrow::Cow::Owned(format!(
+                            "message {id} is not in flight to this consumer: never delivered to it, already acked or nacked, or requeued after its lease ran out"
+                        ))
+                    };
+                    encode_error(&mut self.out, ErrorCode::UnknownId, &message, Some(id));
+                }
+            }
             Reply::Refused { code, message, id } => {
                 debug!(%code, %message, "refused");
                 encode_error(&mut self.out, code, &message, id);
@@ -581,13 +713,32 @@ impl Session {
 #[cfg(test)]
 mod tests;
 
-fn encode_delivery(out: &mut BytesMut, delivery: &Delivery) {
+fn encode_delivery(out: &mut BytesMut, delivery: &Delivery, v1_1: bool) {
     ServerFrame::Delivery {
         id: delivery.id,
         payload: &delivery.payload,
         attempt: delivery.attempt,
+        details: v1_1.then(|| DeliveryDetails {
+            published_at_ms: delivery.published_at_ms,
+            ack_timeout_ms: u64::try_from(delivery.lease.as_millis()).unwrap_or(u64::MAX),
+            dead_letter: delivery.dead_letter.as_deref(),
+        }),
     }
     .encode(out);
+}
+
+/// A 1.1 field past the queue's policy: `invalid_frame`, or at register
+/// `not_registered`, saying which limit and how to lift it.
+fn past_limit(field: &'static str, asked: Duration, key: &str, limit: Duration) -> InvalidFrame {
+    InvalidFrame::bad_field(
+        field,
+        format!(
+            "is {} ms, past this queue's {key} of {} ({} ms); ask for less, or raise {key} in the queue's policy",
+            asked.as_millis(),
+            humantime::format_duration(limit),
+            limit.as_millis()
+        ),
+    )
 }
 
 /// Appends an error frame of at most [`REPLY_RESERVE_BYTES`], cutting the message short

@@ -12,6 +12,7 @@ use proptest::prelude::*;
 use serde_json::{Value, json};
 
 use super::*;
+use crate::protocol::Ids;
 use crate::protocol::codec::write_frame;
 
 /// The broker's frame limit in this test: small, so that oversized frames are cheap.
@@ -25,6 +26,8 @@ fn settings() -> Arc<ConnectionSettings> {
         max_frame_bytes: MAX_FRAME_BYTES,
         register_timeout: REGISTER_TIMEOUT,
         access: Access::Open,
+        policies: Policies::uniform(QueuePolicy::new(Duration::from_secs(5))),
+        wall_clock: WallClock::now(),
     })
 }
 
@@ -316,7 +319,10 @@ impl World {
                     Command::Pause => self.paused = true,
                     Command::Resume => self.paused = false,
                     Command::Disconnect => self.disconnected = true,
-                    Command::Publish(_) | Command::Ack(_) => {}
+                    Command::Publish { .. }
+                    | Command::Ack(_)
+                    | Command::Nack { .. }
+                    | Command::Touch { .. } => {}
                 }
                 if command.is_answered() {
                     self.commands.push_back((self.commands_seen, command));
@@ -342,7 +348,7 @@ impl World {
                     self.core_role = Some(role);
                     (Reply::Registered, Some(Read::Ok(None)))
                 }
-                Command::Publish(_) if n % 7 == 6 => (
+                Command::Publish { .. } if n % 7 == 6 => (
                     Reply::Refused {
                         code: ErrorCode::QueueFull,
                         message: "full ".repeat(100),
@@ -353,21 +359,17 @@ impl World {
                         id: None,
                     }),
                 ),
-                Command::Publish(_) => {
+                Command::Publish { .. } => {
                     let id = self.next_id;
                     self.next_id += 1;
                     (Reply::Published(MessageId(id)), Some(Read::Ok(Some(id))))
                 }
-                Command::Ack(id) => {
+                Command::Ack(Ids::One(id)) => {
                     if self.in_flight.remove(&id.0).is_some() {
-                        (Reply::Acked, None)
+                        (Reply::Settled, None)
                     } else {
                         (
-                            Reply::Refused {
-                                code: ErrorCode::UnknownId,
-                                message: format!("message {id} is not in flight"),
-                                id: Some(id),
-                            },
+                            Reply::UnknownIds(vec![id]),
                             Some(Read::Error {
                                 code: "unknown_id".into(),
                                 id: Some(id.0),
@@ -402,6 +404,9 @@ impl World {
                     id: MessageId(id),
                     payload: payload.clone(),
                     attempt: 1,
+                    published_at_ms: 1,
+                    lease: Duration::from_secs(5),
+                    dead_letter: None,
                 }
             })
             .collect();
@@ -524,10 +529,9 @@ fn check(session: &Session, world: &World) -> Result<(), TestCaseError> {
         session.out.len()
     );
     prop_assert!(
-        session.local_bytes + session.owed_by_core * REPLY_RESERVE_BYTES
-            <= OUTPUT_BYTES_MAX + REPLY_RESERVE_BYTES,
-        "{} replies owed by the core and {} bytes of refusals waiting",
-        session.owed_by_core,
+        session.local_bytes + session.owed_bytes <= OUTPUT_BYTES_MAX + REPLY_RESERVE_BYTES,
+        "{} bytes reserved for replies owed by the core and {} bytes of refusals waiting",
+        session.owed_bytes,
         session.local_bytes
     );
     let input_bound = if session.role.is_some() {
@@ -734,4 +738,42 @@ fn the_longest_register_fits_a_first_frame() {
     }
     let commands = session.poll_commands().expect("a register for the core");
     assert!(matches!(commands[..], [Command::Register { .. }]));
+}
+
+/// An `ids` frame can earn an `unknown_id` error per id: it reserves the output for all
+/// of them, so a consumer that pipelines such frames without reading is not read from
+/// again until the core has answered, and what it is owed stays bounded.
+#[test]
+fn a_frame_of_many_ids_reserves_a_reply_per_id() {
+    let now = Instant::now();
+    let mut session = Session::new(settings(), now + REGISTER_TIMEOUT);
+    let mut bytes = BytesMut::new();
+    let register = json!({"type": "register", "role": "consumer", "version": "1.1"});
+    let ids: Vec<u64> = (UNKNOWN_IDS..UNKNOWN_IDS + 2_000).collect();
+    let ack = json!({"type": "ack", "ids": ids});
+    for body in [register.to_string(), ack.to_string(), ack.to_string()] {
+        write_frame(&mut bytes, |dst| dst.extend_from_slice(body.as_bytes()));
+    }
+    let (read_buf, _, _) = session.io_buffers();
+    read_buf.extend_from_slice(&bytes);
+    session.handle_io(now, Some(bytes.len()), false);
+    let commands = session.poll_commands().unwrap();
+    assert_eq!(commands.len(), 2, "the register and one ack: {commands:?}");
+    assert!(session.is_throttled(), "2,000 errors' worth reserved");
+    session.handle_core(
+        now,
+        ToConnection::Replies(vec![
+            Reply::Registered,
+            Reply::UnknownIds(ids.iter().map(|&id| MessageId(id)).collect()),
+        ]),
+    );
+    let frames = written(&mut session);
+    assert_eq!(frames.len(), 2_001);
+    assert!(frames[1..].iter().all(|f| f.len() <= REPLY_RESERVE_BYTES));
+    assert!(frames[1].contains(&format!("\"id\":{UNKNOWN_IDS}")));
+    assert_eq!(
+        session.poll_commands().map(|c| c.len()),
+        Some(1),
+        "the next ack, read now"
+    );
 }
