@@ -53,6 +53,7 @@ async fn consumer_session(
         prefetch: 1 + rng.random_range(0..20),
         token: None,
         tls: None,
+        ..ConsumerOptions::default()
     };
     let Ok(mut consumer) = Consumer::connect_with(addr, &options).await else {
         return;

@@ -397,3 +397,77 @@ async fn a_token_of_any_type_is_never_echoed_or_logged() {
         "a token was logged:\n{log}"
     );
 }
+
+/// §16: `ferry producer --delay` holds every message back that long; `ferry consumer
+/// --json` prints each message frame as one JSON line, with the 1.1 details.
+#[tokio::test]
+async fn producer_delay_holds_messages_and_consumer_json_prints_frames() {
+    let broker = BrokerProcess::start(&[]);
+    let addr = broker.addr.to_string();
+    let sent = std::time::SystemTime::now();
+    let produced = run_ferry(
+        &[
+            "producer", "--addr", &addr, "--delay", "400ms", "later", "x \"y\"",
+        ],
+        "",
+        &[],
+    )
+    .await;
+    assert!(produced.status.success(), "{produced:?}");
+    let ids: Vec<u64> = stdout_lines(&produced)
+        .iter()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    let consumed = run_ferry(
+        &["consumer", "--addr", &addr, "--count", "2", "--json"],
+        "",
+        &[],
+    )
+    .await;
+    assert!(consumed.status.success(), "{consumed:?}");
+    assert!(
+        sent.elapsed().unwrap() >= Duration::from_millis(400),
+        "delivered early"
+    );
+    let frames: Vec<serde_json::Value> = stdout_lines(&consumed)
+        .iter()
+        .map(|line| serde_json::from_str(line).expect("one JSON object per line"))
+        .collect();
+    let sent_ms = sent
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    for (frame, (id, payload)) in frames.iter().zip(ids.iter().zip(["later", "x \"y\""])) {
+        let published_at = frame["published_at"].as_u64().unwrap();
+        assert!(published_at + 1 >= sent_ms, "{frame}");
+        assert_eq!(
+            frame,
+            &serde_json::json!({"type": "message", "id": id, "payload": payload, "attempt": 1,
+                "priority": 0, "published_at": published_at, "ack_timeout_ms": 5000})
+        );
+    }
+    let bad = run_ferry(
+        &["producer", "--addr", &addr, "--delay", "soon", "x"],
+        "",
+        &[],
+    )
+    .await;
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--delay"));
+}
+
+/// The bench's 1.1 workloads: every message nacked once is delivered twice and counted
+/// once; delayed publishes are all delivered, latency then being lateness.
+#[tokio::test]
+async fn bench_nacks_and_delays_account_for_every_message() {
+    let report = bench_json(&["-m", "2000", "--nack-ratio", "1", "-w", "64", "-q", "32"]).await;
+    assert_eq!(report["confirmed"], 2000);
+    assert_eq!(report["delivered"], 2000);
+    assert_eq!(report["nacked"], 2000);
+    assert_eq!(report["duplicates"], 0);
+    assert_eq!(report["lost"], 0);
+    let report = bench_json(&["-m", "2000", "--delay", "300ms", "-w", "256"]).await;
+    assert_eq!(report["delivered"], 2000);
+    assert_eq!(report["delay_ms"], 300);
+    assert_eq!(report["lost"], 0);
+}

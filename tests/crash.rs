@@ -69,6 +69,7 @@ async fn consume(
         prefetch: 20,
         token: None,
         tls: None,
+        ..ConsumerOptions::default()
     };
     let Ok(mut consumer) = Consumer::connect_with(addr.as_str(), &options).await else {
         return;

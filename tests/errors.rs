@@ -152,6 +152,7 @@ async fn unauthorized_when_the_token_is_missing_wrong_or_not_granted() {
         queue: "orders".into(),
         token: Some("p-token".into()),
         tls: None,
+        ..ferry::ProducerOptions::default()
     };
     let mut producer = within(ferry::Producer::connect_with(broker.addr, &options))
         .await

@@ -370,3 +370,60 @@ async fn delayed_messages_do_not_hold_the_drain() {
     assert!(report.completed);
     assert_eq!(report.drain.left_delayed, 1);
 }
+
+/// The client library's 1.1 calls: nack (to the back), nack_after, dead_letter, touch and
+/// a delayed publish, with the delivery details they show.
+#[tokio::test]
+async fn the_client_library_nacks_touches_and_delays() {
+    use ferry::{Consumer, ConsumerOptions, Producer};
+    let broker = broker_with_policies("[queues.\"lib\"]\ndead_letter_queue = \"lib.dlq\"\n").await;
+    let mut producer = within(Producer::connect(broker.addr, "lib")).await.unwrap();
+    let options = ConsumerOptions {
+        queue: "lib".into(),
+        ack_timeout: Some(Duration::from_secs(30)),
+        ..ConsumerOptions::default()
+    };
+    let mut consumer = within(Consumer::connect_with(broker.addr, &options))
+        .await
+        .unwrap();
+    let sent = unix_ms();
+    let id = within(producer.publish_delayed("job", Duration::from_millis(200)))
+        .await
+        .unwrap();
+    let message = within(consumer.recv()).await.unwrap();
+    assert!(unix_ms() >= sent + 200, "delivered early");
+    let details = message.details.clone().expect("a 1.1 delivery");
+    assert_eq!((message.id, details.ack_timeout_ms), (id, 30_000));
+    within(consumer.touch(id, Some(Duration::from_secs(60))))
+        .await
+        .unwrap();
+    within(consumer.nack(id)).await.unwrap();
+    let again = within(consumer.recv()).await.unwrap();
+    assert_eq!((again.id, again.attempt), (id, 2));
+    let nacked = unix_ms();
+    within(consumer.nack_after(id, Duration::from_millis(150)))
+        .await
+        .unwrap();
+    let third = within(consumer.recv()).await.unwrap();
+    assert!(unix_ms() >= nacked + 150);
+    assert_eq!(third.attempt, 3);
+    within(consumer.dead_letter(id)).await.unwrap();
+    let mut dead = within(Consumer::connect(broker.addr, "lib.dlq"))
+        .await
+        .unwrap();
+    let record = within(dead.recv())
+        .await
+        .unwrap()
+        .details
+        .unwrap()
+        .dead_letter
+        .unwrap();
+    assert_eq!(
+        (
+            record.queue.as_str(),
+            record.reason.as_str(),
+            record.attempts
+        ),
+        ("lib", "rejected", 3)
+    );
+}

@@ -1,5 +1,6 @@
-//! `ferry consumer`: prints each delivered payload on its own line of stdout, then acks
-//! it; with `--count N`, exits 0 after N acks.
+//! `ferry consumer`: prints each delivered payload on its own line of stdout (with
+//! `--json`, the whole message frame as one JSON line), then acks it; with `--count N`,
+//! exits 0 after N acks.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -22,6 +23,11 @@ pub struct ConsumerArgs {
     /// is taken only to be handed back at exit.
     #[arg(long)]
     count: Option<u64>,
+    /// Print each message frame (id, payload, attempt, priority, published_at,
+    /// ack_timeout_ms, dead_letter when it has one) as one JSON line instead of its
+    /// payload.
+    #[arg(long)]
+    json: bool,
 }
 
 pub async fn run(args: ConsumerArgs) -> anyhow::Result<ExitCode> {
@@ -39,7 +45,14 @@ pub async fn run(args: ConsumerArgs) -> anyhow::Result<ExitCode> {
     while args.count.is_none_or(|count| acked < count) {
         let message = consumer.recv().await?;
         // The line is out of this process before the ack is: at-least-once, end to end.
-        writeln!(stdout, "{}", message.payload)
+        let written = if args.json {
+            serde_json::to_writer(&mut stdout, &message)
+                .map_err(std::io::Error::from)
+                .and_then(|()| writeln!(stdout))
+        } else {
+            writeln!(stdout, "{}", message.payload)
+        };
+        written
             .and_then(|()| stdout.flush())
             .context("cannot write to standard output")?;
         consumer.queue_ack(message.id);

@@ -43,6 +43,7 @@ impl ClientArgs {
             queue: self.queue.clone(),
             token: self.security.token.clone(),
             tls: self.security.tls()?,
+            ..ProducerOptions::default()
         })
     }
 
@@ -53,6 +54,7 @@ impl ClientArgs {
             prefetch,
             token: self.security.token.clone(),
             tls: self.security.tls()?,
+            ..ConsumerOptions::default()
         })
     }
 }

@@ -1,8 +1,10 @@
 //! `ferry producer`: publishes each MESSAGE argument, or each line of standard input,
 //! printing each confirmed id on its own line; exits non-zero if any publish was refused.
+//! With `--delay`, every message waits that long before it can be delivered.
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -22,6 +24,10 @@ pub struct ProducerArgs {
     client: ClientArgs,
     /// Messages to publish; without any, each line of standard input is one message.
     messages: Vec<String>,
+    /// Deliver no message before this long after it is published (e.g. 5s, 10m; at
+    /// most the queue's max_delay, 7 days by default).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    delay: Option<Duration>,
 }
 
 /// Prints confirms as they come and counts refusals.
@@ -72,11 +78,11 @@ pub async fn run(args: ProducerArgs) -> anyhow::Result<ExitCode> {
             .await
             .context("cannot read standard input")?
         {
-            publish(&mut producer, &mut confirms, &line, window).await?;
+            publish(&mut producer, &mut confirms, &line, window, args.delay).await?;
         }
     } else {
         for message in &args.messages {
-            publish(&mut producer, &mut confirms, message, window).await?;
+            publish(&mut producer, &mut confirms, message, window, args.delay).await?;
         }
     }
     while producer.unconfirmed() > 0 {
@@ -98,12 +104,16 @@ async fn publish<W: Write>(
     confirms: &mut Confirms<W>,
     payload: &str,
     window: usize,
+    delay: Option<Duration>,
 ) -> anyhow::Result<()> {
     if producer.unconfirmed() >= window {
         let outcome = producer.confirm().await;
         confirms.record(outcome)?;
     }
-    producer.send(payload);
+    match delay {
+        Some(delay) => producer.send_delayed(payload, delay),
+        None => producer.send(payload),
+    }
     if producer.queued_bytes() >= FLUSH_BYTES {
         producer.flush().await?;
     }

@@ -3,14 +3,16 @@
 //! [`Producer::publish_all`] with a window).
 
 use std::fmt::Display;
+use std::time::Duration;
 
 use tokio::net::ToSocketAddrs;
 
 use super::connection::ClientConnection;
+use super::consumer::millis;
 use super::error::ClientError;
 use crate::protocol::client_frame::ClientFrame;
 use crate::protocol::server_frame::{BrokerError, ReceivedFrame};
-use crate::protocol::{MessageId, QueueName, Role};
+use crate::protocol::{MessageId, QueueName, Role, Version};
 use crate::transport::ClientTls;
 
 /// Queued publish bytes beyond which [`Producer::send`] callers should flush; used by
@@ -24,6 +26,9 @@ pub struct ProducerOptions {
     pub token: Option<String>,
     /// TLS settings when the broker serves TLS.
     pub tls: Option<ClientTls>,
+    /// The protocol version to ask for: 1.1 (the default) for delayed publishes; `None`
+    /// registers as version 1.0 clients do (a delay is then ignored by the broker).
+    pub version: Option<Version>,
 }
 
 impl Default for ProducerOptions {
@@ -32,6 +37,7 @@ impl Default for ProducerOptions {
             queue: QueueName::default_queue().to_string(),
             token: None,
             tls: None,
+            version: Some(Version::V1_1),
         }
     }
 }
@@ -68,12 +74,13 @@ impl Producer {
         options: &ProducerOptions,
     ) -> Result<Self, ClientError> {
         let queue = QueueName::new(&options.queue)?;
+        let version = options.version.map(|v| v.to_string());
         let register = ClientFrame::Register {
             role: Role::Producer,
             queue: queue.as_str(),
             prefetch: None,
             token: options.token.as_deref(),
-            version: None,
+            version: version.as_deref(),
             ack_timeout_ms: None,
         };
         let connection = ClientConnection::open(addr, options.tls.as_ref(), &register).await?;
@@ -99,11 +106,40 @@ impl Producer {
         self.confirm().await
     }
 
+    /// Publishes one message that is not delivered before `delay` from now (1.1, at
+    /// most its queue's `max_delay`) and waits for its confirm.
+    ///
+    /// # Errors
+    /// As [`Producer::publish`]; `invalid_frame` past the queue's `max_delay`.
+    pub async fn publish_delayed(
+        &mut self,
+        payload: &str,
+        delay: Duration,
+    ) -> Result<MessageId, ClientError> {
+        if self.unconfirmed > 0 {
+            return Err(ClientError::Usage(
+                "publish while pipelined publishes await confirms; call confirm() for them first",
+            ));
+        }
+        self.send_delayed(payload, delay);
+        self.confirm().await
+    }
+
     /// Queues a publish without waiting for anything; its confirm comes from a later
     /// [`Producer::confirm`], in send order. Nothing is written until `confirm` or
     /// [`Producer::flush`].
     pub fn send(&mut self, payload: &str) {
         self.connection.queue(&ClientFrame::Publish { payload });
+        self.unconfirmed += 1;
+    }
+
+    /// [`Producer::send`] of a message not delivered before `delay` from now.
+    pub fn send_delayed(&mut self, payload: &str, delay: Duration) {
+        self.connection.queue(&ClientFrame::PublishDelayed {
+            payload,
+            delay_ms: Some(millis(delay)),
+            not_before: None,
+        });
         self.unconfirmed += 1;
     }
 

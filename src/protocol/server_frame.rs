@@ -139,13 +139,41 @@ pub enum ReceivedFrame {
     Error(BrokerError),
 }
 
-/// A delivered message, as a consumer receives it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A delivered message, as a consumer receives it. Serialized, it is the message frame
+/// (what `ferry consumer --json` prints).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", rename = "message")]
 pub struct Message {
     pub id: MessageId,
     pub payload: String,
     /// 1 on the first delivery, one more on each redelivery.
     pub attempt: u32,
+    /// What a 1.1 connection's message frame adds; `None` on a 1.0 connection.
+    #[serde(flatten)]
+    pub details: Option<MessageDetails>,
+}
+
+/// The fields of a version 1.1 message frame (contract §10).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageDetails {
+    pub priority: u8,
+    /// When the broker accepted the publish, in milliseconds since the Unix epoch.
+    pub published_at: u64,
+    /// This delivery's lease, in milliseconds.
+    pub ack_timeout_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dead_letter: Option<ReceivedDeadLetter>,
+}
+
+/// A dead letter's record as a consumer receives it: where the message was dead-lettered
+/// from, why (`max_deliveries`, `rejected`, or a reason a later broker adds), after how
+/// many deliveries, and when (ms since the Unix epoch).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReceivedDeadLetter {
+    pub queue: String,
+    pub reason: String,
+    pub attempts: u32,
+    pub at: u64,
 }
 
 /// A refusal from the broker: the content of an `error` frame.
@@ -175,6 +203,13 @@ enum Field {
     Attempt,
     Code,
     Message,
+    Priority,
+    #[serde(rename = "published_at")]
+    PublishedAt,
+    #[serde(rename = "ack_timeout_ms")]
+    AckTimeoutMs,
+    #[serde(rename = "dead_letter")]
+    DeadLetter,
     #[serde(other)]
     Unknown,
 }
@@ -204,6 +239,8 @@ impl<'de> serde::de::Visitor<'de> for ReceivedFrameVisitor {
         let mut frame_type = None;
         let (mut id, mut payload, mut attempt, mut code, mut message) =
             (None, None, None, None, None);
+        let (mut priority, mut published_at, mut ack_timeout_ms, mut dead_letter) =
+            (None, None, None, None);
         while let Some(field) = map.next_key()? {
             match field {
                 Field::Type => frame_type = Some(map.next_value::<FrameType>()?),
@@ -212,6 +249,10 @@ impl<'de> serde::de::Visitor<'de> for ReceivedFrameVisitor {
                 Field::Attempt => attempt = Some(map.next_value::<u32>()?),
                 Field::Code => code = Some(map.next_value::<ErrorCode>()?),
                 Field::Message => message = Some(map.next_value::<String>()?),
+                Field::Priority => priority = Some(map.next_value::<u8>()?),
+                Field::PublishedAt => published_at = Some(map.next_value::<u64>()?),
+                Field::AckTimeoutMs => ack_timeout_ms = Some(map.next_value::<u64>()?),
+                Field::DeadLetter => dead_letter = map.next_value()?,
                 Field::Unknown => {
                     map.next_value::<serde::de::IgnoredAny>()?;
                 }
@@ -223,6 +264,18 @@ impl<'de> serde::de::Visitor<'de> for ReceivedFrameVisitor {
                 id: id.ok_or_else(|| A::Error::missing_field("id"))?,
                 payload: payload.ok_or_else(|| A::Error::missing_field("payload"))?,
                 attempt: attempt.ok_or_else(|| A::Error::missing_field("attempt"))?,
+                // A 1.1 frame has all three; a 1.0 frame none.
+                details: match (priority, published_at, ack_timeout_ms) {
+                    (Some(priority), Some(published_at), Some(ack_timeout_ms)) => {
+                        Some(MessageDetails {
+                            priority,
+                            published_at,
+                            ack_timeout_ms,
+                            dead_letter,
+                        })
+                    }
+                    _ => None,
+                },
             })),
             FrameType::Error => Ok(ReceivedFrame::Error(BrokerError {
                 code: code.ok_or_else(|| A::Error::missing_field("code"))?,
@@ -249,6 +302,7 @@ impl ReceivedFrame {
                 id: MessageId(id),
                 payload: payload.to_owned(),
                 attempt,
+                details: None,
             }));
         }
         serde_json::from_slice(body)
@@ -305,9 +359,61 @@ mod tests {
             ReceivedFrame::Message(Message {
                 id: MessageId(u64::MAX),
                 payload: "line \"one\"\nünï".into(),
-                attempt: 3
+                attempt: 3,
+                details: None,
             })
         );
+    }
+
+    /// A 1.1 delivery's details survive the client's decoding, and the decoded message
+    /// serializes back to the frame the broker wrote (what `ferry consumer --json`
+    /// prints).
+    #[test]
+    fn a_1_1_delivery_round_trips_with_its_details() {
+        let payload = Payload::from_text("job");
+        let record = DeadLetter {
+            queue: crate::protocol::QueueName::new("jobs").unwrap(),
+            reason: crate::protocol::DeadLetterReason::Rejected,
+            attempts: 3,
+            at_ms: 1_767_225_700_000,
+        };
+        for dead_letter in [None, Some(&record)] {
+            let (body, decoded) = encoded(ServerFrame::Delivery {
+                id: MessageId(42),
+                payload: &payload,
+                attempt: 2,
+                details: Some(DeliveryDetails {
+                    published_at_ms: 1_767_225_600_123,
+                    ack_timeout_ms: 5000,
+                    dead_letter,
+                }),
+            });
+            let ReceivedFrame::Message(message) = decoded else {
+                panic!("{decoded:?}");
+            };
+            let details = message.details.clone().expect("1.1 details");
+            assert_eq!(
+                (
+                    details.priority,
+                    details.published_at,
+                    details.ack_timeout_ms
+                ),
+                (0, 1_767_225_600_123, 5000)
+            );
+            assert_eq!(
+                details
+                    .dead_letter
+                    .map(|r| (r.queue, r.reason, r.attempts, r.at)),
+                dead_letter.map(|_| (
+                    "jobs".to_owned(),
+                    "rejected".to_owned(),
+                    3,
+                    1_767_225_700_000
+                ))
+            );
+            let sent: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(serde_json::to_value(&message).unwrap(), sent);
+        }
     }
 
     #[test]
@@ -321,7 +427,8 @@ mod tests {
             ReceivedFrame::Message(Message {
                 id: MessageId(9),
                 payload: "p".into(),
-                attempt: 2
+                attempt: 2,
+                details: None,
             })
         );
         let missing = ReceivedFrame::decode(br#"{"type":"message","id":1,"payload":"x"}"#);

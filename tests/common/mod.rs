@@ -134,6 +134,7 @@ pub async fn connect_consumer(addr: SocketAddr, queue: &str, prefetch: u16) -> C
         prefetch,
         token: None,
         tls: None,
+        ..ConsumerOptions::default()
     };
     within(Consumer::connect_with(addr, &options))
         .await

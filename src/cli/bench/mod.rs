@@ -1,7 +1,10 @@
 //! `ferry bench`: the at-least-once workload (every publish confirmed, every message
 //! acked) against a broker it starts itself (or `--addr`), reported honestly: end-to-end
 //! and confirm throughput, publish-to-delivery latency percentiles, lost and duplicated
-//! messages, and the broker's CPU time and peak memory.
+//! messages, and the broker's CPU time and peak memory. Protocol 1.1 workloads:
+//! `--nack-ratio` (a share of messages nacked once before their ack) and `--delay`
+//! (delayed publishes; latency is then lateness past each message's due time). Without
+//! them the clients speak version 1.0, the path every client takes.
 
 mod broker_child;
 mod report;
@@ -18,6 +21,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use ferry::protocol::Version;
 use ferry::transport::ClientTls;
 use ferry::{Consumer, ConsumerOptions, Producer, ProducerOptions};
 
@@ -26,7 +30,9 @@ use super::SecurityArgs;
 use broker_child::{BrokerChild, MachineCpu, own_cpu_time};
 use report::{BrokerFigures, Report};
 use tally::QueueTally;
-use workload::{ConsumerOutcome, ProducerOutcome, ProducerPlan, Quota, consume, produce};
+use workload::{
+    ConsumerOutcome, ConsumerPlan, ProducerOutcome, ProducerPlan, Quota, consume, produce,
+};
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -66,6 +72,15 @@ pub struct BenchArgs {
     /// Publish for this long instead of a fixed number of messages.
     #[arg(long, value_parser = humantime::parse_duration)]
     duration: Option<Duration>,
+    /// Share of messages (0 to 1) that consumers nack once, without a delay, before
+    /// acking their redelivery (protocol 1.1).
+    #[arg(long, default_value_t = 0.0)]
+    nack_ratio: f64,
+    /// Publish every message delayed, the delays spread evenly from 0 up to this (e.g.
+    /// 60s; protocol 1.1). Latency figures are then lateness: delivery time past each
+    /// message's due time, counted from its send.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    delay: Option<Duration>,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -106,6 +121,9 @@ struct QueueRun {
 pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     if args.rate.is_some_and(|r| r.is_nan() || r <= 0.0) {
         bail!("--rate must be a positive number of messages per second");
+    }
+    if !(0.0..=1.0).contains(&args.nack_ratio) {
+        bail!("--nack-ratio must be from 0 to 1 (the share of messages nacked once)");
     }
     if cfg!(debug_assertions) {
         eprintln!(
@@ -161,6 +179,10 @@ async fn run_once(args: &BenchArgs, tls: Option<&ClientTls>) -> anyhow::Result<R
     };
     let total_producers = (args.producers * args.queues) as u64;
     let per_producer_rate = args.rate.map(|rate| rate / total_producers as f64);
+    // Nacks and delays need version 1.1; everything else speaks 1.0, as every client
+    // can, so that the figures compare with builds before 1.1.
+    let consumer_version = (args.nack_ratio > 0.0).then_some(Version::V1_1);
+    let producer_version = args.delay.map(|_| Version::V1_1);
 
     // Consumers first, so deliveries start with the first publish.
     let mut consumers = Vec::new();
@@ -172,6 +194,8 @@ async fn run_once(args: &BenchArgs, tls: Option<&ClientTls>) -> anyhow::Result<R
                 prefetch: args.prefetch,
                 token: args.security.token.clone(),
                 tls: tls.cloned(),
+                version: consumer_version,
+                ack_timeout: None,
             };
             consumers.push((
                 name.clone(),
@@ -185,6 +209,7 @@ async fn run_once(args: &BenchArgs, tls: Option<&ClientTls>) -> anyhow::Result<R
                 queue: name.clone(),
                 token: args.security.token.clone(),
                 tls: tls.cloned(),
+                version: producer_version,
             };
             producers.push((
                 name.clone(),
@@ -205,8 +230,12 @@ async fn run_once(args: &BenchArgs, tls: Option<&ClientTls>) -> anyhow::Result<R
         |name: &str| tallies[queue_names.iter().position(|n| n == name).unwrap_or(0)].clone();
 
     let mut consumer_tasks = JoinSet::new();
+    let consumer_plan = ConsumerPlan {
+        nack_ratio: args.nack_ratio,
+        delay_span: args.delay,
+    };
     for (name, consumer) in consumers {
-        consumer_tasks.spawn(consume(consumer, tally_of(&name), origin));
+        consumer_tasks.spawn(consume(consumer, consumer_plan, tally_of(&name), origin));
     }
     let mut producer_tasks = JoinSet::new();
     let mut producer_index_in_queue = std::collections::HashMap::<String, usize>::new();
@@ -223,6 +252,7 @@ async fn run_once(args: &BenchArgs, tls: Option<&ClientTls>) -> anyhow::Result<R
             window: args.window as usize,
             rate: per_producer_rate,
             phase: n as f64 / total_producers as f64,
+            delay_span: args.delay,
         };
         *index += 1;
         let queue_tally = tally_of(&name);
@@ -321,11 +351,14 @@ fn summarize(
             window: args.window,
             prefetch: args.prefetch,
             rate: args.rate,
+            nack_ratio: args.nack_ratio,
+            delay_ms: args.delay.map(|d| d.as_millis() as u64),
         },
         counts: report::Counts {
             confirmed,
             refused: all_producers().map(|p| p.refused).sum(),
             delivered: runs.iter().map(|run| run.tally.unique_received()).sum(),
+            nacked: consumers.iter().map(|c| c.nacked).sum(),
             duplicates: runs.iter().map(|run| run.tally.duplicates()).sum(),
             lost,
         },

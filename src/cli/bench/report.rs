@@ -20,6 +20,10 @@ pub struct Workload {
     pub window: u32,
     pub prefetch: u16,
     pub rate: Option<f64>,
+    /// Share of messages nacked once before their ack.
+    pub nack_ratio: f64,
+    /// Delays spread from 0 to this (latency is then lateness past the due time).
+    pub delay_ms: Option<u64>,
 }
 
 /// What happened to the messages (summed over runs).
@@ -28,6 +32,8 @@ pub struct Counts {
     pub confirmed: u64,
     pub refused: u64,
     pub delivered: u64,
+    /// Deliveries nacked (each message at most once).
+    pub nacked: u64,
     pub duplicates: u64,
     pub lost: u64,
 }
@@ -40,6 +46,7 @@ impl std::ops::Add for Counts {
             confirmed: self.confirmed + other.confirmed,
             refused: self.refused + other.refused,
             delivered: self.delivered + other.delivered,
+            nacked: self.nacked + other.nacked,
             duplicates: self.duplicates + other.duplicates,
             lost: self.lost + other.lost,
         }
@@ -216,9 +223,17 @@ impl Report {
             "workload     {} queue(s), {} producer(s), {} consumer(s), {} B payloads, window {}, prefetch {}, {rate}",
             w.queues, w.producers, w.consumers, w.payload_bytes, w.window, w.prefetch
         );
+        if w.nack_ratio > 0.0 || w.delay_ms.is_some() {
+            println!(
+                "             protocol 1.1: {:.0}% nacked once; delays {}",
+                w.nack_ratio * 100.0,
+                w.delay_ms
+                    .map_or("none".to_owned(), |ms| format!("spread over 0-{ms} ms"))
+            );
+        }
         println!(
-            "messages     {} confirmed, {} refused, {} delivered, {} lost, {} duplicated",
-            c.confirmed, c.refused, c.delivered, c.lost, c.duplicates
+            "messages     {} confirmed, {} refused, {} delivered, {} nacked, {} lost, {} duplicated",
+            c.confirmed, c.refused, c.delivered, c.nacked, c.lost, c.duplicates
         );
         if w.consumers == 0 {
             println!(
@@ -232,8 +247,13 @@ impl Report {
         );
         println!("confirms     {:.0} msg/s", self.confirms_per_sec);
         let l = &self.latency_us;
+        let measured = if w.delay_ms.is_some() {
+            "lateness: delivery past the due time"
+        } else {
+            "publish to delivery"
+        };
         println!(
-            "latency      p50 {:.0} us, p99 {:.0} us, p99.9 {:.0} us, max {:.0} us (publish to delivery)",
+            "latency      p50 {:.0} us, p99 {:.0} us, p99.9 {:.0} us, max {:.0} us ({measured})",
             l.p50, l.p99, l.p99_9, l.max
         );
         if let (Some(cpu), Some(per_cpu), Some(rss)) = (

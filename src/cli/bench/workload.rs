@@ -1,6 +1,8 @@
 //! The at-least-once workload: producers that keep up to a window of publishes awaiting
-//! their confirms (optionally at a fixed rate), and consumers that ack every message and
-//! measure publish-to-delivery latency from the send time carried in each payload.
+//! their confirms (optionally at a fixed rate, optionally delayed), and consumers that ack
+//! every message (optionally nacking a share of them once first) and measure
+//! publish-to-delivery latency from the send time carried in each payload (with delays,
+//! lateness past each message's due time).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,6 +38,29 @@ pub struct ProducerPlan {
     /// the period, so that many producers together send at an even rate instead of all
     /// at the same instant.
     pub phase: f64,
+    /// Publish every message delayed, by [`delay_of`] its index within this span.
+    pub delay_span: Option<Duration>,
+}
+
+/// What consumers do besides acking.
+#[derive(Debug, Clone, Copy)]
+pub struct ConsumerPlan {
+    /// Share of messages nacked once (by [`nacked_once`] their index) before the ack.
+    pub nack_ratio: f64,
+    /// The producers' delay span: latency is then counted from each message's due time.
+    pub delay_span: Option<Duration>,
+}
+
+/// The delay of message `index` in a span: spread evenly over it (a stride prime to
+/// the span's milliseconds scatters neighbours), the same in producer and consumer.
+pub fn delay_of(index: u64, span: Duration) -> Duration {
+    let span_ms = (span.as_millis() as u64).max(1);
+    Duration::from_millis(index.wrapping_mul(7_919) % span_ms)
+}
+
+/// Whether message `index` is nacked once, for a share `ratio` of all messages.
+fn nacked_once(index: u64, ratio: f64) -> bool {
+    ((index % 1000) as f64) < ratio * 1000.0
 }
 
 #[derive(Debug, Default)]
@@ -81,7 +106,10 @@ pub async fn produce(
                 (now - origin).as_nanos() as u64,
                 &padding,
             );
-            producer.send(&payload);
+            match plan.delay_span {
+                Some(span) => producer.send_delayed(&payload, delay_of(sent, span)),
+                None => producer.send(&payload),
+            }
             outcome.first_send.get_or_insert(now);
             awaiting.push_back(sent);
             sent += 1;
@@ -135,12 +163,14 @@ pub async fn produce(
 pub struct ConsumerOutcome {
     pub latency_ns: Histogram<u64>,
     pub received: u64,
+    pub nacked: u64,
     pub last_ack: Option<Instant>,
 }
 
 /// Receives and acks until every confirmed message of the queue has arrived.
 pub async fn consume(
     mut consumer: Consumer,
+    plan: ConsumerPlan,
     tally: Arc<QueueTally>,
     origin: Instant,
 ) -> Result<ConsumerOutcome, ClientError> {
@@ -148,6 +178,7 @@ pub async fn consume(
         latency_ns: Histogram::new_with_bounds(1, LATENCY_NS_MAX, 3)
             .expect("valid histogram bounds"),
         received: 0,
+        nacked: 0,
         last_ack: None,
     };
     loop {
@@ -160,9 +191,18 @@ pub async fn consume(
         let (producer, index, sent_ns) = decode_payload(&message.payload).ok_or_else(|| {
             ClientError::Protocol(format!("not a bench payload: {:.40}", message.payload))
         })?;
+        if message.attempt == 1 && nacked_once(index, plan.nack_ratio) {
+            consumer.queue_nack(message.id, None);
+            outcome.nacked += 1;
+            continue;
+        }
+        let due_ns = sent_ns
+            + plan
+                .delay_span
+                .map_or(0, |span| delay_of(index, span).as_nanos() as u64);
         outcome
             .latency_ns
-            .saturating_record(now_ns.saturating_sub(sent_ns).max(1));
+            .saturating_record(now_ns.saturating_sub(due_ns).max(1));
         outcome.received += 1;
         consumer.queue_ack(message.id);
         tally.received(producer, index);
