@@ -192,6 +192,10 @@ async fn malformed_1_1_frames_are_invalid_and_change_nothing() {
         json!({"type": "publish", "payload": "x", "delay_ms": 60_001}),
         json!({"type": "publish", "payload": "x", "delay_ms": -5}),
         json!({"type": "publish", "payload": "x", "not_before": unix_ms() + 3_600_000}),
+        json!({"type": "publish", "payload": "x", "priority": 10}),
+        json!({"type": "publish", "payload": "x", "priority": 5}),
+        json!({"type": "publish", "payload": "x", "headers": {"a": "b"}}),
+        json!({"type": "publish", "payload": "x", "dedup_key": "k"}),
     ] {
         p.send(frame).await;
         p.expect_error("invalid_frame").await;
@@ -226,6 +230,14 @@ async fn a_consumer_lease_past_max_lease_is_not_registered() {
         client.expect_closed().await;
     }
     register(&broker, "consumer", "q", json!({"ack_timeout_ms": 60_000})).await;
+    // A 1.0 register ignores the field, whatever its value (§8).
+    for lease in [json!(0), json!("soon"), json!(-5), json!(3_600_000)] {
+        let mut client = RawClient::connect(broker.addr).await;
+        client
+            .send(json!({"type": "register", "role": "consumer", "queue": "q", "ack_timeout_ms": lease}))
+            .await;
+        assert_eq!(client.recv_body().await, br#"{"type":"ok"}"#);
+    }
 }
 
 /// Rule 16: touch restarts the lease from now, so a message touched before its lease

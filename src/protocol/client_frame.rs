@@ -182,6 +182,12 @@ struct RawFields<'a> {
     dead_letter: Option<&'a RawValue>,
     #[serde(borrow)]
     ack_timeout_ms: Option<&'a RawValue>,
+    #[serde(borrow)]
+    priority: Option<&'a RawValue>,
+    #[serde(borrow)]
+    headers: Option<&'a RawValue>,
+    #[serde(borrow)]
+    dedup_key: Option<&'a RawValue>,
 }
 
 impl RawFields<'_> {
@@ -199,6 +205,9 @@ impl RawFields<'_> {
         not_before: None,
         dead_letter: None,
         ack_timeout_ms: None,
+        priority: None,
+        headers: None,
+        dedup_key: None,
     };
 }
 
@@ -208,6 +217,9 @@ pub struct InboundFrame<'a> {
     fields: Fields<'a>,
 }
 
+// A frame's fields live on the stack while it is handled; boxing the large variant would
+// allocate for every frame that is not in a canonical layout.
+#[allow(clippy::large_enum_variant)]
 enum Fields<'a> {
     /// A publish in the canonical layout: its payload literal, already validated.
     CanonicalPublish(&'a [u8]),
@@ -386,9 +398,13 @@ impl<'a> InboundFrame<'a> {
             })?),
             None => None,
         };
+        // A 1.1 field: a register that speaks 1.0 ignores it, whatever its value.
+        let speaks_1_1 = version.is_some_and(|v| v.negotiate() >= Version::V1_1);
         let lease = match role {
-            Role::Consumer => self.positive_millis("ack_timeout_ms", self.raw().ack_timeout_ms)?,
-            Role::Producer => None,
+            Role::Consumer if speaks_1_1 => {
+                self.positive_millis("ack_timeout_ms", self.raw().ack_timeout_ms)?
+            }
+            _ => None,
         };
         Ok(Register {
             role,
@@ -499,6 +515,31 @@ impl InboundFrame<'_> {
             (Some(0), None) | (None, None) => Ok(Due::Now),
             (Some(delay), None) => Ok(Due::After(Duration::from_millis(delay))),
             (None, Some(at)) => Ok(Due::At(at)),
+        }
+    }
+
+    /// Refuses the publish fields of version 1.1 that this build does not serve yet
+    /// (part 2 of 1.1): `headers`, `dedup_key`, and a `priority` other than 0. Ignoring
+    /// them would lose headers and enqueue duplicates the client means to prevent.
+    ///
+    /// # Errors
+    /// [`InvalidFrame::BadField`] naming the field.
+    pub fn refuse_unserved_publish_fields(&self) -> Result<(), InvalidFrame> {
+        const NOT_YET: &str = "is not served by this build yet (priorities, headers and dedup keys come with part 2 of protocol 1.1); leave it out";
+        let raw = self.raw();
+        if raw.headers.is_some() {
+            return Err(InvalidFrame::bad_field("headers", NOT_YET));
+        }
+        if raw.dedup_key.is_some() {
+            return Err(InvalidFrame::bad_field("dedup_key", NOT_YET));
+        }
+        match parse_field::<u8>("priority", raw.priority, "an integer from 0 to 9")? {
+            None | Some(0) => Ok(()),
+            Some(1..=9) => Err(InvalidFrame::bad_field("priority", NOT_YET)),
+            Some(other) => Err(InvalidFrame::bad_field(
+                "priority",
+                format!("is {other}; use an integer from 0 to 9"),
+            )),
         }
     }
 

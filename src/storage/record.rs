@@ -782,6 +782,48 @@ mod tests {
         [&len[..], &crc.to_le_bytes(), &body].concat()
     }
 
+    /// Records of version 4 (no times in publish records) are still read: published at
+    /// an unknown time, not delayed; and a version 5 body read as version 4 is refused,
+    /// not misread.
+    #[test]
+    fn version_4_publish_records_are_still_read() {
+        let queue = q("jobs");
+        let payload = Payload::from_text("old");
+        let mut body = vec![KIND_PUBLISH];
+        body.extend_from_slice(&9u64.to_le_bytes());
+        body.extend_from_slice(&2u32.to_le_bytes());
+        body.push(4);
+        body.extend_from_slice(b"jobs");
+        body.extend_from_slice(payload.as_json());
+        let len = u32::try_from(body.len()).unwrap().to_le_bytes();
+        let tag = segment_tag(SEGMENT);
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&len), &[&tag[..], &body].concat());
+        let bytes = [&len[..], &crc.to_le_bytes(), &tag, &body].concat();
+        let version_4 = SegmentHeader {
+            version: 4,
+            ..segment_header(SEGMENT)
+        };
+        assert_eq!(
+            decode_record(&bytes, &version_4),
+            Decoded::Record(
+                Record::Publish {
+                    id: MessageId(9),
+                    deliveries: 2,
+                    published_at_ms: 0,
+                    due_ms: None,
+                    queue,
+                    payload,
+                    dead_letter: None,
+                },
+                bytes.len()
+            )
+        );
+        assert!(matches!(
+            decode_record(&bytes, &segment_header(SEGMENT)),
+            Decoded::Corrupt(_)
+        ));
+    }
+
     #[test]
     fn version_1_records_are_still_read_in_version_1_segments() {
         let bytes = version_1_acked(&[3, 4]);

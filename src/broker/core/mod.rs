@@ -131,11 +131,21 @@ impl WallClock {
         }
     }
 
-    /// Milliseconds since the Unix epoch at `now`.
+    /// Milliseconds since the Unix epoch at `now`, rounded down.
     pub fn unix_ms_at(&self, now: Instant) -> u64 {
         let elapsed = now.saturating_duration_since(self.at).as_millis();
         self.unix_ms
             .saturating_add(u64::try_from(elapsed).unwrap_or(u64::MAX))
+    }
+
+    /// Milliseconds since the Unix epoch at `now`, rounded up: a due time counted from
+    /// it is never before the instant it was meant to follow.
+    pub fn unix_ms_ceil_at(&self, now: Instant) -> u64 {
+        let elapsed = now.saturating_duration_since(self.at);
+        let rounded_up =
+            elapsed.as_millis() + u128::from(!elapsed.subsec_nanos().is_multiple_of(1_000_000));
+        self.unix_ms
+            .saturating_add(u64::try_from(rounded_up).unwrap_or(u64::MAX))
     }
 }
 
@@ -310,6 +320,10 @@ pub struct Core {
     drained_deliveries: Option<u64>,
     /// The latest `now` seen, so that a clock that steps back cannot take time back.
     latest_now: Option<Instant>,
+    /// [`Core::current`] in milliseconds since the Unix epoch, rounded down and up,
+    /// worked out once per instant rather than once per publish.
+    current_ms: u64,
+    current_ms_ceil: u64,
     /// Messages dead-lettered since [`Core::take_relocated`] last took them.
     relocated: Vec<Relocated>,
     /// The dead-letter record of each message that has one. Few messages have one, so
@@ -420,6 +434,7 @@ impl Core {
         // Due times count from the wall clock's reading: none is before it.
         let mut delays = TimerWheel::default();
         delays.advance(config.wall_clock.at, |_| {});
+        let current_ms = config.wall_clock.unix_ms;
         Core {
             config,
             queues: HashMap::new(),
@@ -432,6 +447,8 @@ impl Core {
             stats: CoreStats::default(),
             drained_deliveries: None,
             latest_now: None,
+            current_ms,
+            current_ms_ceil: current_ms,
             relocated: Vec::new(),
             dead_letters: FxHashMap::default(),
             restored_at_limit: Vec::new(),
@@ -636,7 +653,8 @@ impl Core {
         let now_ms = self.now_ms();
         let due_ms = match due {
             Due::Now => None,
-            Due::After(delay) => Some(now_ms.saturating_add(millis(delay))),
+            // Counted from now rounded up, so that it is never early (rule 13).
+            Due::After(delay) => Some(self.current_ms_ceil.saturating_add(millis(delay))),
             Due::At(at_ms) => Some(at_ms),
         }
         // Due now, or already past: ready at once.
@@ -796,7 +814,7 @@ impl Core {
             self.schedule_dispatch(&queue);
             return Ok(());
         }
-        let due_ms = self.now_ms().saturating_add(millis(delay));
+        let due_ms = self.current_ms_ceil.saturating_add(millis(delay));
         self.relocated.push(Relocated::Delayed {
             id,
             queue: queue.clone(),
@@ -1200,7 +1218,11 @@ impl Core {
             // The wheels count from the first instant seen, so nothing can come before it.
             self.leases.advance(latest, |_| {});
         }
-        self.latest_now = Some(latest);
+        if self.latest_now != Some(latest) {
+            self.latest_now = Some(latest);
+            self.current_ms = self.config.wall_clock.unix_ms_at(self.current());
+            self.current_ms_ceil = self.config.wall_clock.unix_ms_ceil_at(self.current());
+        }
         latest
     }
 
@@ -1214,7 +1236,7 @@ impl Core {
 
     /// [`Core::current`] in milliseconds since the Unix epoch.
     fn now_ms(&self) -> u64 {
-        self.config.wall_clock.unix_ms_at(self.current())
+        self.current_ms
     }
 
     /// The instant of a time in milliseconds since the Unix epoch; any time before the

@@ -922,7 +922,7 @@ fn rule12_a_nack_without_a_delay_waits_the_queues_backoff() {
             "still waiting at {now} + {expected_wait} - 1"
         );
         now += expected_wait;
-        tick(&mut core, t(now) + TIMER_TICK);
+        tick(&mut core, t(now));
         assert_eq!(core.stats().ready, 1, "due at {now}");
     }
     assert_eq!(drain(&mut core, t(now + 1)), [(C1, id, 4)]);
@@ -1148,4 +1148,24 @@ fn delayed_messages_cost_memory_while_they_wait() {
         empty + 4 * READY_SLOT_BYTES,
         "all but the ready queue's first chunk, which it keeps"
     );
+}
+
+/// Rule 13 to the sub-millisecond: a delay counted from a time between two milliseconds
+/// is counted from the later one, so the message never becomes ready early.
+#[test]
+fn a_delay_from_between_two_milliseconds_is_never_early() {
+    let mut core = core();
+    core.subscribe(C1, q("q"), 10, None);
+    let half = Duration::from_micros(500);
+    core.advance_to(t(0) + half);
+    let published = delayed_publish(&mut core, "q", "m", Due::After(Duration::from_millis(10)));
+    assert_eq!(published.due_ms, Some(WALL_MS + 11));
+    tick(&mut core, t(10) + half);
+    assert_eq!(
+        drain(&mut core, t(10) + half),
+        [],
+        "10 ms after its publish at the earliest"
+    );
+    tick(&mut core, t(11));
+    assert_eq!(drain(&mut core, t(11)), [(C1, published.id, 1)]);
 }

@@ -87,6 +87,16 @@ pub const SHUTDOWN_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 enum Slot {
     /// The core's reply to a command sent to it, and the output it reserves.
     Core(usize),
+    /// The core's reply to an ack, nack or touch: an `unknown_id` error for each of
+    /// these ids (last first), written as the output has room, so that one frame of
+    /// 65,535 unknown ids never sits in the output whole. Keeps its reservation until
+    /// written.
+    UnknownIds {
+        ids: Vec<MessageId>,
+        /// More than one id came in its frame: the errors say it briefly.
+        many: bool,
+        reserved: usize,
+    },
     /// An error frame produced here, already encoded.
     Local(Bytes),
 }
@@ -164,7 +174,7 @@ pub(crate) struct Session {
     /// The policy of the queue registered on.
     policy: Option<Arc<QueuePolicy>>,
     unanswered: VecDeque<Slot>,
-    /// What the `Slot::Core` entries in `unanswered` reserve.
+    /// What the `Slot::Core` and `Slot::UnknownIds` entries in `unanswered` reserve.
     owed_bytes: usize,
     /// Bytes of the `Slot::Local` entries in `unanswered`.
     local_bytes: usize,
@@ -381,6 +391,7 @@ impl Session {
     /// Moves everything on as far as the bounds allow: deliveries into the output,
     /// frames out of the input, flow control to the core, and the end.
     fn pump(&mut self, now: Instant) {
+        self.write_replies();
         let v1_1 = self.speaks_1_1();
         while self.out.len() < OUTPUT_BYTES_MAX {
             let Some(delivery) = self.pending.pop() else {
@@ -496,6 +507,7 @@ impl Session {
                 due: Due::Now,
             });
         }
+        frame.refuse_unserved_publish_fields()?;
         let due = frame.publish_due()?;
         let max_delay = self.policy().max_delay;
         let asked = match due {
@@ -571,8 +583,7 @@ impl Session {
         let version = register.version.map(Version::negotiate);
         let speaks = version.unwrap_or(Version::V1_0);
         let policy = self.settings.policies.for_queue(&register.queue);
-        // A 1.0 connection's register is served as 1.0 spells it: the field is ignored.
-        let lease = register.lease.filter(|_| speaks >= V1_1);
+        let lease = register.lease;
         if let Some(lease) = lease.filter(|&lease| lease > policy.max_lease) {
             let problem = past_limit("ack_timeout_ms", lease, "max_lease", policy.max_lease);
             let message = format!("the first frame must be a valid register: {problem}");
@@ -616,45 +627,97 @@ impl Session {
         if self.is_shutting_down() {
             return;
         }
-        let reserved = match self.unanswered.pop_front() {
-            Some(Slot::Core(reserved)) => reserved,
-            _ => {
-                debug_assert!(false, "a reply to no command");
-                0
-            }
+        // The first command not answered yet; unknown-id errors still being written may
+        // stand before it.
+        let Some(position) = self
+            .unanswered
+            .iter()
+            .position(|slot| matches!(slot, Slot::Core(_)))
+        else {
+            debug_assert!(false, "a reply to no command");
+            return;
         };
-        self.owed_bytes = self.owed_bytes.saturating_sub(reserved);
+        let Slot::Core(reserved) = self.unanswered[position] else {
+            unreachable!("found as a core slot");
+        };
+        if let Reply::UnknownIds(mut ids) = reply {
+            ids.reverse();
+            let many = ids.len() > 1;
+            self.unanswered[position] = Slot::UnknownIds {
+                ids,
+                many,
+                reserved,
+            };
+        } else {
+            self.owed_bytes = self.owed_bytes.saturating_sub(reserved);
+            if position == 0 {
+                self.unanswered.pop_front();
+                self.encode_reply(reply, None);
+            } else {
+                let mut frame = BytesMut::new();
+                self.encode_reply(reply, Some(&mut frame));
+                self.local_bytes += frame.len();
+                self.unanswered[position] = Slot::Local(frame.freeze());
+            }
+        }
+        self.write_replies();
+    }
+
+    /// Encodes a reply other than unknown ids into `into`, or the output.
+    fn encode_reply(&mut self, reply: Reply, into: Option<&mut BytesMut>) {
+        let out = match into {
+            Some(frame) => frame,
+            None => &mut self.out,
+        };
         match reply {
             Reply::Registered => ServerFrame::Registered {
                 version: self.version,
             }
-            .encode(&mut self.out),
-            Reply::Published(id) => ServerFrame::Published(id).encode(&mut self.out),
+            .encode(out),
+            Reply::Published(id) => ServerFrame::Published(id).encode(out),
             Reply::Settled => {}
-            Reply::UnknownIds(ids) => {
-                // Many errors for one frame say it briefly: the reply to an `ids` frame
-                // of unknown ids is the largest a frame can earn.
-                let many = ids.len() > 1;
-                for id in ids {
-                    let message = if many {
-                        std::borrow::Cow::Borrowed("not in flight to this consumer")
-                    } else {
-                        std::borrow::Cow::Owned(format!(
-                            "message {id} is not in flight to this consumer: never delivered to it, already acked or nacked, or requeued after its lease ran out"
-                        ))
-                    };
-                    encode_error(&mut self.out, ErrorCode::UnknownId, &message, Some(id));
-                }
-            }
+            Reply::UnknownIds(_) => debug_assert!(false, "unknown ids are written as room allows"),
             Reply::Refused { code, message, id } => {
                 debug!(%code, %message, "refused");
-                encode_error(&mut self.out, code, &message, id);
+                encode_error(out, code, &message, id);
             }
         }
-        while let Some(Slot::Local(_)) = self.unanswered.front() {
-            if let Some(Slot::Local(frame)) = self.unanswered.pop_front() {
-                self.local_bytes -= frame.len();
-                self.out.extend_from_slice(&frame);
+    }
+
+    /// Writes the replies at the front of the order that are ready: refusals made here
+    /// at once, unknown-id errors while the output has room.
+    fn write_replies(&mut self) {
+        loop {
+            match self.unanswered.front_mut() {
+                Some(Slot::Local(frame)) => {
+                    self.local_bytes -= frame.len();
+                    self.out.extend_from_slice(frame);
+                    self.unanswered.pop_front();
+                }
+                Some(Slot::UnknownIds {
+                    ids,
+                    many,
+                    reserved,
+                }) => {
+                    while self.out.len() < OUTPUT_BYTES_MAX {
+                        let Some(id) = ids.pop() else { break };
+                        // Many errors for one frame say it briefly.
+                        let message = if *many {
+                            std::borrow::Cow::Borrowed("not in flight to this consumer")
+                        } else {
+                            std::borrow::Cow::Owned(format!(
+                                "message {id} is not in flight to this consumer: never delivered to it, already acked or nacked, or requeued after its lease ran out"
+                            ))
+                        };
+                        encode_error(&mut self.out, ErrorCode::UnknownId, &message, Some(id));
+                    }
+                    if !ids.is_empty() {
+                        return;
+                    }
+                    self.owed_bytes = self.owed_bytes.saturating_sub(*reserved);
+                    self.unanswered.pop_front();
+                }
+                _ => return,
             }
         }
     }
