@@ -2,9 +2,11 @@
 //! recognised by its decoders without a JSON parser:
 //!
 //! - `{"type":"publish","payload":"…"}`, what producers send,
-//! - `{"type":"ack","id":N}`, what consumers send,
+//! - `{"type":"ack","id":N}` and `{"type":"nack","id":N}`, what consumers send,
 //! - `{"type":"ok","id":N}`, the broker's confirm of a publish,
-//! - `{"type":"message","id":N,"payload":"…","attempt":A}`, what the broker delivers.
+//! - `{"type":"message","id":N,"payload":"…","attempt":A}`, what the broker delivers, and
+//!   on a 1.1 connection the same with `,"priority":P,"published_at":T,"ack_timeout_ms":L`
+//!   before the closing brace.
 //!
 //! Recognition is deliberately narrow: exactly these bytes, a payload with nothing to
 //! unescape, valid UTF-8, plain decimal numbers. Anything else (other field orders,
@@ -14,6 +16,10 @@
 pub(crate) const PUBLISH_PREFIX: &[u8] = br#"{"type":"publish","payload":""#;
 pub(crate) const PUBLISH_SUFFIX: &[u8] = br#""}"#;
 const ACK_PREFIX: &[u8] = br#"{"type":"ack","id":"#;
+const NACK_PREFIX: &[u8] = br#"{"type":"nack","id":"#;
+pub(crate) const MESSAGE_PRIORITY: &[u8] = br#","priority":"#;
+pub(crate) const MESSAGE_PUBLISHED_AT: &[u8] = br#","published_at":"#;
+pub(crate) const MESSAGE_ACK_TIMEOUT: &[u8] = br#","ack_timeout_ms":"#;
 pub(crate) const CONFIRM_PREFIX: &[u8] = br#"{"type":"ok","id":"#;
 pub(crate) const MESSAGE_PREFIX: &[u8] = br#"{"type":"message","id":"#;
 pub(crate) const MESSAGE_PAYLOAD: &[u8] = br#","payload":"#;
@@ -42,6 +48,11 @@ pub(crate) fn ack_id(body: &[u8]) -> Option<u64> {
     decimal(body.strip_prefix(ACK_PREFIX)?.strip_suffix(b"}")?)
 }
 
+/// The id of a canonical nack frame (no delay, not a dead letter).
+pub(crate) fn nack_id(body: &[u8]) -> Option<u64> {
+    decimal(body.strip_prefix(NACK_PREFIX)?.strip_suffix(b"}")?)
+}
+
 /// The id of a canonical publish confirm.
 pub(crate) fn confirm_id(body: &[u8]) -> Option<u64> {
     decimal(body.strip_prefix(CONFIRM_PREFIX)?.strip_suffix(b"}")?)
@@ -49,13 +60,43 @@ pub(crate) fn confirm_id(body: &[u8]) -> Option<u64> {
 
 /// (id, payload text, attempt) of a canonical message frame.
 pub(crate) fn message(body: &[u8]) -> Option<(u64, &str, u32)> {
+    message_fields(body.strip_suffix(b"}")?)
+}
+
+/// The 1.1 details of a canonical 1.1 message frame without a dead letter: (id, payload
+/// text, attempt, priority, published_at, ack_timeout_ms).
+pub(crate) fn message_with_details(body: &[u8]) -> Option<(u64, &str, u32, u8, u64, u64)> {
+    let rest = body.strip_suffix(b"}")?;
+    let (rest, ack_timeout_ms) = last_number(rest, MESSAGE_ACK_TIMEOUT)?;
+    let (rest, published_at) = last_number(rest, MESSAGE_PUBLISHED_AT)?;
+    let (rest, priority) = last_number(rest, MESSAGE_PRIORITY)?;
+    let (id, text, attempt) = message_fields(rest)?;
+    Some((
+        id,
+        text,
+        attempt,
+        u8::try_from(priority).ok()?,
+        published_at,
+        ack_timeout_ms,
+    ))
+}
+
+/// The number after the last colon of `rest`, if `key` (with its comma and colon) comes
+/// right before it; and what is left before the key.
+fn last_number<'a>(rest: &'a [u8], key: &[u8]) -> Option<(&'a [u8], u64)> {
+    let colon = rest.iter().rposition(|&b| b == b':')?;
+    let number = decimal(&rest[colon + 1..])?;
+    Some((rest[..=colon].strip_suffix(key)?, number))
+}
+
+/// (id, payload text, attempt) of a 1.0 message frame without its closing brace.
+fn message_fields(body: &[u8]) -> Option<(u64, &str, u32)> {
     let rest = body.strip_prefix(MESSAGE_PREFIX)?;
     let id_end = rest.iter().position(|&b| b == b',')?;
     let id = decimal(&rest[..id_end])?;
     let rest = rest[id_end..]
         .strip_prefix(MESSAGE_PAYLOAD)?
         .strip_prefix(b"\"")?;
-    let rest = rest.strip_suffix(b"}")?;
     // A plain payload holds no quote, so the attempt is after the last colon.
     let colon = rest.iter().rposition(|&b| b == b':')?;
     let attempt = u32::try_from(decimal(&rest[colon + 1..])?).ok()?;

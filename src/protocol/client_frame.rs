@@ -217,16 +217,15 @@ pub struct InboundFrame<'a> {
     fields: Fields<'a>,
 }
 
-// A frame's fields live on the stack while it is handled; boxing the large variant would
-// allocate for every frame that is not in a canonical layout.
-#[allow(clippy::large_enum_variant)]
 enum Fields<'a> {
     /// A publish in the canonical layout: its payload literal, already validated.
     CanonicalPublish(&'a [u8]),
-    /// An ack in the canonical layout: its id.
+    /// An ack or a nack (without options) in the canonical layout: its id.
     CanonicalAck(u64),
-    /// Any other frame, its fields as raw JSON.
-    Raw(RawFields<'a>),
+    /// Any other frame, its fields as raw JSON. Boxed: the hot frames (canonical publish
+    /// and ack) are moved around by value, and a dozen raw fields would make every one of
+    /// them a few hundred bytes to copy.
+    Raw(Box<RawFields<'a>>),
 }
 
 /// A validated `register`.
@@ -287,6 +286,12 @@ impl<'a> InboundFrame<'a> {
                 fields: Fields::CanonicalAck(id),
             });
         }
+        if let Some(id) = canonical::nack_id(body) {
+            return Ok(InboundFrame {
+                frame_type: FrameType::Nack,
+                fields: Fields::CanonicalAck(id),
+            });
+        }
         Self::parse_json(body)
     }
 
@@ -324,7 +329,7 @@ impl<'a> InboundFrame<'a> {
         };
         Ok(InboundFrame {
             frame_type,
-            fields: Fields::Raw(fields),
+            fields: Fields::Raw(Box::new(fields)),
         })
     }
 

@@ -107,9 +107,11 @@ impl ServerFrame<'_> {
 /// The 1.1 fields of a message frame. Queue names and reasons need no escaping: queue
 /// names are `[A-Za-z0-9._-]`.
 fn put_details(b: &mut BytesMut, details: &DeliveryDetails<'_>) {
-    b.put_slice(br#","priority":0,"published_at":"#);
+    b.put_slice(canonical::MESSAGE_PRIORITY);
+    b.put_u8(b'0');
+    b.put_slice(canonical::MESSAGE_PUBLISHED_AT);
     put_decimal(b, details.published_at_ms);
-    b.put_slice(br#","ack_timeout_ms":"#);
+    b.put_slice(canonical::MESSAGE_ACK_TIMEOUT);
     put_decimal(b, details.ack_timeout_ms);
     if let Some(record) = details.dead_letter {
         b.put_slice(br#","dead_letter":{"queue":""#);
@@ -303,6 +305,21 @@ impl ReceivedFrame {
                 payload: payload.to_owned(),
                 attempt,
                 details: None,
+            }));
+        }
+        if let Some((id, payload, attempt, priority, published_at, ack_timeout_ms)) =
+            canonical::message_with_details(body)
+        {
+            return Ok(ReceivedFrame::Message(Message {
+                id: MessageId(id),
+                payload: payload.to_owned(),
+                attempt,
+                details: Some(MessageDetails {
+                    priority,
+                    published_at,
+                    ack_timeout_ms,
+                    dead_letter: None,
+                }),
             }));
         }
         serde_json::from_slice(body)

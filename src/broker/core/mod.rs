@@ -251,8 +251,6 @@ pub struct Delivery {
     pub attempt: u32,
     /// When the broker accepted its publish, in milliseconds since the Unix epoch.
     pub published_at_ms: u64,
-    /// This delivery's lease.
-    pub lease: Duration,
     /// Where it was dead-lettered from, if it was.
     pub dead_letter: Option<Arc<DeadLetter>>,
 }
@@ -1104,6 +1102,9 @@ impl Core {
                 continue;
             };
             queue.dispatch_scheduled = false;
+            // Most consumers lease for their queue's timeout: one deadline for them all.
+            let queue_lease = queue.policy.ack_timeout.min(*ACK_TIMEOUT_RANGE.end());
+            let queue_deadline = (queue_lease, now + queue_lease);
             loop {
                 if queue
                     .ready
@@ -1121,6 +1122,7 @@ impl Core {
                     &mut self.consumers,
                     &mut self.leases,
                     now,
+                    queue_deadline,
                     &self.dead_letters,
                     &mut self.stats.memory_bytes,
                 ) else {
@@ -1311,12 +1313,13 @@ impl Queue {
 
     /// Hands the front message to the next consumer in round-robin order with spare
     /// prefetch and no pause, if there is a message and such a consumer; its lease starts
-    /// at `now`.
+    /// at `now` (and ends at `queue_deadline`'s instant when it is the queue's lease).
     fn deliver_next(
         &mut self,
         consumers: &mut FxHashMap<ConsumerId, Consumer>,
         leases: &mut TimerWheel<(ConsumerId, MessageId)>,
         now: Instant,
+        queue_deadline: (Duration, Instant),
         dead_letters: &FxHashMap<MessageId, Arc<DeadLetter>>,
         memory_bytes: &mut u64,
     ) -> Option<Delivery> {
@@ -1338,13 +1341,17 @@ impl Queue {
             let message = self.ready.pop_front()?;
             *memory_bytes -= before - self.ready_bytes();
             let attempt = message.deliveries.saturating_add(1);
+            let deadline = match queue_deadline {
+                (lease, deadline) if lease == consumer.lease => deadline,
+                _ => now + consumer.lease,
+            };
             consumer.in_flight.insert(
                 message.id,
                 InFlight {
                     payload: message.payload.clone(),
                     attempt,
                     published_at_ms: message.published_at_ms,
-                    lease: leases.insert(now + consumer.lease, (consumer_id, message.id)),
+                    lease: leases.insert(deadline, (consumer_id, message.id)),
                     delivered_at: now,
                 },
             );
@@ -1361,7 +1368,6 @@ impl Queue {
                 payload: message.payload,
                 attempt,
                 published_at_ms: message.published_at_ms,
-                lease: consumer.lease,
                 dead_letter,
             });
         }

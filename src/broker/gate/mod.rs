@@ -163,6 +163,11 @@ impl<L: Log> Gate<L> {
                 Command::Publish { payload, due } => {
                     replies.push(self.publish(conn, payload, due));
                 }
+                // The hot case, a single ack, without the list of unknown ids.
+                Command::Ack(Ids::One(id)) => replies.push(match self.ack(conn, id) {
+                    Ok(()) => Reply::Settled,
+                    Err(_) => Reply::UnknownIds(vec![id]),
+                }),
                 Command::Ack(ids) => replies.push(self.settle(&ids, |gate, id| gate.ack(conn, id))),
                 Command::Nack { ids, action } => replies.push(
                     self.settle(&ids, |gate, id| gate.core.nack(conn.consumer(), id, action)),

@@ -173,6 +173,9 @@ pub(crate) struct Session {
     version: Option<Version>,
     /// The policy of the queue registered on.
     policy: Option<Arc<QueuePolicy>>,
+    /// A 1.1 consumer's lease in ms, which its message frames show; `None` on 1.0
+    /// connections, whose message frames have no details.
+    delivery_lease_ms: Option<u64>,
     unanswered: VecDeque<Slot>,
     /// What the `Slot::Core` and `Slot::UnknownIds` entries in `unanswered` reserve.
     owed_bytes: usize,
@@ -209,6 +212,7 @@ impl Session {
             role: None,
             version: None,
             policy: None,
+            delivery_lease_ms: None,
             unanswered: VecDeque::new(),
             owed_bytes: 0,
             local_bytes: 0,
@@ -273,12 +277,12 @@ impl Session {
                 // An ending connection's messages go back to their queue; writing
                 // more of them helps nobody.
                 if self.ending.is_none() {
-                    let v1_1 = self.speaks_1_1();
+                    let lease_ms = self.delivery_lease_ms;
                     for delivery in deliveries {
                         // Straight into the output while it has room and nothing waits
                         // before it: the common case costs no bookkeeping.
                         if self.pending.is_empty() && self.out.len() < OUTPUT_BYTES_MAX {
-                            encode_delivery(&mut self.out, &delivery, v1_1);
+                            encode_delivery(&mut self.out, &delivery, lease_ms);
                         } else {
                             self.pending.push(delivery);
                         }
@@ -392,12 +396,12 @@ impl Session {
     /// frames out of the input, flow control to the core, and the end.
     fn pump(&mut self, now: Instant) {
         self.write_replies();
-        let v1_1 = self.speaks_1_1();
+        let lease_ms = self.delivery_lease_ms;
         while self.out.len() < OUTPUT_BYTES_MAX {
             let Some(delivery) = self.pending.pop() else {
                 break;
             };
-            encode_delivery(&mut self.out, &delivery, v1_1);
+            encode_delivery(&mut self.out, &delivery, lease_ms);
         }
         while self.frames_left && self.ending.is_none() && self.has_input_room() {
             match self.decoder.decode(&mut self.read_buf) {
@@ -462,6 +466,17 @@ impl Session {
                 );
                 return self.refuse(ErrorCode::AlreadyRegistered, &message);
             }
+            // The hot frames of a 1.0 connection go straight to the core.
+            (FrameType::Publish, Role::Producer) if !v1_1 => match frame.publish_payload() {
+                Ok(literal) => {
+                    let payload = Payload::from_validated(literal);
+                    return self.send_to_core(Command::Publish {
+                        payload,
+                        due: Due::Now,
+                    });
+                }
+                Err(invalid) => Err(invalid),
+            },
             (FrameType::Publish, Role::Producer) => self.publish_command(&frame, now),
             // No delivery waits unwritten here: frames are read only while the output has
             // room, and deliveries wait only while it has none.
@@ -495,18 +510,13 @@ impl Session {
             .expect("frames after register have a queue policy")
     }
 
+    /// A 1.1 publish, checked against the queue's policy.
     fn publish_command(
         &self,
         frame: &InboundFrame<'_>,
         now: Instant,
     ) -> Result<Command, InvalidFrame> {
         let payload = Payload::from_validated(frame.publish_payload()?);
-        if !self.speaks_1_1() {
-            return Ok(Command::Publish {
-                payload,
-                due: Due::Now,
-            });
-        }
         frame.refuse_unserved_publish_fields()?;
         let due = frame.publish_due()?;
         let max_delay = self.policy().max_delay;
@@ -595,6 +605,10 @@ impl Session {
         }
         self.role = Some(register.role);
         self.version = version;
+        if speaks >= V1_1 {
+            let lease = lease.unwrap_or(policy.ack_timeout);
+            self.delivery_lease_ms = Some(u64::try_from(lease.as_millis()).unwrap_or(u64::MAX));
+        }
         self.policy = Some(policy);
         // Frames after the register may be as large as the broker allows.
         self.decoder = FrameDecoder::new(self.settings.max_frame_bytes);
@@ -626,6 +640,16 @@ impl Session {
         // place of one that was dropped.
         if self.is_shutting_down() {
             return;
+        }
+        if matches!(self.unanswered.front(), Some(Slot::Core(_)))
+            && !matches!(reply, Reply::UnknownIds(_))
+        {
+            // The common case: the reply owed first, written at once.
+            if let Some(Slot::Core(reserved)) = self.unanswered.pop_front() {
+                self.owed_bytes = self.owed_bytes.saturating_sub(reserved);
+            }
+            self.encode_reply(reply, None);
+            return self.write_replies();
         }
         // The first command not answered yet; unknown-id errors still being written may
         // stand before it.
@@ -686,7 +710,18 @@ impl Session {
 
     /// Writes the replies at the front of the order that are ready: refusals made here
     /// at once, unknown-id errors while the output has room.
+    #[inline]
     fn write_replies(&mut self) {
+        // Most of the time the front waits for the core (or nothing is owed).
+        if matches!(
+            self.unanswered.front(),
+            Some(Slot::Local(_) | Slot::UnknownIds { .. })
+        ) {
+            self.write_ready_replies();
+        }
+    }
+
+    fn write_ready_replies(&mut self) {
         loop {
             match self.unanswered.front_mut() {
                 Some(Slot::Local(frame)) => {
@@ -776,14 +811,15 @@ impl Session {
 #[cfg(test)]
 mod tests;
 
-fn encode_delivery(out: &mut BytesMut, delivery: &Delivery, v1_1: bool) {
+/// Encodes a delivery; with `lease_ms` (a 1.1 consumer's lease), the 1.1 frame.
+fn encode_delivery(out: &mut BytesMut, delivery: &Delivery, lease_ms: Option<u64>) {
     ServerFrame::Delivery {
         id: delivery.id,
         payload: &delivery.payload,
         attempt: delivery.attempt,
-        details: v1_1.then(|| DeliveryDetails {
+        details: lease_ms.map(|ack_timeout_ms| DeliveryDetails {
             published_at_ms: delivery.published_at_ms,
-            ack_timeout_ms: u64::try_from(delivery.lease.as_millis()).unwrap_or(u64::MAX),
+            ack_timeout_ms,
             dead_letter: delivery.dead_letter.as_deref(),
         }),
     }

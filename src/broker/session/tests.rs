@@ -405,7 +405,6 @@ impl World {
                     payload: payload.clone(),
                     attempt: 1,
                     published_at_ms: 1,
-                    lease: Duration::from_secs(5),
                     dead_letter: None,
                 }
             })
