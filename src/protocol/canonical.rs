@@ -15,8 +15,8 @@
 
 pub(crate) const PUBLISH_PREFIX: &[u8] = br#"{"type":"publish","payload":""#;
 pub(crate) const PUBLISH_SUFFIX: &[u8] = br#""}"#;
-const ACK_PREFIX: &[u8] = br#"{"type":"ack","id":"#;
-const NACK_PREFIX: &[u8] = br#"{"type":"nack","id":"#;
+pub(crate) const ACK_PREFIX: &[u8] = br#"{"type":"ack","id":"#;
+pub(crate) const NACK_PREFIX: &[u8] = br#"{"type":"nack","id":"#;
 pub(crate) const MESSAGE_PRIORITY: &[u8] = br#","priority":"#;
 pub(crate) const MESSAGE_PUBLISHED_AT: &[u8] = br#","published_at":"#;
 pub(crate) const MESSAGE_ACK_TIMEOUT: &[u8] = br#","ack_timeout_ms":"#;

@@ -81,6 +81,23 @@ impl ClientFrame<'_> {
                     body.put_slice(canonical::PUBLISH_SUFFIX);
                 })
             }
+            // A consumer's hot frames: an ack, and a nack without options.
+            ClientFrame::Ack { id }
+            | ClientFrame::Nack {
+                id,
+                delay_ms: None,
+                dead_letter: false,
+            } => {
+                let prefix = match self {
+                    ClientFrame::Ack { .. } => canonical::ACK_PREFIX,
+                    _ => canonical::NACK_PREFIX,
+                };
+                write_frame(dst, |body| {
+                    body.put_slice(prefix);
+                    body.put_slice(itoa::Buffer::new().format(id.0).as_bytes());
+                    body.put_u8(b'}');
+                })
+            }
             frame => write_json_frame(dst, frame),
         }
     }
@@ -673,6 +690,28 @@ mod tests {
             let mut general = BytesMut::new();
             write_json_frame(&mut general, &ClientFrame::Publish { payload });
             assert_eq!(fast, general, "{payload:?}");
+        }
+    }
+
+    #[test]
+    fn the_ack_and_nack_fast_paths_write_exactly_what_serde_json_writes() {
+        for id in [0, 7, u64::MAX].map(MessageId) {
+            for frame in [
+                ClientFrame::Ack { id },
+                ClientFrame::Nack {
+                    id,
+                    delay_ms: None,
+                    dead_letter: false,
+                },
+            ] {
+                let mut fast = BytesMut::new();
+                frame.encode(&mut fast);
+                let mut general = BytesMut::new();
+                write_json_frame(&mut general, &frame);
+                assert_eq!(fast, general, "{frame:?}");
+                let parsed = InboundFrame::parse(&fast[4..]).unwrap();
+                assert_eq!(parsed.target_ids(true).unwrap(), Ids::One(id));
+            }
         }
     }
 

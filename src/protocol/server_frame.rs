@@ -79,7 +79,9 @@ impl ServerFrame<'_> {
                 attempt,
                 details,
             } => write_frame(dst, |b| {
-                b.reserve(payload.len() + 64);
+                // Room for the envelope, and a 1.1 frame's details (dead letters aside).
+                let details_bytes = if details.is_some() { 96 } else { 0 };
+                b.reserve(payload.len() + 64 + details_bytes);
                 b.put_slice(canonical::MESSAGE_PREFIX);
                 put_decimal(b, id.0);
                 b.put_slice(canonical::MESSAGE_PAYLOAD);

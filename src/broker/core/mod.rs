@@ -785,10 +785,14 @@ impl Core {
     ) -> Result<(), AckError> {
         let nacked = self.take_in_flight(consumer, id)?;
         self.stats.nacked_total += 1;
-        let queue = self.consumers[&consumer].queue.clone();
-        let policy = self.policy(&queue);
+        let name = self.consumers[&consumer].queue.clone();
         let message = nacked.returned(id);
-        let limit = policy.max_deliveries;
+        // A consumer's queue lives while it is subscribed.
+        let Some(queue) = self.queues.get_mut(&name) else {
+            debug_assert!(false, "consumer {consumer} of a missing queue");
+            return Ok(());
+        };
+        let limit = queue.policy.max_deliveries;
         let dead_letter_reason = match action {
             NackAction::DeadLetter => Some(DeadLetterReason::Rejected),
             NackAction::Retry(_) if limit > 0 && message.deliveries >= limit => {
@@ -797,21 +801,25 @@ impl Core {
             NackAction::Retry(_) => None,
         };
         if let Some(reason) = dead_letter_reason {
-            self.dead_letter(&queue, &policy, message, reason);
+            let policy = queue.policy.clone();
+            self.dead_letter(&name, &policy, message, reason);
             return Ok(());
         }
         let delay = match action {
             NackAction::Retry(Some(delay)) => delay,
-            _ => policy.backoff(message.deliveries),
+            _ => queue.policy.backoff(message.deliveries),
         };
         if delay.is_zero() {
+            // The common nack: to the back, with the queue looked up once.
             self.stats.ready += 1;
-            let memory = &mut self.stats.memory_bytes;
-            Self::queue_entry(&mut self.queues, &self.config.policies, memory, &queue)
-                .push_back(message, memory);
-            self.schedule_dispatch(&queue);
+            queue.push_back(message, &mut self.stats.memory_bytes);
+            if !queue.dispatch_scheduled && !queue.consumers.is_empty() {
+                queue.dispatch_scheduled = true;
+                self.dispatch_queue.push_back(name);
+            }
             return Ok(());
         }
+        let queue = name;
         let due_ms = self.current_ms_ceil.saturating_add(millis(delay));
         self.relocated.push(Relocated::Delayed {
             id,

@@ -81,6 +81,11 @@ pub struct BenchArgs {
     /// message's due time, counted from its send.
     #[arg(long, value_parser = humantime::parse_duration)]
     delay: Option<Duration>,
+    /// The protocol version the clients ask for: 1.0 (the default, what every client can
+    /// speak) or 1.1 (the default with --nack-ratio or --delay, which need it), to
+    /// measure what 1.1's longer message frames cost.
+    #[arg(long, value_parser = parse_version)]
+    protocol: Option<Version>,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -124,6 +129,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     }
     if !(0.0..=1.0).contains(&args.nack_ratio) {
         bail!("--nack-ratio must be from 0 to 1 (the share of messages nacked once)");
+    }
+    if args.protocol.is_some_and(|v| v < Version::V1_1)
+        && (args.nack_ratio > 0.0 || args.delay.is_some())
+    {
+        bail!("--nack-ratio and --delay need --protocol 1.1");
     }
     if cfg!(debug_assertions) {
         eprintln!(
@@ -181,8 +191,10 @@ async fn run_once(args: &BenchArgs, tls: Option<&ClientTls>) -> anyhow::Result<R
     let per_producer_rate = args.rate.map(|rate| rate / total_producers as f64);
     // Nacks and delays need version 1.1; everything else speaks 1.0, as every client
     // can, so that the figures compare with builds before 1.1.
-    let consumer_version = (args.nack_ratio > 0.0).then_some(Version::V1_1);
-    let producer_version = args.delay.map(|_| Version::V1_1);
+    let consumer_version = args
+        .protocol
+        .or((args.nack_ratio > 0.0).then_some(Version::V1_1));
+    let producer_version = args.protocol.or(args.delay.map(|_| Version::V1_1));
 
     // Consumers first, so deliveries start with the first publish.
     let mut consumers = Vec::new();
@@ -301,6 +313,13 @@ async fn run_once(args: &BenchArgs, tls: Option<&ClientTls>) -> anyhow::Result<R
         child.stop()?;
     }
     Ok(report)
+}
+
+/// A protocol version as `--protocol` takes it: `1.0` or `1.1`.
+fn parse_version(text: &str) -> Result<Version, String> {
+    Version::parse(text)
+        .filter(|v| *v <= Version::SUPPORTED)
+        .ok_or_else(|| format!("`{text}` is not a version this build speaks; use 1.0 or 1.1"))
 }
 
 /// Producer `n`'s share of `total` messages split over `producers`.
