@@ -117,6 +117,7 @@ impl<T> TimerWheel<T> {
 
     /// Adds a timer due at `at`, which must not be before the latest `now` given to
     /// [`TimerWheel::advance`].
+    #[inline]
     pub fn insert(&mut self, at: Instant, value: T) -> TimerKey {
         let at = self.nanos(at);
         let key = self.entries.insert(Entry {

@@ -648,7 +648,12 @@ impl Session {
             if let Some(Slot::Core(reserved)) = self.unanswered.pop_front() {
                 self.owed_bytes = self.owed_bytes.saturating_sub(reserved);
             }
-            self.encode_reply(reply, None);
+            match reply {
+                // The replies of the hot path, without a detour.
+                Reply::Published(id) => ServerFrame::Published(id).encode(&mut self.out),
+                Reply::Settled => {}
+                reply => self.encode_reply(reply, None),
+            }
             return self.write_replies();
         }
         // The first command not answered yet; unknown-id errors still being written may
