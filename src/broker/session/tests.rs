@@ -2,9 +2,11 @@
 //! every kind (valid, malformed, of the wrong role, oversized, pipelined by the hundred)
 //! and reads at a pace the script sets, from nothing to everything; a fake core answers
 //! commands whenever the script says, delivers while not paused, and takes deliveries
-//! back. After every step the session must keep its bounds, and the client must have
-//! read exactly a prefix of the replies the contract owes it, in order; at the end,
-//! all of them, unless the connection ended early.
+//! back. A consumer may register with version 1.1 and ack many ids in one frame, each
+//! unknown one owed its own `unknown_id` in order. After every step the session must
+//! keep its bounds, and the client must have read exactly a prefix of the replies the
+//! contract owes it, in order; at the end, all of them, unless the connection ended
+//! early.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -20,6 +22,8 @@ const MAX_FRAME_BYTES: usize = 64 * 1024;
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Unknown ids are taken from here on; delivered ones are below.
 const UNKNOWN_IDS: u64 = 1 << 40;
+/// Most ids the script puts in one `ids` frame (it must fit `MAX_FRAME_BYTES`).
+const LARGEST_IDS: usize = 2000;
 
 fn settings() -> Arc<ConnectionSettings> {
     Arc::new(ConnectionSettings {
@@ -36,12 +40,20 @@ enum ClientOp {
     Register {
         consumer: bool,
         valid: bool,
+        /// Asks for version 1.1.
+        v1_1: bool,
     },
     Publishes(usize),
     /// Acks of messages the client has read, or of ids never delivered.
     Acks {
         count: usize,
         known: bool,
+    },
+    /// One ack frame of many ids (1.1): read ones, or never delivered ones, or both.
+    AckIds {
+        count: usize,
+        known: bool,
+        unknown: bool,
     },
     /// An ack of a message delivered but not read yet: its id guessed.
     AckUnread,
@@ -78,12 +90,14 @@ enum Step {
 
 fn client_op() -> impl Strategy<Value = ClientOp> {
     prop_oneof![
-        3 => (any::<bool>(), prop::bool::weighted(0.9))
-            .prop_map(|(consumer, valid)| ClientOp::Register { consumer, valid }),
+        3 => (any::<bool>(), prop::bool::weighted(0.9), any::<bool>())
+            .prop_map(|(consumer, valid, v1_1)| ClientOp::Register { consumer, valid, v1_1 }),
         3 => prop_oneof![1usize..5, 100usize..2000].prop_map(ClientOp::Publishes),
         3 => (prop_oneof![1usize..5, 100usize..2000], any::<bool>())
             .prop_map(|(count, known)| ClientOp::Acks { count, known }),
         1 => Just(ClientOp::AckUnread),
+        2 => (prop_oneof![1usize..5, 100usize..LARGEST_IDS], any::<bool>(), any::<bool>())
+            .prop_map(|(count, known, unknown)| ClientOp::AckIds { count, known, unknown }),
         2 => prop_oneof![1usize..5, 500usize..5000].prop_map(ClientOp::Garbage),
         1 => Just(ClientOp::WrongRole),
         1 => Just(ClientOp::SecondRegister),
@@ -140,6 +154,8 @@ struct World {
     /// Whether the client sent a first frame, and what it registered as.
     first_sent: bool,
     registered: Option<Role>,
+    /// The register asked for 1.1.
+    v1_1: bool,
     /// What the client is owed, in the order of its frames.
     owed: Vec<Owed>,
     /// A fatal refusal is owed: frames after it get nothing.
@@ -150,7 +166,7 @@ struct World {
     commands: VecDeque<(usize, Command)>,
     commands_seen: usize,
     /// Answers given, by command number, as the client must read them.
-    answers: BTreeMap<usize, Option<Read>>,
+    answers: BTreeMap<usize, Vec<Read>>,
     next_id: u64,
     prefetch: usize,
     core_role: Option<Role>,
@@ -202,12 +218,16 @@ impl World {
             }
         };
         match *op {
-            ClientOp::Register { consumer, valid } => {
+            ClientOp::Register {
+                consumer,
+                valid,
+                v1_1,
+            } => {
                 let role = if consumer { "consumer" } else { "producer" };
                 let prefetch = if valid { 1000 } else { 0 };
-                self.send(
-                    json!({"type": "register", "role": role, "queue": "q", "prefetch": prefetch}),
-                );
+                let version = if v1_1 { json!("1.1") } else { json!(null) };
+                self.send(json!({"type": "register", "role": role, "queue": "q",
+                    "prefetch": prefetch, "version": version}));
                 if !first {
                     if self.registered.is_some() {
                         owe(self, Owed::Local(ErrorCode::AlreadyRegistered));
@@ -219,9 +239,35 @@ impl World {
                         Role::Producer
                     };
                     self.registered = Some(role);
+                    self.v1_1 = v1_1;
                     owe(self, Owed::Core(self.owed_core_count()));
                 } else {
                     owe(self, Owed::Local(ErrorCode::NotRegistered));
+                }
+            }
+            ClientOp::AckIds {
+                count,
+                known,
+                unknown,
+            } => {
+                let read: Vec<u64> = self.messages.iter().map(|(id, _)| *id).collect();
+                let ids: Vec<u64> = (0..count)
+                    .filter_map(|n| match read.get(n) {
+                        Some(id) if known && (!unknown || n % 2 == 0) => Some(*id),
+                        _ if unknown || !known => Some(UNKNOWN_IDS + n as u64),
+                        _ => None,
+                    })
+                    .collect();
+                if ids.is_empty() {
+                    return;
+                }
+                self.send(json!({"type": "ack", "ids": ids}));
+                match self.registered {
+                    // On 1.0, `ids` is not a field: the ack has no `id`.
+                    Some(Role::Consumer) if !self.v1_1 => {
+                        owe(self, Owed::Local(ErrorCode::InvalidFrame));
+                    }
+                    _ => self.owe_after_register(Role::Consumer, &mut owe),
                 }
             }
             ClientOp::Publishes(count) => {
@@ -348,6 +394,27 @@ impl World {
                     self.core_role = Some(role);
                     (Reply::Registered, Some(Read::Ok(None)))
                 }
+                Command::Ack(Ids::Many(ids)) => {
+                    let unknown: Vec<MessageId> = ids
+                        .iter()
+                        .copied()
+                        .filter(|id| self.in_flight.remove(&id.0).is_none())
+                        .collect();
+                    let reads = unknown
+                        .iter()
+                        .map(|id| Read::Error {
+                            code: "unknown_id".into(),
+                            id: Some(id.0),
+                        })
+                        .collect();
+                    self.answers.insert(n, reads);
+                    replies.push(if unknown.is_empty() {
+                        Reply::Settled
+                    } else {
+                        Reply::UnknownIds(unknown)
+                    });
+                    continue;
+                }
                 Command::Publish { .. } if n % 7 == 6 => (
                     Reply::Refused {
                         code: ErrorCode::QueueFull,
@@ -379,7 +446,7 @@ impl World {
                 }
                 other => unreachable!("{other:?} is not answered"),
             };
-            self.answers.insert(n, read);
+            self.answers.insert(n, read.into_iter().collect());
             replies.push(reply);
         }
         if !replies.is_empty() {
@@ -509,8 +576,7 @@ impl World {
                     id: None,
                 }),
                 Owed::Core(n) => match self.answers.get(n) {
-                    Some(Some(read)) => reads.push(read.clone()),
-                    Some(None) => {}
+                    Some(answer) => reads.extend(answer.iter().cloned()),
                     None => return (reads, false),
                 },
             }
@@ -527,8 +593,10 @@ fn check(session: &Session, world: &World) -> Result<(), TestCaseError> {
         "{} bytes of output queued",
         session.out.len()
     );
+    // An `ids` frame reserves a reply per id.
     prop_assert!(
-        session.local_bytes + session.owed_bytes <= OUTPUT_BYTES_MAX + REPLY_RESERVE_BYTES,
+        session.local_bytes + session.owed_bytes
+            <= OUTPUT_BYTES_MAX + LARGEST_IDS * REPLY_RESERVE_BYTES,
         "{} bytes reserved for replies owed by the core and {} bytes of refusals waiting",
         session.owed_bytes,
         session.local_bytes
