@@ -259,6 +259,8 @@ impl World {
                     })
                     .collect();
                 if ids.is_empty() {
+                    // Nothing sent: not a first frame either.
+                    self.first_sent = !first;
                     return;
                 }
                 self.send(json!({"type": "ack", "ids": ids}));
