@@ -383,6 +383,43 @@ async fn delayed_messages_do_not_hold_the_drain() {
     assert_eq!(report.drain.left_delayed, 1);
 }
 
+/// §14: during a drain, touch and nack are taken: a nacked message is delivered again,
+/// and the drain ends once it is acked.
+#[tokio::test]
+async fn nack_and_touch_are_taken_during_the_drain() {
+    let broker = TestBroker::start().await;
+    let mut p = producer(&broker, "q").await;
+    let mut c = consumer(&broker, "q", 10).await;
+    let id = publish(&mut p, "job", json!({})).await;
+    c.expect_message().await;
+    let mut probe = producer(&broker, "probe").await;
+    broker.begin_shutdown();
+    // The drain has begun once a publish is refused (to a queue nobody consumes, so
+    // that those accepted before do not hold the drain).
+    loop {
+        probe
+            .send(json!({"type": "publish", "payload": "probe"}))
+            .await;
+        if probe.recv().await["type"] == "error" {
+            break;
+        }
+    }
+    c.send(json!({"type": "touch", "id": id})).await;
+    c.send(json!({"type": "nack", "id": id})).await;
+    let again = c.expect_message().await;
+    assert_eq!(
+        (again["id"].as_u64(), again["attempt"].as_u64()),
+        (Some(id), Some(2))
+    );
+    c.send(json!({"type": "ack", "id": id})).await;
+    let report = within(broker.shutdown()).await;
+    assert!(
+        report.completed,
+        "the drain ends once the nacked message is acked"
+    );
+    assert_eq!(report.drain.delivered, 1, "the nacked message, again");
+}
+
 /// The client library's 1.1 calls: nack (to the back), nack_after, dead_letter, touch and
 /// a delayed publish, with the delivery details they show.
 #[tokio::test]
