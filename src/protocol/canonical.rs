@@ -19,6 +19,7 @@ pub(crate) const ACK_PREFIX: &[u8] = br#"{"type":"ack","id":"#;
 pub(crate) const NACK_PREFIX: &[u8] = br#"{"type":"nack","id":"#;
 pub(crate) const MESSAGE_PRIORITY: &[u8] = br#","priority":"#;
 pub(crate) const MESSAGE_PUBLISHED_AT: &[u8] = br#","published_at":"#;
+pub(crate) const MESSAGE_PRIORITY_0_PUBLISHED_AT: &[u8] = br#","priority":0,"published_at":"#;
 pub(crate) const MESSAGE_ACK_TIMEOUT: &[u8] = br#","ack_timeout_ms":"#;
 pub(crate) const CONFIRM_PREFIX: &[u8] = br#"{"type":"ok","id":"#;
 pub(crate) const MESSAGE_PREFIX: &[u8] = br#"{"type":"message","id":"#;

@@ -519,6 +519,12 @@ impl InboundFrame<'_> {
         }
     }
 
+    /// Whether this is a publish in the canonical layout: a payload and nothing else, so
+    /// no 1.1 field to check.
+    pub fn is_plain_publish(&self) -> bool {
+        matches!(self.fields, Fields::CanonicalPublish(_))
+    }
+
     /// When a `publish` may be delivered (1.1): `delay_ms` or `not_before`, at most one.
     /// The caller checks it against the queue's `max_delay`.
     ///

@@ -40,8 +40,21 @@ pub enum ServerFrame<'a> {
 #[derive(Debug, Clone, Copy)]
 pub struct DeliveryDetails<'a> {
     pub published_at_ms: u64,
-    pub ack_timeout_ms: u64,
+    pub lease: &'a LeaseField,
     pub dead_letter: Option<&'a DeadLetter>,
+}
+
+/// A delivery's lease as its message frame writes it, `,"ack_timeout_ms":N`: rendered
+/// once per connection, since every delivery to a consumer has its lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseField(Box<[u8]>);
+
+impl LeaseField {
+    pub fn new(ack_timeout_ms: u64) -> LeaseField {
+        let mut field = canonical::MESSAGE_ACK_TIMEOUT.to_vec();
+        field.extend_from_slice(itoa::Buffer::new().format(ack_timeout_ms).as_bytes());
+        LeaseField(field.into_boxed_slice())
+    }
 }
 
 #[derive(Serialize)]
@@ -109,12 +122,10 @@ impl ServerFrame<'_> {
 /// The 1.1 fields of a message frame. Queue names and reasons need no escaping: queue
 /// names are `[A-Za-z0-9._-]`.
 fn put_details(b: &mut BytesMut, details: &DeliveryDetails<'_>) {
-    b.put_slice(canonical::MESSAGE_PRIORITY);
-    b.put_u8(b'0');
-    b.put_slice(canonical::MESSAGE_PUBLISHED_AT);
+    // Priorities come with part 2 of 1.1: always 0, written with the next key at once.
+    b.put_slice(canonical::MESSAGE_PRIORITY_0_PUBLISHED_AT);
     put_decimal(b, details.published_at_ms);
-    b.put_slice(canonical::MESSAGE_ACK_TIMEOUT);
-    put_decimal(b, details.ack_timeout_ms);
+    b.put_slice(&details.lease.0);
     if let Some(record) = details.dead_letter {
         b.put_slice(br#","dead_letter":{"queue":""#);
         b.put_slice(record.queue.as_str().as_bytes());
@@ -403,7 +414,7 @@ mod tests {
                 attempt: 2,
                 details: Some(DeliveryDetails {
                     published_at_ms: 1_767_225_600_123,
-                    ack_timeout_ms: 5000,
+                    lease: &LeaseField::new(5000),
                     dead_letter,
                 }),
             });

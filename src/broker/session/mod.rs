@@ -42,7 +42,7 @@ use super::core::{Delivery, NackAction, WallClock};
 use super::policy::{Policies, QueuePolicy};
 use crate::protocol::client_frame::{FrameType, InboundFrame, InvalidFrame};
 use crate::protocol::codec::{FrameDecoder, FrameError};
-use crate::protocol::server_frame::{DeliveryDetails, ServerFrame};
+use crate::protocol::server_frame::{DeliveryDetails, LeaseField, ServerFrame};
 use crate::protocol::{Due, ErrorCode, MessageId, Payload, Role, Version};
 
 /// What every connection of a broker shares.
@@ -175,7 +175,7 @@ pub(crate) struct Session {
     policy: Option<Arc<QueuePolicy>>,
     /// A 1.1 consumer's lease in ms, which its message frames show; `None` on 1.0
     /// connections, whose message frames have no details.
-    delivery_lease_ms: Option<u64>,
+    delivery_lease: Option<LeaseField>,
     unanswered: VecDeque<Slot>,
     /// What the `Slot::Core` and `Slot::UnknownIds` entries in `unanswered` reserve.
     owed_bytes: usize,
@@ -212,7 +212,7 @@ impl Session {
             role: None,
             version: None,
             policy: None,
-            delivery_lease_ms: None,
+            delivery_lease: None,
             unanswered: VecDeque::new(),
             owed_bytes: 0,
             local_bytes: 0,
@@ -277,12 +277,11 @@ impl Session {
                 // An ending connection's messages go back to their queue; writing
                 // more of them helps nobody.
                 if self.ending.is_none() {
-                    let lease_ms = self.delivery_lease_ms;
                     for delivery in deliveries {
                         // Straight into the output while it has room and nothing waits
                         // before it: the common case costs no bookkeeping.
                         if self.pending.is_empty() && self.out.len() < OUTPUT_BYTES_MAX {
-                            encode_delivery(&mut self.out, &delivery, lease_ms);
+                            encode_delivery(&mut self.out, &delivery, self.delivery_lease.as_ref());
                         } else {
                             self.pending.push(delivery);
                         }
@@ -396,12 +395,11 @@ impl Session {
     /// frames out of the input, flow control to the core, and the end.
     fn pump(&mut self, now: Instant) {
         self.write_replies();
-        let lease_ms = self.delivery_lease_ms;
         while self.out.len() < OUTPUT_BYTES_MAX {
             let Some(delivery) = self.pending.pop() else {
                 break;
             };
-            encode_delivery(&mut self.out, &delivery, lease_ms);
+            encode_delivery(&mut self.out, &delivery, self.delivery_lease.as_ref());
         }
         while self.frames_left && self.ending.is_none() && self.has_input_room() {
             match self.decoder.decode(&mut self.read_buf) {
@@ -467,16 +465,19 @@ impl Session {
                 return self.refuse(ErrorCode::AlreadyRegistered, &message);
             }
             // The hot frames of a 1.0 connection go straight to the core.
-            (FrameType::Publish, Role::Producer) if !v1_1 => match frame.publish_payload() {
-                Ok(literal) => {
-                    let payload = Payload::from_validated(literal);
-                    return self.send_to_core(Command::Publish {
-                        payload,
-                        due: Due::Now,
-                    });
+            // (And a 1.1 publish without a 1.1 field: a canonical one has none.)
+            (FrameType::Publish, Role::Producer) if !v1_1 || frame.is_plain_publish() => {
+                match frame.publish_payload() {
+                    Ok(literal) => {
+                        let payload = Payload::from_validated(literal);
+                        return self.send_to_core(Command::Publish {
+                            payload,
+                            due: Due::Now,
+                        });
+                    }
+                    Err(invalid) => Err(invalid),
                 }
-                Err(invalid) => Err(invalid),
-            },
+            }
             (FrameType::Publish, Role::Producer) => self.publish_command(&frame, now),
             // No delivery waits unwritten here: frames are read only while the output has
             // room, and deliveries wait only while it has none.
@@ -607,7 +608,8 @@ impl Session {
         self.version = version;
         if speaks >= V1_1 {
             let lease = lease.unwrap_or(policy.ack_timeout);
-            self.delivery_lease_ms = Some(u64::try_from(lease.as_millis()).unwrap_or(u64::MAX));
+            let lease_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
+            self.delivery_lease = Some(LeaseField::new(lease_ms));
         }
         self.policy = Some(policy);
         // Frames after the register may be as large as the broker allows.
@@ -816,15 +818,15 @@ impl Session {
 #[cfg(test)]
 mod tests;
 
-/// Encodes a delivery; with `lease_ms` (a 1.1 consumer's lease), the 1.1 frame.
-fn encode_delivery(out: &mut BytesMut, delivery: &Delivery, lease_ms: Option<u64>) {
+/// Encodes a delivery; with `lease` (a 1.1 consumer's), the 1.1 frame.
+fn encode_delivery(out: &mut BytesMut, delivery: &Delivery, lease: Option<&LeaseField>) {
     ServerFrame::Delivery {
         id: delivery.id,
         payload: &delivery.payload,
         attempt: delivery.attempt,
-        details: lease_ms.map(|ack_timeout_ms| DeliveryDetails {
+        details: lease.map(|lease| DeliveryDetails {
             published_at_ms: delivery.published_at_ms,
-            ack_timeout_ms,
+            lease,
             dead_letter: delivery.dead_letter.as_deref(),
         }),
     }
