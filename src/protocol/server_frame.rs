@@ -39,7 +39,8 @@ pub enum ServerFrame<'a> {
 /// part 2), `published_at`, `ack_timeout_ms`, and `dead_letter` when it has one.
 #[derive(Debug, Clone, Copy)]
 pub struct DeliveryDetails<'a> {
-    pub published_at_ms: u64,
+    /// `,"priority":0,"published_at":N`, as [`PublishedAtField::for_ms`] renders it.
+    pub published_at: &'a [u8],
     pub lease: &'a LeaseField,
     pub dead_letter: Option<&'a DeadLetter>,
 }
@@ -48,6 +49,31 @@ pub struct DeliveryDetails<'a> {
 /// once per connection, since every delivery to a consumer has its lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeaseField(Box<[u8]>);
+
+/// The `priority` and `published_at` fields of a message frame, kept rendered for the
+/// last `published_at` written: deliveries in a row mostly share their publish's
+/// millisecond, so most frames copy them rather than format a 13-digit number.
+#[derive(Debug, Clone, Default)]
+pub struct PublishedAtField {
+    ms: Option<u64>,
+    text: Vec<u8>,
+}
+
+impl PublishedAtField {
+    /// The fields for a message published at `published_at_ms`.
+    pub fn for_ms(&mut self, published_at_ms: u64) -> &[u8] {
+        if self.ms != Some(published_at_ms) {
+            self.ms = Some(published_at_ms);
+            self.text.clear();
+            // Priorities come with part 2 of 1.1: always 0 until then.
+            self.text
+                .extend_from_slice(canonical::MESSAGE_PRIORITY_0_PUBLISHED_AT);
+            self.text
+                .extend_from_slice(itoa::Buffer::new().format(published_at_ms).as_bytes());
+        }
+        &self.text
+    }
+}
 
 impl LeaseField {
     pub fn new(ack_timeout_ms: u64) -> LeaseField {
@@ -122,9 +148,7 @@ impl ServerFrame<'_> {
 /// The 1.1 fields of a message frame. Queue names and reasons need no escaping: queue
 /// names are `[A-Za-z0-9._-]`.
 fn put_details(b: &mut BytesMut, details: &DeliveryDetails<'_>) {
-    // Priorities come with part 2 of 1.1: always 0, written with the next key at once.
-    b.put_slice(canonical::MESSAGE_PRIORITY_0_PUBLISHED_AT);
-    put_decimal(b, details.published_at_ms);
+    b.put_slice(details.published_at);
     b.put_slice(&details.lease.0);
     if let Some(record) = details.dead_letter {
         b.put_slice(br#","dead_letter":{"queue":""#);
@@ -413,7 +437,7 @@ mod tests {
                 payload: &payload,
                 attempt: 2,
                 details: Some(DeliveryDetails {
-                    published_at_ms: 1_767_225_600_123,
+                    published_at: PublishedAtField::default().for_ms(1_767_225_600_123),
                     lease: &LeaseField::new(5000),
                     dead_letter,
                 }),

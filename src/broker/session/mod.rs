@@ -42,7 +42,7 @@ use super::core::{Delivery, NackAction, WallClock};
 use super::policy::{Policies, QueuePolicy};
 use crate::protocol::client_frame::{FrameType, InboundFrame, InvalidFrame};
 use crate::protocol::codec::{FrameDecoder, FrameError};
-use crate::protocol::server_frame::{DeliveryDetails, LeaseField, ServerFrame};
+use crate::protocol::server_frame::{DeliveryDetails, LeaseField, PublishedAtField, ServerFrame};
 use crate::protocol::{Due, ErrorCode, MessageId, Payload, Role, Version};
 
 /// What every connection of a broker shares.
@@ -176,6 +176,8 @@ pub(crate) struct Session {
     /// A 1.1 consumer's lease in ms, which its message frames show; `None` on 1.0
     /// connections, whose message frames have no details.
     delivery_lease: Option<LeaseField>,
+    /// The `published_at` field of the last 1.1 message frame written.
+    published_at: PublishedAtField,
     unanswered: VecDeque<Slot>,
     /// What the `Slot::Core` and `Slot::UnknownIds` entries in `unanswered` reserve.
     owed_bytes: usize,
@@ -213,6 +215,7 @@ impl Session {
             version: None,
             policy: None,
             delivery_lease: None,
+            published_at: PublishedAtField::default(),
             unanswered: VecDeque::new(),
             owed_bytes: 0,
             local_bytes: 0,
@@ -281,7 +284,12 @@ impl Session {
                         // Straight into the output while it has room and nothing waits
                         // before it: the common case costs no bookkeeping.
                         if self.pending.is_empty() && self.out.len() < OUTPUT_BYTES_MAX {
-                            encode_delivery(&mut self.out, &delivery, self.delivery_lease.as_ref());
+                            encode_delivery(
+                                &mut self.out,
+                                &delivery,
+                                self.delivery_lease.as_ref(),
+                                &mut self.published_at,
+                            );
                         } else {
                             self.pending.push(delivery);
                         }
@@ -399,7 +407,12 @@ impl Session {
             let Some(delivery) = self.pending.pop() else {
                 break;
             };
-            encode_delivery(&mut self.out, &delivery, self.delivery_lease.as_ref());
+            encode_delivery(
+                &mut self.out,
+                &delivery,
+                self.delivery_lease.as_ref(),
+                &mut self.published_at,
+            );
         }
         while self.frames_left && self.ending.is_none() && self.has_input_room() {
             match self.decoder.decode(&mut self.read_buf) {
@@ -819,13 +832,18 @@ impl Session {
 mod tests;
 
 /// Encodes a delivery; with `lease` (a 1.1 consumer's), the 1.1 frame.
-fn encode_delivery(out: &mut BytesMut, delivery: &Delivery, lease: Option<&LeaseField>) {
+fn encode_delivery(
+    out: &mut BytesMut,
+    delivery: &Delivery,
+    lease: Option<&LeaseField>,
+    published_at: &mut PublishedAtField,
+) {
     ServerFrame::Delivery {
         id: delivery.id,
         payload: &delivery.payload,
         attempt: delivery.attempt,
         details: lease.map(|lease| DeliveryDetails {
-            published_at_ms: delivery.published_at_ms,
+            published_at: published_at.for_ms(delivery.published_at_ms),
             lease,
             dead_letter: delivery.dead_letter.as_deref(),
         }),
