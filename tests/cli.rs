@@ -5,7 +5,15 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{BrokerProcess, RawClient, run_ferry};
+use common::{BrokerProcess, RawClient, run_ferry, unix_ms};
+
+/// The ids `ferry producer` printed, one decimal number a line.
+fn printed_ids(output: &std::process::Output) -> Vec<u64> {
+    stdout_lines(output)
+        .iter()
+        .map(|line| line.parse().expect("a decimal id"))
+        .collect()
+}
 
 fn stdout_lines(output: &std::process::Output) -> Vec<String> {
     String::from_utf8(output.stdout.clone())
@@ -35,10 +43,7 @@ async fn producer_prints_ids_and_consumer_prints_payloads() {
     )
     .await;
     assert!(produced.status.success(), "{produced:?}");
-    let ids: Vec<u64> = stdout_lines(&produced)
-        .iter()
-        .map(|l| l.parse().expect("a decimal id"))
-        .collect();
+    let ids: Vec<u64> = printed_ids(&produced);
     assert_eq!(ids.len(), 3);
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
 
@@ -404,7 +409,7 @@ async fn a_token_of_any_type_is_never_echoed_or_logged() {
 async fn producer_delay_holds_messages_and_consumer_json_prints_frames() {
     let broker = BrokerProcess::start(&[]);
     let addr = broker.addr.to_string();
-    let sent = std::time::SystemTime::now();
+    let sent_ms = unix_ms();
     let produced = run_ferry(
         &[
             "producer", "--addr", &addr, "--delay", "400ms", "later", "x \"y\"",
@@ -414,10 +419,7 @@ async fn producer_delay_holds_messages_and_consumer_json_prints_frames() {
     )
     .await;
     assert!(produced.status.success(), "{produced:?}");
-    let ids: Vec<u64> = stdout_lines(&produced)
-        .iter()
-        .map(|l| l.parse().unwrap())
-        .collect();
+    let ids: Vec<u64> = printed_ids(&produced);
     let consumed = run_ferry(
         &["consumer", "--addr", &addr, "--count", "2", "--json"],
         "",
@@ -425,18 +427,11 @@ async fn producer_delay_holds_messages_and_consumer_json_prints_frames() {
     )
     .await;
     assert!(consumed.status.success(), "{consumed:?}");
-    assert!(
-        sent.elapsed().unwrap() >= Duration::from_millis(400),
-        "delivered early"
-    );
+    assert!(unix_ms() >= sent_ms + 400, "delivered early");
     let frames: Vec<serde_json::Value> = stdout_lines(&consumed)
         .iter()
         .map(|line| serde_json::from_str(line).expect("one JSON object per line"))
         .collect();
-    let sent_ms = sent
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
     for (frame, (id, payload)) in frames.iter().zip(ids.iter().zip(["later", "x \"y\""])) {
         let published_at = frame["published_at"].as_u64().unwrap();
         assert!(published_at + 1 >= sent_ms, "{frame}");

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::{
     BrokerProcess, RawClient, TestBroker, dir_bytes, durable_config, publish_ids, recv, run_ferry,
-    within,
+    unix_ms, with_fields, within,
 };
 use ferry::broker::BrokerConfig;
 use ferry::broker::core::{MESSAGE_OVERHEAD_BYTES, QUEUE_OVERHEAD_BYTES, READY_SLOT_BYTES};
@@ -603,23 +603,6 @@ async fn a_producer_that_half_closes_gets_every_reply_durable_or_not() {
     }
 }
 
-/// A connection to `broker` registered with version 1.1.
-async fn register_1_1(broker: &BrokerProcess, role: &str, queue: &str) -> RawClient {
-    let mut client = RawClient::connect(broker.addr).await;
-    client
-        .send(json!({"type": "register", "version": "1.1", "role": role, "queue": queue}))
-        .await;
-    client.expect_ok().await;
-    client
-}
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
-
 /// §14: across `kill -9`, a delayed publish and a delayed nack keep their due times on
 /// the wall clock (neither comes early, restart time is not added), attempts counted by
 /// the nack stay counted, `published_at` is kept, and a rejected dead letter stays in its
@@ -644,15 +627,10 @@ async fn delays_nacks_and_dead_letters_survive_a_kill() {
         "60s",
     ];
     let mut broker = BrokerProcess::start(&args);
-    let mut producer = register_1_1(&broker, "producer", "jobs").await;
-    let mut worker = register_1_1(&broker, "consumer", "jobs").await;
+    let mut producer = RawClient::register_1_1(broker.addr, "producer", "jobs", json!({})).await;
+    let mut worker = RawClient::register_1_1(broker.addr, "consumer", "jobs", json!({})).await;
     let publish = |payload: &str, extra: Value| {
-        let mut frame = json!({"type": "publish", "payload": payload});
-        frame
-            .as_object_mut()
-            .unwrap()
-            .extend(extra.as_object().unwrap().clone());
-        frame
+        with_fields(json!({"type": "publish", "payload": payload}), extra)
     };
     producer.send(publish("nacked", json!({}))).await;
     let nacked = producer.expect_ok().await["id"].as_u64().unwrap();
@@ -666,6 +644,8 @@ async fn delays_nacks_and_dead_letters_survive_a_kill() {
         .send(publish("delayed", json!({"not_before": due})))
         .await;
     let delayed = producer.expect_ok().await["id"].as_u64().unwrap();
+    // The broker applies the nack after this, so its due time is no earlier.
+    let nack_due = unix_ms() + 2_000;
     worker
         .send(json!({"type": "nack", "id": nacked, "delay_ms": 2_000}))
         .await;
@@ -673,7 +653,6 @@ async fn delays_nacks_and_dead_letters_survive_a_kill() {
         .send(json!({"type": "nack", "id": rejected, "dead_letter": true}))
         .await;
     worker.sync().await;
-    let nack_due = unix_ms() + 2_000;
     // The nacks reach the log on their own: the delayed one logged again with its due
     // time, the rejected one in the dead-letter queue with its record.
     common::eventually("both nacks are in the log", || {
@@ -707,12 +686,13 @@ async fn delays_nacks_and_dead_letters_survive_a_kill() {
     broker.wait_exit(common::WAIT).await;
 
     let broker = BrokerProcess::start(&args);
-    let mut dead_letters = register_1_1(&broker, "consumer", "jobs.dlq").await;
+    let mut dead_letters =
+        RawClient::register_1_1(broker.addr, "consumer", "jobs.dlq", json!({})).await;
     let dead = dead_letters.expect_message().await;
     assert_eq!(dead["id"], rejected);
     assert_eq!(dead["dead_letter"]["reason"], "rejected");
     assert_eq!(dead["dead_letter"]["queue"], "jobs");
-    let mut worker = register_1_1(&broker, "consumer", "jobs").await;
+    let mut worker = RawClient::register_1_1(broker.addr, "consumer", "jobs", json!({})).await;
     let mut got = Vec::new();
     for _ in 0..2 {
         let message = worker.expect_message().await;

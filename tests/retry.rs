@@ -5,34 +5,16 @@
 
 mod common;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use common::{RawClient, TestBroker, test_config, within};
+use common::{RawClient, TestBroker, test_config, unix_ms, with_fields, within};
 use ferry::broker::BrokerConfig;
 use ferry::broker::policy::PolicyFile;
 use serde_json::{Value, json};
 
-/// Milliseconds since the Unix epoch, by this machine's clock (the broker's too).
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
-
 /// A connection registered with version 1.1 and the register's `extra` fields.
 async fn register(broker: &TestBroker, role: &str, queue: &str, extra: Value) -> RawClient {
-    let mut client = RawClient::connect(broker.addr).await;
-    let mut register = json!({"type": "register", "version": "1.1", "role": role, "queue": queue});
-    for (key, value) in extra.as_object().unwrap() {
-        register[key] = value.clone();
-    }
-    client.send(register).await;
-    assert_eq!(
-        client.expect_ok().await,
-        json!({"type": "ok", "version": "1.1"})
-    );
-    client
+    RawClient::register_1_1(broker.addr, role, queue, extra).await
 }
 
 async fn producer(broker: &TestBroker, queue: &str) -> RawClient {
@@ -45,10 +27,7 @@ async fn consumer(broker: &TestBroker, queue: &str, prefetch: u16) -> RawClient 
 
 /// Publishes `payload` with the publish's `extra` fields; returns its id.
 async fn publish(producer: &mut RawClient, payload: &str, extra: Value) -> u64 {
-    let mut frame = json!({"type": "publish", "payload": payload});
-    for (key, value) in extra.as_object().unwrap() {
-        frame[key] = value.clone();
-    }
+    let frame = with_fields(json!({"type": "publish", "payload": payload}), extra);
     producer.send(frame).await;
     producer.expect_ok().await["id"].as_u64().unwrap()
 }

@@ -12,7 +12,7 @@ use super::connection::ClientConnection;
 use super::error::ClientError;
 use crate::protocol::client_frame::ClientFrame;
 use crate::protocol::server_frame::{Message, ReceivedFrame};
-use crate::protocol::{DEFAULT_PREFETCH, MessageId, QueueName, Role, Version};
+use crate::protocol::{DEFAULT_PREFETCH, MessageId, QueueName, Role, Version, whole_millis};
 use crate::transport::ClientTls;
 
 /// How a consumer registers.
@@ -204,7 +204,7 @@ impl Consumer {
 /// A duration in whole milliseconds, as the protocol counts them (at least 1 for any
 /// duration that is not zero, so that a short lease is not sent as the invalid 0).
 pub(crate) fn millis(duration: Duration) -> u64 {
-    let millis = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
+    let millis = whole_millis(duration);
     if millis == 0 && !duration.is_zero() {
         1
     } else {

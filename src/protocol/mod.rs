@@ -73,6 +73,12 @@ impl Ids {
     }
 }
 
+/// A duration in whole milliseconds, as the protocol counts them (saturating: durations
+/// past `u64::MAX` ms are as long as any).
+pub fn whole_millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// When a published message may first be delivered (version 1.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Due {

@@ -199,6 +199,22 @@ pub fn raise_open_file_limit() -> u64 {
     hard
 }
 
+/// Milliseconds since the Unix epoch, by this machine's clock (the broker's too).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// `frame` with the fields of `extra` added (or replaced).
+pub fn with_fields(mut frame: Value, extra: Value) -> Value {
+    if let (Some(frame), Some(extra)) = (frame.as_object_mut(), extra.as_object()) {
+        frame.extend(extra.clone());
+    }
+    frame
+}
+
 /// A client that sends exactly the bytes a test gives it, and reads frames as JSON.
 pub struct RawClient {
     stream: TcpStream,
@@ -251,6 +267,24 @@ impl RawClient {
             .send(json!({"type": "register", "role": "consumer", "queue": queue, "prefetch": prefetch}))
             .await;
         client.expect_ok().await;
+        client
+    }
+
+    /// A connection registered with version 1.1 and the register's `extra` fields; the
+    /// `ok` must say it speaks 1.1.
+    pub async fn register_1_1(
+        addr: SocketAddr,
+        role: &str,
+        queue: &str,
+        extra: Value,
+    ) -> RawClient {
+        let mut client = RawClient::connect(addr).await;
+        let register = json!({"type": "register", "version": "1.1", "role": role, "queue": queue});
+        client.send(with_fields(register, extra)).await;
+        assert_eq!(
+            client.expect_ok().await,
+            json!({"type": "ok", "version": "1.1"})
+        );
         client
     }
 

@@ -53,7 +53,7 @@ use thiserror::Error;
 
 use super::policy::{ACK_TIMEOUT_RANGE, Policies, QueuePolicy};
 use crate::protocol::{
-    DeadLetter, DeadLetterReason, Due, ErrorCode, MessageId, Payload, QueueName,
+    DeadLetter, DeadLetterReason, Due, ErrorCode, MessageId, Payload, QueueName, whole_millis,
 };
 use crate::storage::LiveMessage;
 
@@ -312,7 +312,8 @@ pub struct Core {
     /// Queues that may be able to deliver, each at most once.
     dispatch_queue: VecDeque<QueueName>,
     next_id: u64,
-    /// `queues` and `consumers` are the lengths of the maps; the rest is counted here.
+    /// `queues`, `consumers` and `delayed` are the sizes of what holds them; the rest is
+    /// counted here.
     stats: CoreStats,
     /// `Some` once draining: deliveries made since.
     drained_deliveries: Option<u64>,
@@ -581,20 +582,6 @@ impl Core {
         ready.chain(in_flight).chain(delayed)
     }
 
-    /// The policy of queue `name`, whether it exists yet or not.
-    pub fn policy(&self, name: &QueueName) -> Arc<QueuePolicy> {
-        match self.queues.get(name) {
-            Some(queue) => queue.policy.clone(),
-            None => self.config.policies.for_queue(name),
-        }
-    }
-
-    /// The policy of the queue `consumer` takes from.
-    pub fn consumer_policy(&self, consumer: ConsumerId) -> Option<Arc<QueuePolicy>> {
-        let queue = &self.consumers.get(&consumer)?.queue;
-        self.queues.get(queue).map(|q| q.policy.clone())
-    }
-
     /// Adds a consumer to `queue` (created if new) as the last in its round-robin order,
     /// with its own lease (the caller checked it against the queue's `max_lease`) or the
     /// queue's `ack_timeout`. A consumer id already subscribed is a caller bug and is
@@ -652,7 +639,7 @@ impl Core {
         let due_ms = match due {
             Due::Now => None,
             // Counted from now rounded up, so that it is never early (rule 13).
-            Due::After(delay) => Some(self.current_ms_ceil.saturating_add(millis(delay))),
+            Due::After(delay) => Some(self.current_ms_ceil.saturating_add(whole_millis(delay))),
             Due::At(at_ms) => Some(at_ms),
         }
         // Due now, or already past: ready at once.
@@ -715,7 +702,6 @@ impl Core {
         let memory = &mut self.stats.memory_bytes;
         Self::queue_entry(&mut self.queues, &self.config.policies, memory, queue).delayed += 1;
         *memory += DELAYED_MESSAGE_BYTES;
-        self.stats.delayed += 1;
         let at = self.instant_at(due_ms);
         self.delays.insert(
             at,
@@ -820,7 +806,7 @@ impl Core {
             return Ok(());
         }
         let queue = name;
-        let due_ms = self.current_ms_ceil.saturating_add(millis(delay));
+        let due_ms = self.current_ms_ceil.saturating_add(whole_millis(delay));
         self.relocated.push(Relocated::Delayed {
             id,
             queue: queue.clone(),
@@ -1071,7 +1057,6 @@ impl Core {
         // Those due together become ready in id order (rule 13).
         due.sort_unstable_by_key(|d| (d.due_ms, d.message.id));
         for DelayedMessage { queue, message, .. } in due {
-            self.stats.delayed -= 1;
             self.stats.ready += 1;
             let memory = &mut self.stats.memory_bytes;
             *memory -= DELAYED_MESSAGE_BYTES;
@@ -1185,14 +1170,10 @@ impl Core {
             self.stats.in_flight,
             "one lease per message in flight"
         );
-        debug_assert_eq!(
-            self.delays.len(),
-            self.stats.delayed,
-            "one timer per delayed message"
-        );
         CoreStats {
             queues: self.queues.len(),
             consumers: self.consumers.len(),
+            delayed: self.delays.len(),
             ..self.stats
         }
     }
@@ -1381,9 +1362,4 @@ impl Queue {
         }
         None
     }
-}
-
-/// A duration in whole milliseconds, as due times count.
-fn millis(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }

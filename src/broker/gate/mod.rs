@@ -163,7 +163,8 @@ impl<L: Log> Gate<L> {
                 Command::Publish { payload, due } => {
                     replies.push(self.publish(conn, payload, due));
                 }
-                // The hot case, a single ack, without the list of unknown ids.
+                // The hot case, a single ack, without the list of unknown ids: through
+                // `settle` it cost 1% more instructions on a 4 x 4 run (callgrind).
                 Command::Ack(Ids::One(id)) => replies.push(match self.ack(conn, id) {
                     Ok(()) => Reply::Settled,
                     Err(_) => Reply::UnknownIds(vec![id]),

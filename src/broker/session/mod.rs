@@ -43,7 +43,7 @@ use super::policy::{Policies, QueuePolicy};
 use crate::protocol::client_frame::{FrameType, InboundFrame, InvalidFrame};
 use crate::protocol::codec::{FrameDecoder, FrameError};
 use crate::protocol::server_frame::{DeliveryDetails, LeaseField, PublishedAtField, ServerFrame};
-use crate::protocol::{Due, ErrorCode, MessageId, Payload, Role, Version};
+use crate::protocol::{Due, ErrorCode, MessageId, Payload, Role, Version, whole_millis};
 
 /// What every connection of a broker shares.
 #[derive(Debug)]
@@ -477,20 +477,6 @@ impl Session {
                 );
                 return self.refuse(ErrorCode::AlreadyRegistered, &message);
             }
-            // The hot frames of a 1.0 connection go straight to the core.
-            // (And a 1.1 publish without a 1.1 field: a canonical one has none.)
-            (FrameType::Publish, Role::Producer) if !v1_1 || frame.is_plain_publish() => {
-                match frame.publish_payload() {
-                    Ok(literal) => {
-                        let payload = Payload::from_validated(literal);
-                        return self.send_to_core(Command::Publish {
-                            payload,
-                            due: Due::Now,
-                        });
-                    }
-                    Err(invalid) => Err(invalid),
-                }
-            }
             (FrameType::Publish, Role::Producer) => self.publish_command(&frame, now),
             // No delivery waits unwritten here: frames are read only while the output has
             // room, and deliveries wait only while it has none.
@@ -524,13 +510,20 @@ impl Session {
             .expect("frames after register have a queue policy")
     }
 
-    /// A 1.1 publish, checked against the queue's policy.
+    /// A publish, its 1.1 fields checked against the queue's policy.
     fn publish_command(
         &self,
         frame: &InboundFrame<'_>,
         now: Instant,
     ) -> Result<Command, InvalidFrame> {
         let payload = Payload::from_validated(frame.publish_payload()?);
+        // A 1.0 publish has no 1.1 field, and a canonical one has only its payload.
+        if !self.speaks_1_1() || frame.is_plain_publish() {
+            return Ok(Command::Publish {
+                payload,
+                due: Due::Now,
+            });
+        }
         frame.refuse_unserved_publish_fields()?;
         let due = frame.publish_due()?;
         let max_delay = self.policy().max_delay;
@@ -621,8 +614,7 @@ impl Session {
         self.version = version;
         if speaks >= V1_1 {
             let lease = lease.unwrap_or(policy.ack_timeout);
-            let lease_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
-            self.delivery_lease = Some(LeaseField::new(lease_ms));
+            self.delivery_lease = Some(LeaseField::new(whole_millis(lease)));
         }
         self.policy = Some(policy);
         // Frames after the register may be as large as the broker allows.

@@ -371,7 +371,7 @@ fn summarize(
             prefetch: args.prefetch,
             rate: args.rate,
             nack_ratio: args.nack_ratio,
-            delay_ms: args.delay.map(|d| d.as_millis() as u64),
+            delay_ms: args.delay.map(ferry::protocol::whole_millis),
         },
         counts: report::Counts {
             confirmed,

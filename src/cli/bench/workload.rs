@@ -54,7 +54,7 @@ pub struct ConsumerPlan {
 /// The delay of message `index` in a span: spread evenly over it (a stride prime to
 /// the span's milliseconds scatters neighbours), the same in producer and consumer.
 pub fn delay_of(index: u64, span: Duration) -> Duration {
-    let span_ms = (span.as_millis() as u64).max(1);
+    let span_ms = ferry::protocol::whole_millis(span).max(1);
     Duration::from_millis(index.wrapping_mul(7_919) % span_ms)
 }
 
