@@ -95,13 +95,14 @@ impl Consumer {
     /// [`ClientError::Refused`] for an error frame, such as `unknown_id` for an earlier
     /// ack (the connection stays usable unless the code is fatal); connection errors.
     pub async fn recv(&mut self) -> Result<Message, ClientError> {
-        match self.connection.next_frame().await? {
-            ReceivedFrame::Message(message) => Ok(message),
-            ReceivedFrame::Error(refusal) => Err(ClientError::Refused(refusal)),
-            other => Err(ClientError::Protocol(format!(
-                "expected a delivery, got {other:?}"
-            ))),
-        }
+        delivery_of(self.connection.next_frame().await?)
+    }
+
+    /// The next delivery if it has already been received; never waits and sends
+    /// nothing. After a [`Consumer::recv`] read many deliveries at once, this takes the
+    /// rest of them without touching the socket.
+    pub fn try_recv(&mut self) -> Option<Result<Message, ClientError>> {
+        self.connection.next_received().map(delivery_of)
     }
 
     /// Acks a delivery and sends the ack now. Success means it was written, not that the
@@ -198,6 +199,17 @@ impl Consumer {
     /// Connection errors while flushing.
     pub async fn close(mut self) -> Result<(), ClientError> {
         self.connection.shutdown().await
+    }
+}
+
+/// A received frame as what [`Consumer::recv`] returns.
+fn delivery_of(frame: ReceivedFrame) -> Result<Message, ClientError> {
+    match frame {
+        ReceivedFrame::Message(message) => Ok(message),
+        ReceivedFrame::Error(refusal) => Err(ClientError::Refused(refusal)),
+        other => Err(ClientError::Protocol(format!(
+            "expected a delivery, got {other:?}"
+        ))),
     }
 }
 

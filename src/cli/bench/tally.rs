@@ -116,9 +116,12 @@ impl QueueTally {
 /// The payload of bench message `index` of `producer`, sent at `sent_ns`, padded with
 /// `padding` to its length: `producer:index:sent_ns:xxxx…`.
 pub fn encode_payload(buf: &mut String, producer: usize, index: u64, sent_ns: u64, padding: &str) {
-    use std::fmt::Write;
     buf.clear();
-    let _ = write!(buf, "{producer}:{index}:{sent_ns}:");
+    let mut digits = itoa::Buffer::new();
+    for field in [producer as u64, index, sent_ns] {
+        buf.push_str(digits.format(field));
+        buf.push(':');
+    }
     if let Some(rest) = padding.get(buf.len()..) {
         buf.push_str(rest);
     }
@@ -126,12 +129,21 @@ pub fn encode_payload(buf: &mut String, producer: usize, index: u64, sent_ns: u6
 
 /// (producer, index, sent_ns) of a bench payload.
 pub fn decode_payload(payload: &str) -> Option<(usize, u64, u64)> {
-    let mut parts = payload.splitn(4, ':');
-    Some((
-        parts.next()?.parse().ok()?,
-        parts.next()?.parse().ok()?,
-        parts.next()?.parse().ok()?,
-    ))
+    let mut rest = payload.as_bytes();
+    let mut fields = [0u64; 3];
+    for field in &mut fields {
+        let end = rest.iter().position(|&b| b == b':')?;
+        if end == 0 {
+            return None;
+        }
+        *field = rest[..end].iter().try_fold(0u64, |n, &digit| {
+            n.checked_mul(10)?
+                .checked_add(u64::from(digit.checked_sub(b'0').filter(|d| *d < 10)?))
+        })?;
+        rest = &rest[end + 1..];
+    }
+    let [producer, index, sent_ns] = fields;
+    Some((usize::try_from(producer).ok()?, index, sent_ns))
 }
 
 #[cfg(test)]
@@ -150,6 +162,15 @@ mod tests {
             Some((0, 0, 0)),
             "a size below the header is not truncated"
         );
+        for not_ours in [
+            "x:1:2:pad",
+            "1:2:",
+            ":1:2:",
+            "1:2:3",
+            "18446744073709551616:0:0:",
+        ] {
+            assert_eq!(decode_payload(not_ours), None, "{not_ours}");
+        }
     }
 
     #[test]
