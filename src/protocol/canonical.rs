@@ -59,52 +59,63 @@ pub(crate) fn confirm_id(body: &[u8]) -> Option<u64> {
     decimal(body.strip_prefix(CONFIRM_PREFIX)?.strip_suffix(b"}")?)
 }
 
-/// (id, payload text, attempt) of a canonical message frame.
-pub(crate) fn message(body: &[u8]) -> Option<(u64, &str, u32)> {
-    message_fields(body.strip_suffix(b"}")?)
+/// A canonical message frame: 1.0's, or 1.1's without a dead letter.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct CanonicalMessage<'a> {
+    pub id: u64,
+    pub text: &'a str,
+    pub attempt: u32,
+    /// (priority, published_at, ack_timeout_ms) of a 1.1 frame.
+    pub details: Option<(u8, u64, u64)>,
 }
 
-/// The 1.1 details of a canonical 1.1 message frame without a dead letter: (id, payload
-/// text, attempt, priority, published_at, ack_timeout_ms).
-pub(crate) fn message_with_details(body: &[u8]) -> Option<(u64, &str, u32, u8, u64, u64)> {
-    let rest = body.strip_suffix(b"}")?;
-    let (rest, ack_timeout_ms) = last_number(rest, MESSAGE_ACK_TIMEOUT)?;
-    let (rest, published_at) = last_number(rest, MESSAGE_PUBLISHED_AT)?;
-    let (rest, priority) = last_number(rest, MESSAGE_PRIORITY)?;
-    let (id, text, attempt) = message_fields(rest)?;
-    Some((
+/// The fields of a canonical message frame, read in one forward pass.
+pub(crate) fn message(body: &[u8]) -> Option<CanonicalMessage<'_>> {
+    let (id, rest) = leading_decimal(body.strip_prefix(MESSAGE_PREFIX)?)?;
+    let rest = rest.strip_prefix(MESSAGE_PAYLOAD)?.strip_prefix(b"\"")?;
+    // A plain payload holds no quote, so the first one closes it (an escaped quote
+    // leaves a backslash before it, which sends the frame to serde).
+    let close = memchr::memchr(b'"', rest)?;
+    let text = plain_json_text(&rest[..close])?;
+    let (attempt, rest) = leading_decimal(rest[close + 1..].strip_prefix(MESSAGE_ATTEMPT)?)?;
+    let attempt = u32::try_from(attempt).ok()?;
+    let details = if rest == b"}" {
+        None
+    } else {
+        let (priority, rest) = leading_decimal(rest.strip_prefix(MESSAGE_PRIORITY)?)?;
+        let (published_at, rest) = leading_decimal(rest.strip_prefix(MESSAGE_PUBLISHED_AT)?)?;
+        let (ack_timeout_ms, rest) = leading_decimal(rest.strip_prefix(MESSAGE_ACK_TIMEOUT)?)?;
+        if rest != b"}" {
+            return None;
+        }
+        Some((u8::try_from(priority).ok()?, published_at, ack_timeout_ms))
+    };
+    Some(CanonicalMessage {
         id,
         text,
         attempt,
-        u8::try_from(priority).ok()?,
-        published_at,
-        ack_timeout_ms,
-    ))
+        details,
+    })
 }
 
-/// The number after the last colon of `rest`, if `key` (with its comma and colon) comes
-/// right before it; and what is left before the key.
-fn last_number<'a>(rest: &'a [u8], key: &[u8]) -> Option<(&'a [u8], u64)> {
-    let colon = rest.iter().rposition(|&b| b == b':')?;
-    let number = decimal(&rest[colon + 1..])?;
-    Some((rest[..=colon].strip_suffix(key)?, number))
-}
-
-/// (id, payload text, attempt) of a 1.0 message frame without its closing brace.
-fn message_fields(body: &[u8]) -> Option<(u64, &str, u32)> {
-    let rest = body.strip_prefix(MESSAGE_PREFIX)?;
-    let id_end = rest.iter().position(|&b| b == b',')?;
-    let id = decimal(&rest[..id_end])?;
-    let rest = rest[id_end..]
-        .strip_prefix(MESSAGE_PAYLOAD)?
-        .strip_prefix(b"\"")?;
-    // A plain payload holds no quote, so the attempt is after the last colon.
-    let colon = rest.iter().rposition(|&b| b == b':')?;
-    let attempt = u32::try_from(decimal(&rest[colon + 1..])?).ok()?;
-    let content = rest[..=colon]
-        .strip_suffix(MESSAGE_ATTEMPT)?
-        .strip_suffix(b"\"")?;
-    Some((id, plain_json_text(content)?, attempt))
+/// The JSON unsigned integer at the start of `bytes` (decimal digits, no leading zero,
+/// fitting a u64), and what follows it; read in one pass.
+fn leading_decimal(bytes: &[u8]) -> Option<(u64, &[u8])> {
+    let mut number = 0u64;
+    let mut len = 0;
+    for &byte in bytes {
+        if !byte.is_ascii_digit() {
+            break;
+        }
+        number = number
+            .checked_mul(10)?
+            .checked_add(u64::from(byte - b'0'))?;
+        len += 1;
+    }
+    if len == 0 || (len > 1 && bytes[0] == b'0') {
+        return None;
+    }
+    Some((number, &bytes[len..]))
 }
 
 /// `content` as text, if it is valid UTF-8 that a JSON string holds as is.
@@ -117,14 +128,10 @@ fn plain_json_text(content: &[u8]) -> Option<&str> {
 
 /// A JSON unsigned integer: decimal digits, no leading zero, fitting a u64.
 fn decimal(digits: &[u8]) -> Option<u64> {
-    let valid = !digits.is_empty()
-        && digits.len() <= 20
-        && digits.iter().all(u8::is_ascii_digit)
-        && (digits[0] != b'0' || digits.len() == 1);
-    if !valid {
-        return None;
+    match leading_decimal(digits)? {
+        (number, []) => Some(number),
+        _ => None,
     }
-    std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
 #[cfg(test)]
@@ -185,14 +192,42 @@ mod tests {
             assert_eq!(ack_id(body.as_bytes()), None, "{body}");
         }
 
+        let plain = |id, text, attempt| {
+            Some(CanonicalMessage {
+                id,
+                text,
+                attempt,
+                details: None,
+            })
+        };
         assert_eq!(
             message(br#"{"type":"message","id":42,"payload":"x:y,z","attempt":3}"#),
-            Some((42, "x:y,z", 3))
+            plain(42, "x:y,z", 3)
         );
         assert_eq!(
             message(br#"{"type":"message","id":42,"payload":"","attempt":1}"#),
-            Some((42, "", 1))
+            plain(42, "", 1)
         );
+        assert_eq!(
+            message(
+                br#"{"type":"message","id":7,"payload":"p","attempt":2,"priority":0,"published_at":1700000000000,"ack_timeout_ms":30000}"#
+            ),
+            Some(CanonicalMessage {
+                id: 7,
+                text: "p",
+                attempt: 2,
+                details: Some((0, 1_700_000_000_000, 30_000)),
+            })
+        );
+        for bad in [
+            &br#"{"type":"message","id":7,"payload":"p","attempt":2,"priority":0,"published_at":1}"#[..],
+            br#"{"type":"message","id":7,"payload":"p","attempt":2,"priority":256,"published_at":1,"ack_timeout_ms":1}"#,
+            br#"{"type":"message","id":7,"payload":"p","attempt":2,"priority":0,"published_at":1,"ack_timeout_ms":1,"dead_letter":{}}"#,
+            br#"{"type":"message","id":7,"payload":"p","attempt":2}}"#,
+            br#"{"type":"message","id":7,"payload":"p","attempt":2,}"#,
+        ] {
+            assert_eq!(message(bad), None, "{}", String::from_utf8_lossy(bad));
+        }
         assert_eq!(
             message(br#"{"type":"message","id":42,"payload":"q\"","attempt":1}"#),
             None
@@ -262,14 +297,33 @@ mod tests {
             fn message_fast_path_never_disagrees(id in digits(), content in tricky_bytes(), attempt in digits()) {
                 let body = [MESSAGE_PREFIX, &id, MESSAGE_PAYLOAD, b"\"", &content, b"\"", MESSAGE_ATTEMPT, &attempt, b"}"].concat();
                 let slow: Option<ReceivedFrame> = serde_json::from_slice(&body).ok();
-                if let Some((fast_id, fast_payload, fast_attempt)) = message(&body) {
+                if let Some(fast) = message(&body) {
                     let Some(ReceivedFrame::Message(slow)) = slow else {
                         return Err(TestCaseError::fail("serde refused what the fast path accepted"));
                     };
-                    prop_assert_eq!((slow.id.0, slow.payload.as_str(), slow.attempt), (fast_id, fast_payload, fast_attempt));
+                    prop_assert_eq!((slow.id.0, slow.payload.as_str(), slow.attempt), (fast.id, fast.text, fast.attempt));
                 } else {
                     prop_assert_eq!(ReceivedFrame::decode(&body).ok(), slow);
                 }
+            }
+
+            #[test]
+            fn message_1_1_fast_path_never_disagrees(
+                content in tricky_bytes(),
+                priority in digits(),
+                published_at in digits(),
+                ack_timeout_ms in digits(),
+            ) {
+                let body = [
+                    MESSAGE_PREFIX, b"9", MESSAGE_PAYLOAD, b"\"", &content, b"\"", MESSAGE_ATTEMPT, b"1",
+                    MESSAGE_PRIORITY, &priority, MESSAGE_PUBLISHED_AT, &published_at,
+                    MESSAGE_ACK_TIMEOUT, &ack_timeout_ms, b"}",
+                ].concat();
+                let slow: Option<ReceivedFrame> = serde_json::from_slice(&body).ok();
+                if message(&body).is_some() {
+                    prop_assert!(slow.is_some(), "serde refused what the fast path accepted");
+                }
+                prop_assert_eq!(ReceivedFrame::decode(&body).ok(), slow);
             }
 
             #[test]

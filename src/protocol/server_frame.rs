@@ -336,27 +336,19 @@ impl ReceivedFrame {
                 id: Some(MessageId(id)),
             });
         }
-        if let Some((id, payload, attempt)) = canonical::message(body) {
+        if let Some(message) = canonical::message(body) {
             return Ok(ReceivedFrame::Message(Message {
-                id: MessageId(id),
-                payload: payload.to_owned(),
-                attempt,
-                details: None,
-            }));
-        }
-        if let Some((id, payload, attempt, priority, published_at, ack_timeout_ms)) =
-            canonical::message_with_details(body)
-        {
-            return Ok(ReceivedFrame::Message(Message {
-                id: MessageId(id),
-                payload: payload.to_owned(),
-                attempt,
-                details: Some(MessageDetails {
-                    priority,
-                    published_at,
-                    ack_timeout_ms,
-                    dead_letter: None,
-                }),
+                id: MessageId(message.id),
+                payload: message.text.to_owned(),
+                attempt: message.attempt,
+                details: message
+                    .details
+                    .map(|(priority, published_at, ack_timeout_ms)| MessageDetails {
+                        priority,
+                        published_at,
+                        ack_timeout_ms,
+                        dead_letter: None,
+                    }),
             }));
         }
         serde_json::from_slice(body)
