@@ -40,7 +40,7 @@ mod timers;
 pub use chunked_deque::CHUNK_LEN as READY_CHUNK_LEN;
 pub use timers::TICK as TIMER_TICK;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -301,7 +301,7 @@ pub struct CoreStats {
 #[derive(Debug)]
 pub struct Core {
     config: CoreConfig,
-    queues: HashMap<QueueName, Queue>,
+    queues: FxHashMap<QueueName, Queue>,
     consumers: FxHashMap<ConsumerId, Consumer>,
     /// The lease of every in-flight message, and nothing else.
     leases: TimerWheel<(ConsumerId, MessageId)>,
@@ -436,7 +436,7 @@ impl Core {
         let current_ms = config.wall_clock.unix_ms;
         Core {
             config,
-            queues: HashMap::new(),
+            queues: FxHashMap::default(),
             consumers: FxHashMap::default(),
             leases: TimerWheel::default(),
             delays,
@@ -684,15 +684,20 @@ impl Core {
         self.stats.ready += 1;
         let memory = &mut self.stats.memory_bytes;
         match existing {
-            Some(existing) => existing.push_back(ready_message, memory),
+            Some(existing) => {
+                existing.push_back(ready_message, memory);
+                if existing.claim_dispatch() {
+                    self.dispatch_queue.push_back(queue.clone());
+                }
+            }
             None => {
                 *memory += queue_cost(queue);
                 let mut created = Queue::new(self.config.policies.for_queue(queue));
                 created.push_back(ready_message, memory);
                 self.queues.insert(queue.clone(), created);
+                self.schedule_dispatch(queue);
             }
         }
-        self.schedule_dispatch(queue);
         Ok(published)
     }
 
@@ -799,8 +804,7 @@ impl Core {
             // The common nack: to the back, with the queue looked up once.
             self.stats.ready += 1;
             queue.push_back(message, &mut self.stats.memory_bytes);
-            if !queue.dispatch_scheduled && !queue.consumers.is_empty() {
-                queue.dispatch_scheduled = true;
+            if queue.claim_dispatch() {
                 self.dispatch_queue.push_back(name);
             }
             return Ok(());
@@ -1029,7 +1033,7 @@ impl Core {
     /// `now` ready.
     pub fn handle_timeout(&mut self, now: Instant) {
         let now = self.observe(now);
-        let mut expired: HashMap<QueueName, Vec<ReadyMessage>> = HashMap::new();
+        let mut expired: FxHashMap<QueueName, Vec<ReadyMessage>> = FxHashMap::default();
         let (consumers, taken_back) = (&mut self.consumers, &mut self.expired);
         self.leases.advance(now, |(consumer, id)| {
             let holder = consumers
@@ -1239,7 +1243,7 @@ impl Core {
 
     /// The queue named `name`, created (and counted in `memory_bytes`) if new.
     fn queue_entry<'q>(
-        queues: &'q mut HashMap<QueueName, Queue>,
+        queues: &'q mut FxHashMap<QueueName, Queue>,
         policies: &Policies,
         memory_bytes: &mut u64,
         name: &QueueName,
@@ -1254,11 +1258,8 @@ impl Core {
 
     fn schedule_dispatch(&mut self, name: &QueueName) {
         if let Some(queue) = self.queues.get_mut(name)
-            && !queue.dispatch_scheduled
-            && !queue.ready.is_empty()
-            && !queue.consumers.is_empty()
+            && queue.claim_dispatch()
         {
-            queue.dispatch_scheduled = true;
             self.dispatch_queue.push_back(name.clone());
         }
     }
@@ -1275,6 +1276,16 @@ impl Queue {
             dispatch_scheduled: false,
             at_watermark: false,
         }
+    }
+
+    /// Marks the queue as waiting for dispatch if it has messages ready, consumers to
+    /// take them and is not waiting already; true if the caller must put it on the
+    /// dispatch queue.
+    fn claim_dispatch(&mut self) -> bool {
+        let claim =
+            !self.dispatch_scheduled && !self.ready.is_empty() && !self.consumers.is_empty();
+        self.dispatch_scheduled |= claim;
+        claim
     }
 
     /// What the chunks of its ready queue take.
