@@ -21,6 +21,18 @@ fn release_freed_memory() {
     unsafe { libmimalloc_sys::mi_collect(true) };
 }
 
+/// Keeps the broker's memory in small pages. With transparent huge pages, every page
+/// the allocator touches first (a backlog growing, memory handed back and taken again)
+/// is a 2 MiB one the kernel must zero whole, which costs the broker more CPU than it
+/// saves in TLB misses; Redis and MongoDB turn them off for the same reason.
+/// docs/PERFORMANCE.md has the figures.
+fn disable_transparent_huge_pages() {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if let Err(e) = nix::sys::prctl::set_thp_disable(true) {
+        tracing::warn!("cannot turn transparent huge pages off for the broker: {e}");
+    }
+}
+
 #[derive(Parser)]
 #[command(
     name = "ferry",
@@ -54,7 +66,10 @@ fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     let threads = match &cli.command {
-        Command::Broker(args) => args.threads(),
+        Command::Broker(args) => {
+            disable_transparent_huge_pages();
+            args.threads()
+        }
         Command::Bench(args) => args.threads(),
         Command::Producer(_) | Command::Consumer(_) => 1,
     };
