@@ -216,6 +216,23 @@ async fn the_broker_logs_each_connection_with_its_queue() {
     );
 }
 
+/// The broker keeps its memory in small pages (see `disable_transparent_huge_pages`).
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn the_broker_runs_without_transparent_huge_pages() {
+    let broker = BrokerProcess::start(&[]);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", broker.child.id()))
+        .expect("the broker's /proc status");
+    let thp_enabled = status
+        .lines()
+        .find_map(|line| line.strip_prefix("THP_enabled:"))
+        .map(str::trim);
+    // Kernels before 6.4 do not report the flag; nothing to check there.
+    if let Some(enabled) = thp_enabled {
+        assert_eq!(enabled, "0", "THP left on for the broker");
+    }
+}
+
 async fn bench_json(args: &[&str]) -> serde_json::Value {
     let mut all = vec!["bench", "--json"];
     all.extend_from_slice(args);
