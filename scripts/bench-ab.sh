@@ -11,7 +11,8 @@ set -euo pipefail
 base=$1; rounds=$2; shift 2
 new=${NEW_EXE:-$(dirname "$0")/../target/release/ferry}
 runs=$(mktemp)
-trap 'rm -f "$runs"' EXIT
+errors=$(mktemp)
+trap 'rm -f "$runs" "$errors"' EXIT
 for round in $(seq 1 "$rounds"); do
   order=(base new)
   if (( round % 2 == 0 )); then order=(new base); fi
@@ -23,8 +24,12 @@ for round in $(seq 1 "$rounds"); do
       data_dir=$(mktemp -d)
       extra=(--broker-arg="--data-dir=$data_dir")
     fi
-    figures=$("$new" bench "$@" --broker-exe "$exe" "${extra[@]}" --json 2>/dev/null |
-      python3 -c 'import json,sys; j=json.load(sys.stdin); print(round(j["msgs_per_sec"]), round(j["msgs_per_broker_cpu_second"]))')
+    if ! report=$("$new" bench "$@" --broker-exe "$exe" "${extra[@]}" --json 2>"$errors"); then
+      echo "round $round, $which: the bench failed:" >&2
+      cat "$errors" >&2
+      exit 1
+    fi
+    figures=$(python3 -c 'import json,sys; j=json.load(sys.stdin); print(round(j["msgs_per_sec"]), round(j["msgs_per_broker_cpu_second"]))' <<<"$report")
     [[ -n $data_dir ]] && rm -rf "$data_dir"
     echo "$round $which $figures" | tee -a "$runs"
   done
