@@ -5,9 +5,9 @@ use std::time::{Duration, Instant};
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use ferry::MessageId;
-use ferry::broker::core::{ConsumerId, Core, CoreConfig, WallClock};
+use ferry::broker::core::{ConsumerId, Core, CoreConfig, NewMessage, WallClock};
 use ferry::broker::policy::{Policies, QueuePolicy};
-use ferry::protocol::{Due, Payload, QueueName};
+use ferry::protocol::{Payload, QueueName};
 use std::hint::black_box;
 
 const BATCH: u64 = 1000;
@@ -25,7 +25,8 @@ fn loaded(queue: &QueueName, payload: &Payload) -> Core {
     let mut core = core();
     core.subscribe(ConsumerId(1), queue.clone(), u16::MAX, None);
     for _ in 0..BATCH {
-        core.publish(queue, payload.clone(), Due::Now).unwrap();
+        core.publish(queue, NewMessage::now(payload.clone()))
+            .unwrap();
     }
     core
 }
@@ -49,7 +50,10 @@ fn bench_core(c: &mut Criterion) {
             core,
             |mut core| {
                 for _ in 0..BATCH {
-                    black_box(core.publish(&queue, payload.clone(), Due::Now).unwrap());
+                    black_box(
+                        core.publish(&queue, NewMessage::now(payload.clone()))
+                            .unwrap(),
+                    );
                 }
                 core
             },
@@ -106,7 +110,8 @@ fn bench_core(c: &mut Criterion) {
             |mut core| {
                 let mut made = Vec::new();
                 for _ in 0..BATCH {
-                    core.publish(&queue, payload.clone(), Due::Now).unwrap();
+                    core.publish(&queue, NewMessage::now(payload.clone()))
+                        .unwrap();
                     made.clear();
                     core.dispatch(now, |delivery| made.push(delivery));
                     for delivery in made.drain(..) {

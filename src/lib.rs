@@ -21,6 +21,8 @@ pub mod protocol;
 pub mod storage;
 pub mod transport;
 
-pub use client::{ClientError, Consumer, ConsumerOptions, Producer, ProducerOptions};
+pub use client::{
+    ClientError, Consumer, ConsumerOptions, Producer, ProducerOptions, PublishOptions,
+};
 pub use protocol::server_frame::{BrokerError, Message};
 pub use protocol::{ErrorCode, MessageId};

@@ -468,6 +468,47 @@ async fn producer_delay_holds_messages_and_consumer_json_prints_frames() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--delay"));
 }
 
+/// §16: `ferry producer --priority N` publishes every message with that priority; out
+/// of 0-9 it is refused before connecting, naming the flag.
+#[tokio::test]
+async fn producer_priority_sends_messages_ahead() {
+    let broker = BrokerProcess::start(&[]);
+    let addr = broker.addr.to_string();
+    for (priority, payload) in [("0", "routine"), ("8", "urgent")] {
+        let produced = run_ferry(
+            &["producer", "--addr", &addr, "--priority", priority, payload],
+            "",
+            &[],
+        )
+        .await;
+        assert!(produced.status.success(), "{produced:?}");
+    }
+    let consumed = run_ferry(
+        &["consumer", "--addr", &addr, "--count", "2", "--json"],
+        "",
+        &[],
+    )
+    .await;
+    assert!(consumed.status.success(), "{consumed:?}");
+    let got: Vec<(String, u64)> = stdout_lines(&consumed)
+        .iter()
+        .map(|line| {
+            let frame: serde_json::Value = serde_json::from_str(line).unwrap();
+            let payload = frame["payload"].as_str().unwrap().to_owned();
+            (payload, frame["priority"].as_u64().unwrap())
+        })
+        .collect();
+    assert_eq!(got, [("urgent".to_owned(), 8), ("routine".to_owned(), 0)]);
+    let bad = run_ferry(
+        &["producer", "--addr", &addr, "--priority", "10", "x"],
+        "",
+        &[],
+    )
+    .await;
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--priority"));
+}
+
 /// The bench's 1.1 workloads: every message nacked once is delivered twice and counted
 /// once; delayed publishes are all delivered, latency then being lateness.
 #[tokio::test]

@@ -9,9 +9,9 @@ use std::cell::Cell;
 use std::time::{Duration, Instant};
 
 use ferry::MessageId;
-use ferry::broker::core::{ConsumerId, Core, CoreConfig, Delivery, WallClock};
+use ferry::broker::core::{ConsumerId, Core, CoreConfig, Delivery, NewMessage, WallClock};
 use ferry::broker::policy::{Policies, QueuePolicy};
-use ferry::protocol::{Due, Payload, QueueName};
+use ferry::protocol::{Payload, QueueName};
 
 struct Counting;
 
@@ -80,7 +80,8 @@ fn no_publish_into_a_deep_backlog_allocates_in_proportion_to_it() {
     LARGEST.with(|largest| largest.set(0));
     let messages = 2_000_000;
     for _ in 0..messages {
-        core.publish(&queue, payload.clone(), Due::Now).unwrap();
+        core.publish(&queue, NewMessage::now(payload.clone()))
+            .unwrap();
     }
     let largest = LARGEST.with(Cell::get);
     assert!(
@@ -99,13 +100,13 @@ fn memory_for_leases_follows_what_is_in_flight_not_what_was_acked() {
     let consumer = ConsumerId(1);
     let now = Instant::now();
     core.subscribe(consumer, queue.clone(), 10, None);
-    core.publish(&queue, Payload::from_text("stuck"), Due::Now)
+    core.publish(&queue, NewMessage::now(Payload::from_text("stuck")))
         .unwrap();
     assert_eq!(deliveries(&mut core, now).len(), 1);
     // Warm up: the first rounds allocate what a steady state reuses.
     let round = |core: &mut Core| {
         let id = core
-            .publish(&queue, Payload::from_text("x"), Due::Now)
+            .publish(&queue, NewMessage::now(Payload::from_text("x")))
             .unwrap()
             .id;
         let made = deliveries(core, now);

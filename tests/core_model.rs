@@ -1,4 +1,5 @@
-//! Model-based test of the queue core: random sequences of publish (now or delayed) /
+//! Model-based test of the queue core: random sequences of publish (now or delayed, of
+//! one priority or of many) /
 //! subscribe (with the queue's lease or its own) / dispatch / ack / wrong ack / nack (to
 //! the back, delayed, after the queue's backoff, or dead-lettered) / touch / pause /
 //! resume / time passing / disconnect / drain, under per-queue policies, applied both to
@@ -8,21 +9,21 @@
 //! must hold: each published id is in exactly one of ready, delayed, in flight, acked,
 //! discarded; no consumer
 //! is over its prefetch or gets anything while paused; an acked id never comes back;
-//! redelivered ids stand before never delivered ones, which keep their publish order
-//! (those sent to the back aside); the next timeout is never later than a timer tick
+//! within a priority, redelivered ids stand before never delivered ones, which keep their
+//! publish order (those sent to the back aside); the next timeout is never later than a timer tick
 //! after the earliest deadline or due time. On failure
 //! proptest prints the shrunk sequence of operations, which replays deterministically
 //! (time is simulated).
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use ferry::MessageId;
 use ferry::broker::core::{
     AckError, ConsumerId, Core, CoreConfig, DEAD_LETTER_BYTES, DELAYED_MESSAGE_BYTES,
-    MESSAGE_OVERHEAD_BYTES, NackAction, PublishError, QUEUE_OVERHEAD_BYTES, READY_CHUNK_LEN,
-    READY_SLOT_BYTES, TIMER_TICK, WallClock,
+    MESSAGE_OVERHEAD_BYTES, NackAction, NewMessage, PublishError, QUEUE_OVERHEAD_BYTES,
+    READY_CHUNK_LEN, READY_SLOT_BYTES, TIMER_TICK, WallClock,
 };
 use ferry::broker::policy::{PolicyFile, QueuePolicy};
 use ferry::protocol::{Due, Payload, QueueName};
@@ -90,6 +91,7 @@ enum Op {
         text_len: usize,
         /// 0: ready now.
         delay_ms: u64,
+        priority: u8,
     },
     Subscribe {
         consumer: u64,
@@ -139,8 +141,8 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        6 => (0..QUEUES, 0usize..60, prop_oneof![3 => Just(0u64), 1 => 1u64..300])
-            .prop_map(|(queue, text_len, delay_ms)| Op::Publish { queue, text_len, delay_ms }),
+        6 => (0..QUEUES, 0usize..60, prop_oneof![3 => Just(0u64), 1 => 1u64..300], prop_oneof![2 => Just(0u8), 1 => 0u8..=9])
+            .prop_map(|(queue, text_len, delay_ms, priority)| Op::Publish { queue, text_len, delay_ms, priority }),
         2 => (0..CONSUMERS, 0..QUEUES, 1u16..4, prop::option::of(20u64..400))
             .prop_map(|(consumer, queue, prefetch, lease_ms)| Op::Subscribe { consumer, queue, prefetch, lease_ms }),
         3 => (0..CONSUMERS, 0usize..8, prop::option::weighted(0.8, prop::option::of(0u64..200)))
@@ -161,11 +163,51 @@ fn op() -> impl Strategy<Value = Op> {
 
 #[derive(Debug, Default)]
 struct ModelQueue {
-    /// (id, deliveries so far)
-    ready: VecDeque<(u64, u32)>,
+    /// (id, deliveries so far), a FIFO per priority: delivery takes from the highest
+    /// that holds any (rule 10).
+    ready: [VecDeque<(u64, u32)>; 10],
+    /// The priorities ever used in this queue: the core keeps a FIFO for each.
+    levels: BTreeSet<u8>,
     ring: Vec<u64>,
     /// The consumer to try first.
     next: Option<u64>,
+}
+
+impl ModelQueue {
+    fn push_back(&mut self, priority: u8, message: (u64, u32)) {
+        self.levels.insert(priority);
+        self.ready[usize::from(priority)].push_back(message);
+    }
+
+    fn push_front(&mut self, priority: u8, message: (u64, u32)) {
+        self.levels.insert(priority);
+        self.ready[usize::from(priority)].push_front(message);
+    }
+
+    fn front(&self) -> Option<&(u64, u32)> {
+        self.ready.iter().rev().find_map(|fifo| fifo.front())
+    }
+
+    fn pop_front(&mut self) -> Option<(u64, u32)> {
+        self.ready
+            .iter_mut()
+            .rev()
+            .find_map(|fifo| fifo.pop_front())
+    }
+
+    fn ready_len(&self) -> usize {
+        self.ready.iter().map(VecDeque::len).sum()
+    }
+
+    /// Ready ids in delivery order.
+    fn ready_ids(&self) -> Vec<u64> {
+        self.ready
+            .iter()
+            .rev()
+            .flatten()
+            .map(|(id, _)| *id)
+            .collect()
+    }
 }
 
 #[derive(Debug)]
@@ -198,6 +240,7 @@ struct Model {
     queues: BTreeMap<usize, ModelQueue>,
     consumers: BTreeMap<u64, ModelConsumer>,
     sizes: BTreeMap<u64, u64>,
+    priorities: HashMap<u64, u8>,
     published: Vec<u64>,
     acked: HashSet<u64>,
     ever_delivered: HashSet<u64>,
@@ -222,6 +265,7 @@ impl Model {
         queue: usize,
         size: u64,
         delay_ms: u64,
+        priority: u8,
         counted: u64,
     ) -> Result<u64, &'static str> {
         if self.draining {
@@ -246,13 +290,14 @@ impl Model {
         let id = self.next_id;
         self.memory += cost;
         self.sizes.insert(id, size);
+        self.priorities.insert(id, priority);
         self.published.push(id);
         let q = self.queues.entry(queue).or_default();
         if delay_ms > 0 {
             self.delay(queue, id, 0, delay_ms);
             self.memory -= DELAYED_MESSAGE_BYTES;
         } else {
-            q.ready.push_back((id, 0));
+            q.push_back(priority, (id, 0));
         }
         Ok(id)
     }
@@ -293,7 +338,6 @@ impl Model {
         let mut out = Vec::new();
         for (&queue_index, q) in self.queues.iter_mut() {
             while q
-                .ready
                 .front()
                 .is_some_and(|(id, _)| *id < self.deliverable_below)
                 && !q.ring.is_empty()
@@ -307,7 +351,7 @@ impl Model {
                     break;
                 };
                 let consumer = q.ring[pos];
-                let (id, deliveries) = q.ready.pop_front().unwrap();
+                let (id, deliveries) = q.pop_front().unwrap();
                 let attempt = deliveries + 1;
                 let c = self.consumers.get_mut(&consumer).unwrap();
                 let deadline = self.now_ms + c.lease_ms;
@@ -344,7 +388,7 @@ impl Model {
             .partition(|(_, deliveries)| limit > 0 && *deliveries >= limit);
         let q = self.queues.get_mut(&queue).unwrap();
         for message in back.into_iter().rev() {
-            q.ready.push_front(message);
+            q.push_front(self.priorities[&message.0], message);
         }
         for (id, _) in dead {
             self.dead_letter(queue, id);
@@ -361,8 +405,7 @@ impl Model {
                 self.queues
                     .entry(target)
                     .or_default()
-                    .ready
-                    .push_back((id, 0));
+                    .push_back(self.priorities[&id], (id, 0));
                 if self.dead_lettered.insert(id) {
                     self.memory += DEAD_LETTER_BYTES;
                 }
@@ -407,8 +450,7 @@ impl Model {
             self.queues
                 .get_mut(&queue)
                 .unwrap()
-                .ready
-                .push_back((id, attempt));
+                .push_back(self.priorities[&id], (id, attempt));
             self.sent_back.insert(id);
         } else {
             self.delay(queue, id, attempt, delay);
@@ -451,7 +493,7 @@ impl Model {
         self.return_messages(gone.queue, returning);
         let q = &self.queues[&gone.queue];
         let delayed = self.delayed.iter().any(|d| d.queue == gone.queue);
-        if q.ready.is_empty() && q.ring.is_empty() && !delayed {
+        if q.ready_len() == 0 && q.ring.is_empty() && !delayed {
             self.queues.remove(&gone.queue);
             self.memory -= queue_cost(gone.queue);
         }
@@ -488,8 +530,7 @@ impl Model {
             self.queues
                 .entry(d.queue)
                 .or_default()
-                .ready
-                .push_back((d.id, d.deliveries));
+                .push_back(self.priorities[&d.id], (d.id, d.deliveries));
         }
         taken_back
     }
@@ -516,7 +557,7 @@ impl Model {
             && self
                 .queues
                 .values()
-                .all(|q| q.ready.is_empty() || q.ring.is_empty())
+                .all(|q| q.ready_len() == 0 || q.ring.is_empty())
     }
 }
 
@@ -533,30 +574,34 @@ fn check(core: &mut Core, model: &Model) -> Result<(), TestCaseError> {
             .iter()
             .map(|id| id.0)
             .collect();
-        let model_ready: Vec<u64> = q.ready.iter().map(|(id, _)| *id).collect();
-        prop_assert_eq!(&core_ready, &model_ready, "ready queue q{}", index);
+        prop_assert_eq!(&core_ready, &q.ready_ids(), "ready queue q{}", index);
         for id in &core_ready {
             prop_assert!(placed.insert(*id, "ready").is_none(), "id {} twice", id);
         }
-        // Redelivered before never-delivered; never-delivered in publish order (dead
-        // letters, at the back of theirs, aside).
-        let core_ready: Vec<u64> = core_ready
-            .into_iter()
-            .filter(|id| !model.sent_back.contains(id))
-            .collect();
-        let first_fresh = core_ready
-            .iter()
-            .position(|id| !model.ever_delivered.contains(id))
-            .unwrap_or(core_ready.len());
-        prop_assert!(
-            core_ready[first_fresh..]
+        // Within each priority (whose FIFO the core's order was just found to match):
+        // redelivered before never-delivered; never-delivered in publish order (what was
+        // sent to the back aside).
+        for (priority, fifo) in q.ready.iter().enumerate() {
+            let ids: Vec<u64> = fifo
                 .iter()
-                .all(|id| !model.ever_delivered.contains(id)),
-            "q{}: {:?}",
-            index,
-            core_ready
-        );
-        prop_assert!(core_ready[first_fresh..].windows(2).all(|w| w[0] < w[1]));
+                .map(|(id, _)| *id)
+                .filter(|id| !model.sent_back.contains(id))
+                .collect();
+            let first_fresh = ids
+                .iter()
+                .position(|id| !model.ever_delivered.contains(id))
+                .unwrap_or(ids.len());
+            prop_assert!(
+                ids[first_fresh..]
+                    .iter()
+                    .all(|id| !model.ever_delivered.contains(id)),
+                "q{} priority {}: {:?}",
+                index,
+                priority,
+                ids
+            );
+            prop_assert!(ids[first_fresh..].windows(2).all(|w| w[0] < w[1]));
+        }
     }
     for consumer in 0..CONSUMERS {
         let core_in_flight: Vec<u64> = core
@@ -615,7 +660,11 @@ fn check(core: &mut Core, model: &Model) -> Result<(), TestCaseError> {
     let stats = core.stats();
     prop_assert_eq!(
         stats.ready,
-        model.queues.values().map(|q| q.ready.len()).sum::<usize>()
+        model
+            .queues
+            .values()
+            .map(ModelQueue::ready_len)
+            .sum::<usize>()
     );
     prop_assert_eq!(
         stats.in_flight,
@@ -626,10 +675,12 @@ fn check(core: &mut Core, model: &Model) -> Result<(), TestCaseError> {
             .sum::<usize>()
     );
     // Beyond messages and queues, what is counted is the ready queues' chunks: room for
-    // at least every ready message, and at most two partly used chunks per queue more.
+    // at least every ready message, and at most two partly used chunks more for each
+    // priority a queue has used.
     let chunks = stats.memory_bytes.checked_sub(model.memory);
-    let ready_slots: u64 = model.queues.values().map(|q| q.ready.len() as u64).sum();
-    let most_slots = ready_slots + model.queues.len() as u64 * 2 * READY_CHUNK_LEN as u64;
+    let ready_slots: u64 = model.queues.values().map(|q| q.ready_len() as u64).sum();
+    let levels: u64 = model.queues.values().map(|q| q.levels.len() as u64).sum();
+    let most_slots = ready_slots + levels * 2 * READY_CHUNK_LEN as u64;
     prop_assert!(
         chunks.is_some_and(|chunks| {
             (ready_slots * READY_SLOT_BYTES..=most_slots * READY_SLOT_BYTES).contains(&chunks)
@@ -690,6 +741,7 @@ fn run(ops: &[Op], hold_new: bool) -> Result<(), TestCaseError> {
                 queue,
                 text_len,
                 delay_ms,
+                priority,
             } => {
                 let payload = Payload::from_text(&"x".repeat(text_len));
                 let size = payload.len() as u64;
@@ -700,14 +752,19 @@ fn run(ops: &[Op], hold_new: bool) -> Result<(), TestCaseError> {
                     (ms, 0) => Due::After(Duration::from_millis(ms)),
                     (ms, _) => Due::At(WALL_MS + model.now_ms + ms),
                 };
+                let message = NewMessage {
+                    payload,
+                    priority,
+                    due,
+                };
                 let got = core
-                    .publish(&queue_name(queue), payload, due)
+                    .publish(&queue_name(queue), message)
                     .map(|published| published.id.0)
                     .map_err(|e| match e {
                         PublishError::QueueFull { .. } => "queue_full",
                         PublishError::ShuttingDown => "shutting_down",
                     });
-                prop_assert_eq!(got, model.publish(queue, size, delay_ms, counted));
+                prop_assert_eq!(got, model.publish(queue, size, delay_ms, priority, counted));
             }
             Op::Subscribe {
                 consumer,

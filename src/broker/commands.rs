@@ -6,8 +6,8 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc};
 
 use std::time::Duration;
 
-use super::core::{ConsumerId, Delivery, NackAction};
-use crate::protocol::{Due, ErrorCode, Ids, MessageId, Payload, QueueName, Role};
+use super::core::{ConsumerId, Delivery, NackAction, NewMessage};
+use crate::protocol::{ErrorCode, Ids, MessageId, QueueName, Role};
 
 /// Identifies a connection for the life of the broker; never reused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -48,7 +48,7 @@ impl Command {
     /// Payload bytes the command carries.
     pub fn payload_bytes(&self) -> usize {
         match self {
-            Command::Publish { payload, .. } => payload.len(),
+            Command::Publish(message) => message.payload.len(),
             _ => 0,
         }
     }
@@ -65,11 +65,7 @@ pub(crate) enum Command {
         /// A consumer's own lease, checked against its queue's `max_lease`.
         lease: Option<Duration>,
     },
-    Publish {
-        payload: Payload,
-        /// Checked against the queue's `max_delay`.
-        due: Due,
-    },
+    Publish(NewMessage),
     Ack(Ids),
     /// Checked against the queue's `max_delay`.
     Nack {
@@ -96,7 +92,7 @@ impl Command {
         matches!(
             self,
             Command::Register { .. }
-                | Command::Publish { .. }
+                | Command::Publish(_)
                 | Command::Ack(_)
                 | Command::Nack { .. }
                 | Command::Touch { .. }

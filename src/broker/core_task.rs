@@ -75,6 +75,7 @@ impl CoreTask {
                             id: message.id,
                             payload: message.payload,
                             deliveries: message.deliveries,
+                            priority: message.priority,
                             published_at_ms: message.published_at_ms,
                             due_ms: message.due_ms,
                             dead_letter: message.dead_letter,

@@ -1,6 +1,7 @@
 //! `ferry producer`: publishes each MESSAGE argument, or each line of standard input,
 //! printing each confirmed id on its own line; exits non-zero if any publish was refused.
-//! With `--delay`, every message waits that long before it can be delivered.
+//! With `--delay`, every message waits that long before it can be delivered; with
+//! `--priority`, every message goes ahead of those of lower priorities.
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
@@ -9,7 +10,8 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use ferry::{ClientError, MessageId, Producer};
+use ferry::protocol::PRIORITY_MAX;
+use ferry::{ClientError, MessageId, Producer, PublishOptions};
 
 use super::ClientArgs;
 
@@ -28,6 +30,20 @@ pub struct ProducerArgs {
     /// most the queue's max_delay, 7 days by default).
     #[arg(long, value_parser = humantime::parse_duration)]
     delay: Option<Duration>,
+    /// Priority of every message, 0 to 9: higher priorities are delivered first.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=i64::from(PRIORITY_MAX)))]
+    priority: u8,
+}
+
+impl ProducerArgs {
+    /// The 1.1 options every message is published with, if any.
+    fn publish_options(&self) -> Option<PublishOptions> {
+        let options = PublishOptions {
+            priority: self.priority,
+            delay: self.delay,
+        };
+        (options != PublishOptions::default()).then_some(options)
+    }
 }
 
 /// Prints confirms as they come and counts refusals.
@@ -70,6 +86,7 @@ pub async fn run(args: ProducerArgs) -> anyhow::Result<ExitCode> {
     };
     // Someone typing lines wants each id before typing the next.
     let window = if confirms.interactive { 1 } else { WINDOW };
+    let publish_options = args.publish_options();
 
     if args.messages.is_empty() {
         let mut lines = BufReader::new(tokio::io::stdin()).lines();
@@ -78,11 +95,13 @@ pub async fn run(args: ProducerArgs) -> anyhow::Result<ExitCode> {
             .await
             .context("cannot read standard input")?
         {
-            publish(&mut producer, &mut confirms, &line, window, args.delay).await?;
+            let options = publish_options.as_ref();
+            publish(&mut producer, &mut confirms, &line, window, options).await?;
         }
     } else {
         for message in &args.messages {
-            publish(&mut producer, &mut confirms, message, window, args.delay).await?;
+            let options = publish_options.as_ref();
+            publish(&mut producer, &mut confirms, message, window, options).await?;
         }
     }
     while producer.unconfirmed() > 0 {
@@ -104,14 +123,14 @@ async fn publish<W: Write>(
     confirms: &mut Confirms<W>,
     payload: &str,
     window: usize,
-    delay: Option<Duration>,
+    options: Option<&PublishOptions>,
 ) -> anyhow::Result<()> {
     if producer.unconfirmed() >= window {
         let outcome = producer.confirm().await;
         confirms.record(outcome)?;
     }
-    match delay {
-        Some(delay) => producer.send_delayed(payload, delay),
+    match options {
+        Some(options) => producer.send_with(payload, options),
         None => producer.send(payload),
     }
     if producer.queued_bytes() >= FLUSH_BYTES {

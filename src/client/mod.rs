@@ -8,4 +8,4 @@ mod producer;
 
 pub use consumer::{Consumer, ConsumerOptions};
 pub use error::ClientError;
-pub use producer::{Producer, ProducerOptions};
+pub use producer::{Producer, ProducerOptions, PublishOptions};

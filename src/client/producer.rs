@@ -42,6 +42,25 @@ impl Default for ProducerOptions {
     }
 }
 
+/// What a 1.1 publish may ask for besides its payload.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PublishOptions {
+    /// 0 (the default) to 9: higher is delivered first (rule 10).
+    pub priority: u8,
+    /// Not delivered before this long after the broker accepts it.
+    pub delay: Option<Duration>,
+}
+
+impl PublishOptions {
+    /// A publish not delivered before `delay` from its acceptance.
+    pub fn delayed(delay: Duration) -> PublishOptions {
+        PublishOptions {
+            delay: Some(delay),
+            ..PublishOptions::default()
+        }
+    }
+}
+
 /// A producer connection to one queue.
 pub struct Producer {
     connection: ClientConnection,
@@ -116,12 +135,26 @@ impl Producer {
         payload: &str,
         delay: Duration,
     ) -> Result<MessageId, ClientError> {
+        self.publish_with(payload, &PublishOptions::delayed(delay))
+            .await
+    }
+
+    /// Publishes one message with 1.1 options and waits for its confirm.
+    ///
+    /// # Errors
+    /// As [`Producer::publish`]; `invalid_frame` for a priority above 9 or a delay past
+    /// the queue's `max_delay`.
+    pub async fn publish_with(
+        &mut self,
+        payload: &str,
+        options: &PublishOptions,
+    ) -> Result<MessageId, ClientError> {
         if self.unconfirmed > 0 {
             return Err(ClientError::Usage(
                 "publish while pipelined publishes await confirms; call confirm() for them first",
             ));
         }
-        self.send_delayed(payload, delay);
+        self.send_with(payload, options);
         self.confirm().await
     }
 
@@ -135,9 +168,15 @@ impl Producer {
 
     /// [`Producer::send`] of a message not delivered before `delay` from now.
     pub fn send_delayed(&mut self, payload: &str, delay: Duration) {
-        self.connection.queue(&ClientFrame::PublishDelayed {
+        self.send_with(payload, &PublishOptions::delayed(delay));
+    }
+
+    /// [`Producer::send`] with 1.1 options (the connection must have asked for 1.1).
+    pub fn send_with(&mut self, payload: &str, options: &PublishOptions) {
+        self.connection.queue(&ClientFrame::PublishWith {
             payload,
-            delay_ms: Some(millis(delay)),
+            priority: (options.priority != 0).then_some(options.priority),
+            delay_ms: options.delay.map(millis),
             not_before: None,
         });
         self.unconfirmed += 1;

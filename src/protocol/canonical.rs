@@ -1,7 +1,8 @@
 //! The canonical byte layouts of the three hot frames, written by Ferry's encoders and
 //! recognised by its decoders without a JSON parser:
 //!
-//! - `{"type":"publish","payload":"…"}`, what producers send,
+//! - `{"type":"publish","payload":"…"}`, what producers send, and on a 1.1 connection the
+//!   same with `,"priority":P` (0-9) before the closing brace,
 //! - `{"type":"ack","id":N}` and `{"type":"nack","id":N}`, what consumers send,
 //! - `{"type":"ok","id":N}`, the broker's confirm of a publish,
 //! - `{"type":"message","id":N,"payload":"…","attempt":A}`, what the broker delivers, and
@@ -13,13 +14,15 @@
 //! whitespace, escapes, errors) falls back to serde_json, so the fast path can only ever
 //! agree with the full parser; the tests check that it does.
 
+use super::PRIORITY_MAX;
+
 pub(crate) const PUBLISH_PREFIX: &[u8] = br#"{"type":"publish","payload":""#;
 pub(crate) const PUBLISH_SUFFIX: &[u8] = br#""}"#;
+pub(crate) const PUBLISH_PRIORITY: &[u8] = br#","priority":"#;
 pub(crate) const ACK_PREFIX: &[u8] = br#"{"type":"ack","id":"#;
 pub(crate) const NACK_PREFIX: &[u8] = br#"{"type":"nack","id":"#;
 pub(crate) const MESSAGE_PRIORITY: &[u8] = br#","priority":"#;
 pub(crate) const MESSAGE_PUBLISHED_AT: &[u8] = br#","published_at":"#;
-pub(crate) const MESSAGE_PRIORITY_0_PUBLISHED_AT: &[u8] = br#","priority":0,"published_at":"#;
 pub(crate) const MESSAGE_ACK_TIMEOUT: &[u8] = br#","ack_timeout_ms":"#;
 pub(crate) const CONFIRM_PREFIX: &[u8] = br#"{"type":"ok","id":"#;
 pub(crate) const MESSAGE_PREFIX: &[u8] = br#"{"type":"message","id":"#;
@@ -42,6 +45,21 @@ pub(crate) fn publish_literal(body: &[u8]) -> Option<&[u8]> {
     plain_json_text(content)?;
     // The literal runs from the opening quote (the prefix's last byte) to the closing one.
     Some(&body[PUBLISH_PREFIX.len() - 1..body.len() - PUBLISH_SUFFIX.len() + 1])
+}
+
+/// The payload literal (quotes included) and the priority of a canonical publish frame
+/// with a priority from 0 to 9 (a priority out of range is for serde's path to refuse).
+pub(crate) fn publish_with_priority(body: &[u8]) -> Option<(&[u8], u8)> {
+    let content = body.strip_prefix(PUBLISH_PREFIX)?;
+    // A plain payload holds no quote, so the first one closes it.
+    let close = memchr::memchr(b'"', content)?;
+    plain_json_text(&content[..close])?;
+    let (priority, rest) = leading_decimal(content[close + 1..].strip_prefix(PUBLISH_PRIORITY)?)?;
+    if rest != b"}" || priority > u64::from(PRIORITY_MAX) {
+        return None;
+    }
+    let start = PUBLISH_PREFIX.len() - 1;
+    Some((&body[start..start + close + 2], priority as u8))
 }
 
 /// The id of a canonical ack frame.
@@ -282,6 +300,21 @@ mod tests {
                 }
                 let general = InboundFrame::parse(&body).map(|f| f.publish_payload().map(<[u8]>::to_vec).ok());
                 let slow = InboundFrame::parse_general(&body).map(|f| f.publish_payload().map(<[u8]>::to_vec).ok());
+                prop_assert_eq!(general.ok(), slow.ok());
+            }
+
+            #[test]
+            fn publish_with_priority_never_disagrees(content in tricky_bytes(), priority in digits()) {
+                let body = [PUBLISH_PREFIX, &content, b"\"", PUBLISH_PRIORITY, &priority, b"}"].concat();
+                let fields = |frame: InboundFrame<'_>| {
+                    (frame.publish_payload().map(<[u8]>::to_vec).ok(), frame.publish_priority().ok())
+                };
+                if let Some((literal, fast_priority)) = publish_with_priority(&body) {
+                    let slow = InboundFrame::parse_general(&body).expect("serde accepts what the fast path accepts");
+                    prop_assert_eq!(fields(slow), (Some(literal.to_vec()), Some(fast_priority)));
+                }
+                let general = InboundFrame::parse(&body).map(fields);
+                let slow = InboundFrame::parse_general(&body).map(fields);
                 prop_assert_eq!(general.ok(), slow.ok());
             }
 

@@ -17,7 +17,9 @@ use super::codec::{write_frame, write_json_frame};
 use super::payload::validate_json_string;
 use std::time::Duration;
 
-use super::{DEFAULT_PREFETCH, Due, IDS_MAX, Ids, MessageId, QueueName, Role, Version};
+use super::{
+    DEFAULT_PREFETCH, Due, IDS_MAX, Ids, MessageId, PRIORITY_MAX, QueueName, Role, Version,
+};
 
 /// A frame as a client encodes it.
 #[derive(Debug, Clone, Serialize)]
@@ -39,10 +41,12 @@ pub enum ClientFrame<'a> {
     Publish {
         payload: &'a str,
     },
-    /// A publish with a delay (1.1): at most one of the two.
+    /// A publish with 1.1 fields: a priority, and at most one of the two delays.
     #[serde(rename = "publish")]
-    PublishDelayed {
+    PublishWith {
         payload: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        priority: Option<u8>,
         #[serde(skip_serializing_if = "Option::is_none")]
         delay_ms: Option<u64>,
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -81,6 +85,21 @@ impl ClientFrame<'_> {
                     body.put_slice(canonical::PUBLISH_SUFFIX);
                 })
             }
+            // The same with a priority and nothing else.
+            ClientFrame::PublishWith {
+                payload,
+                priority: Some(priority),
+                delay_ms: None,
+                not_before: None,
+            } if !canonical::needs_json_escape(payload.as_bytes()) => write_frame(dst, |body| {
+                body.reserve(payload.len() + 48);
+                body.put_slice(canonical::PUBLISH_PREFIX);
+                body.put_slice(payload.as_bytes());
+                body.put_u8(b'"');
+                body.put_slice(canonical::PUBLISH_PRIORITY);
+                body.put_slice(itoa::Buffer::new().format(*priority).as_bytes());
+                body.put_u8(b'}');
+            }),
             // A consumer's hot frames: an ack, and a nack without options.
             ClientFrame::Ack { id }
             | ClientFrame::Nack {
@@ -235,8 +254,9 @@ pub struct InboundFrame<'a> {
 }
 
 enum Fields<'a> {
-    /// A publish in the canonical layout: its payload literal, already validated.
-    CanonicalPublish(&'a [u8]),
+    /// A publish in the canonical layout: its payload literal, already validated, and
+    /// its priority (0 in the layout without one).
+    CanonicalPublish { literal: &'a [u8], priority: u8 },
     /// An ack or a nack (without options) in the canonical layout: its id.
     CanonicalAck(u64),
     /// Any other frame, its fields as raw JSON. Boxed: the hot frames (canonical publish
@@ -294,7 +314,10 @@ impl<'a> InboundFrame<'a> {
         if let Some(literal) = canonical::publish_literal(body) {
             return Ok(InboundFrame {
                 frame_type: FrameType::Publish,
-                fields: Fields::CanonicalPublish(literal),
+                fields: Fields::CanonicalPublish {
+                    literal,
+                    priority: 0,
+                },
             });
         }
         if let Some(id) = canonical::ack_id(body) {
@@ -307,6 +330,12 @@ impl<'a> InboundFrame<'a> {
             return Ok(InboundFrame {
                 frame_type: FrameType::Nack,
                 fields: Fields::CanonicalAck(id),
+            });
+        }
+        if let Some((literal, priority)) = canonical::publish_with_priority(body) {
+            return Ok(InboundFrame {
+                frame_type: FrameType::Publish,
+                fields: Fields::CanonicalPublish { literal, priority },
             });
         }
         Self::parse_json(body)
@@ -356,7 +385,7 @@ impl<'a> InboundFrame<'a> {
         static NONE: RawFields<'static> = RawFields::NONE;
         match &self.fields {
             Fields::Raw(fields) => fields,
-            Fields::CanonicalPublish(_) | Fields::CanonicalAck(_) => &NONE,
+            Fields::CanonicalPublish { .. } | Fields::CanonicalAck(_) => &NONE,
         }
     }
 
@@ -443,7 +472,7 @@ impl<'a> InboundFrame<'a> {
     /// # Errors
     /// [`InvalidFrame::BadField`] when `payload` is missing or not a string.
     pub fn publish_payload(&self) -> Result<&'a [u8], InvalidFrame> {
-        if let Fields::CanonicalPublish(literal) = self.fields {
+        if let Fields::CanonicalPublish { literal, .. } = self.fields {
             return Ok(literal);
         }
         let raw = self.raw().payload.ok_or_else(|| {
@@ -519,10 +548,13 @@ impl InboundFrame<'_> {
         }
     }
 
-    /// Whether this is a publish in the canonical layout: a payload and nothing else, so
-    /// no 1.1 field to check.
-    pub fn is_plain_publish(&self) -> bool {
-        matches!(self.fields, Fields::CanonicalPublish(_))
+    /// The priority of a publish in a canonical layout (a payload, and perhaps a
+    /// priority already checked): no other 1.1 field to check.
+    pub fn canonical_publish_priority(&self) -> Option<u8> {
+        match self.fields {
+            Fields::CanonicalPublish { priority, .. } => Some(priority),
+            _ => None,
+        }
     }
 
     /// When a `publish` may be delivered (1.1): `delay_ms` or `not_before`, at most one.
@@ -546,14 +578,14 @@ impl InboundFrame<'_> {
         }
     }
 
-    /// Refuses the publish fields of version 1.1 that this build does not serve yet
-    /// (part 2 of 1.1): `headers`, `dedup_key`, and a `priority` other than 0. Ignoring
-    /// them would lose headers and enqueue duplicates the client means to prevent.
+    /// Refuses the publish fields of version 1.1 that this build does not serve yet:
+    /// `headers` and `dedup_key`. Ignoring them would lose headers and enqueue
+    /// duplicates the client means to prevent.
     ///
     /// # Errors
     /// [`InvalidFrame::BadField`] naming the field.
     pub fn refuse_unserved_publish_fields(&self) -> Result<(), InvalidFrame> {
-        const NOT_YET: &str = "is not served by this build yet (priorities, headers and dedup keys come with part 2 of protocol 1.1); leave it out";
+        const NOT_YET: &str = "is not served by this build yet (headers and dedup keys come with the rest of protocol 1.1); leave it out";
         let raw = self.raw();
         if raw.headers.is_some() {
             return Err(InvalidFrame::bad_field("headers", NOT_YET));
@@ -561,12 +593,24 @@ impl InboundFrame<'_> {
         if raw.dedup_key.is_some() {
             return Err(InvalidFrame::bad_field("dedup_key", NOT_YET));
         }
-        match parse_field::<u8>("priority", raw.priority, "an integer from 0 to 9")? {
-            None | Some(0) => Ok(()),
-            Some(1..=9) => Err(InvalidFrame::bad_field("priority", NOT_YET)),
+        Ok(())
+    }
+
+    /// A publish's `priority` (1.1, rule 10): 0 to 9, 0 when absent.
+    ///
+    /// # Errors
+    /// [`InvalidFrame::BadField`] for anything else.
+    pub fn publish_priority(&self) -> Result<u8, InvalidFrame> {
+        const EXPECTED: &str = "an integer from 0 to 9";
+        if let Some(priority) = self.canonical_publish_priority() {
+            return Ok(priority);
+        }
+        match parse_field::<u64>("priority", self.raw().priority, EXPECTED)? {
+            None => Ok(0),
+            Some(priority) if priority <= u64::from(PRIORITY_MAX) => Ok(priority as u8),
             Some(other) => Err(InvalidFrame::bad_field(
                 "priority",
-                format!("is {other}; use an integer from 0 to 9"),
+                format!("is {other}; use {EXPECTED}"),
             )),
         }
     }
@@ -691,11 +735,24 @@ mod tests {
             "\u{1}",
             "\u{7f}",
         ] {
-            let mut fast = BytesMut::new();
-            ClientFrame::Publish { payload }.encode(&mut fast);
-            let mut general = BytesMut::new();
-            write_json_frame(&mut general, &ClientFrame::Publish { payload });
-            assert_eq!(fast, general, "{payload:?}");
+            let prioritized = |priority| ClientFrame::PublishWith {
+                payload,
+                priority,
+                delay_ms: None,
+                not_before: None,
+            };
+            for frame in [
+                ClientFrame::Publish { payload },
+                prioritized(Some(0)),
+                prioritized(Some(9)),
+                prioritized(Some(200)),
+            ] {
+                let mut fast = BytesMut::new();
+                frame.encode(&mut fast);
+                let mut general = BytesMut::new();
+                write_json_frame(&mut general, &frame);
+                assert_eq!(fast, general, "{frame:?}");
+            }
         }
     }
 

@@ -79,6 +79,9 @@ pub fn whole_millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// The highest priority a message can have (rule 10); 0 is the lowest and the default.
+pub const PRIORITY_MAX: u8 = 9;
+
 /// When a published message may first be delivered (version 1.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Due {

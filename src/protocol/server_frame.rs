@@ -35,11 +35,11 @@ pub enum ServerFrame<'a> {
     },
 }
 
-/// What a 1.1 message frame adds (contract §10): `priority` (0: priorities come with
-/// part 2), `published_at`, `ack_timeout_ms`, and `dead_letter` when it has one.
+/// What a 1.1 message frame adds (contract §10): `priority`, `published_at`,
+/// `ack_timeout_ms`, and `dead_letter` when it has one.
 #[derive(Debug, Clone, Copy)]
 pub struct DeliveryDetails<'a> {
-    /// `,"priority":0,"published_at":N`, as [`PublishedAtField::for_ms`] renders it.
+    /// `,"priority":P,"published_at":N`, as [`PublishedAtField::render`] renders it.
     pub published_at: &'a [u8],
     pub lease: &'a LeaseField,
     pub dead_letter: Option<&'a DeadLetter>,
@@ -51,23 +51,24 @@ pub struct DeliveryDetails<'a> {
 pub struct LeaseField(Box<[u8]>);
 
 /// The `priority` and `published_at` fields of a message frame, kept rendered for the
-/// last `published_at` written: deliveries in a row mostly share their publish's
-/// millisecond, so most frames copy them rather than format a 13-digit number.
+/// last pair written: deliveries in a row mostly share their priority and their
+/// publish's millisecond, so most frames copy them rather than format a 13-digit number.
 #[derive(Debug, Clone, Default)]
 pub struct PublishedAtField {
-    ms: Option<u64>,
+    rendered: Option<(u8, u64)>,
     text: Vec<u8>,
 }
 
 impl PublishedAtField {
-    /// The fields for a message published at `published_at_ms`.
-    pub fn for_ms(&mut self, published_at_ms: u64) -> &[u8] {
-        if self.ms != Some(published_at_ms) {
-            self.ms = Some(published_at_ms);
+    /// The fields for a message of `priority` published at `published_at_ms`.
+    pub fn render(&mut self, priority: u8, published_at_ms: u64) -> &[u8] {
+        if self.rendered != Some((priority, published_at_ms)) {
+            self.rendered = Some((priority, published_at_ms));
             self.text.clear();
-            // Priorities come with part 2 of 1.1: always 0 until then.
+            self.text.extend_from_slice(canonical::MESSAGE_PRIORITY);
             self.text
-                .extend_from_slice(canonical::MESSAGE_PRIORITY_0_PUBLISHED_AT);
+                .extend_from_slice(itoa::Buffer::new().format(priority).as_bytes());
+            self.text.extend_from_slice(canonical::MESSAGE_PUBLISHED_AT);
             self.text
                 .extend_from_slice(itoa::Buffer::new().format(published_at_ms).as_bytes());
         }
@@ -429,7 +430,7 @@ mod tests {
                 payload: &payload,
                 attempt: 2,
                 details: Some(DeliveryDetails {
-                    published_at: PublishedAtField::default().for_ms(1_767_225_600_123),
+                    published_at: PublishedAtField::default().render(0, 1_767_225_600_123),
                     lease: &LeaseField::new(5000),
                     dead_letter,
                 }),

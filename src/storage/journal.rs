@@ -111,6 +111,7 @@ pub struct LiveMessage<'a> {
     pub published_at_ms: u64,
     /// When it is due, if it is delayed.
     pub due_ms: Option<u64>,
+    pub priority: u8,
     pub queue: &'a QueueName,
     pub payload: &'a Payload,
     pub dead_letter: Option<&'a DeadLetter>,
@@ -118,7 +119,8 @@ pub struct LiveMessage<'a> {
 
 #[cfg(test)]
 impl<'a> LiveMessage<'a> {
-    /// A message as tests log it: published at an unknown time (0), not delayed.
+    /// A message as tests log it: published at an unknown time (0), not delayed,
+    /// priority 0.
     pub fn new(
         id: MessageId,
         deliveries: u32,
@@ -131,6 +133,7 @@ impl<'a> LiveMessage<'a> {
             deliveries,
             published_at_ms: 0,
             due_ms: None,
+            priority: 0,
             queue,
             payload,
             dead_letter,

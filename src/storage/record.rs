@@ -7,14 +7,16 @@
 //! record (version 2):        length u32 | crc32c u32 | segment u32 | kind u8
 //!                            | body (length - 1 bytes)
 //!   kind 1 publish:   id u64 | deliveries u32 | [published at u64 | due u64 (version 5)]
-//!                     | queue length u8 | queue | payload literal
+//!                     | [priority u8 (version 6)] | queue length u8 | queue
+//!                     | payload literal
 //!   kind 2 delivered: id u64, repeated
 //!   kind 3 acked:     id u64, repeated
 //!   kind 4 sealed:    (no body) the segment ends here; what follows is not part of it
 //!   kind 5 synced:    offset u64 (version 3): every byte of this segment before that
 //!                     offset was on stable storage before this record was written
 //!   kind 6 dead-lettered publish (version 4): id u64 | deliveries u32
-//!                     | [published at u64 | due u64 (version 5)] | reason u8
+//!                     | [published at u64 | due u64 (version 5)]
+//!                     | [priority u8 (version 6)] | reason u8
 //!                     | attempts u32 | at (ms since the epoch) u64 | source queue length u8
 //!                     | source queue | queue length u8 | queue | payload literal
 //! ```
@@ -47,21 +49,26 @@
 //! keeps its time of day across a restart. A nack that delays a message logs it again,
 //! as a move does, with its due time and its deliveries; records of version 4 and
 //! before read as published at an unknown time (0) and not delayed.
+//!
+//! Priorities (version 6): a publish record carries its message's priority, 0-9;
+//! records of version 5 and before read as priority 0, the only one they could have.
 
 use thiserror::Error;
 
 use super::journal::LiveMessage;
-use crate::protocol::{DeadLetter, DeadLetterReason, MessageId, Payload, QueueName};
+use crate::protocol::{DeadLetter, DeadLetterReason, MessageId, PRIORITY_MAX, Payload, QueueName};
 
 pub const MAGIC: &[u8; 8] = b"FERRYLOG";
 /// The version this build writes.
-pub const FORMAT_VERSION: u32 = 5;
+pub const FORMAT_VERSION: u32 = 6;
 /// The first version with synced records.
 pub const SYNCED_RECORDS_VERSION: u32 = 3;
 /// The first version with dead-letter records.
 pub const DEAD_LETTER_RECORDS_VERSION: u32 = 4;
 /// The first version whose publish records carry times.
 pub const TIMED_RECORDS_VERSION: u32 = 5;
+/// The first version whose publish records carry priorities.
+pub const PRIORITY_RECORDS_VERSION: u32 = 6;
 /// The oldest version this build reads: version 1 records have no segment field.
 pub const OLDEST_READABLE_VERSION: u32 = 1;
 pub const HEADER_BYTES: usize = 32;
@@ -87,10 +94,12 @@ const KIND_DEAD_LETTERED_PUBLISH: u8 = 6;
 /// What a dead-letter record adds to a publish record: reason, attempts, at, and the
 /// source queue's length (its name comes on top).
 const DEAD_LETTER_FIXED_BYTES: usize = 1 + 4 + 8 + 1;
-/// id, deliveries, published at, due, queue length.
-const PUBLISH_FIXED_BYTES: usize = 8 + 4 + 8 + 8 + 1;
+/// id, deliveries, published at, due, priority, queue length.
+const PUBLISH_FIXED_BYTES: usize = 8 + 4 + 8 + 8 + 1 + 1;
 /// What version 5 added to a publish record: published at, due.
 const TIMES_BYTES: usize = 8 + 8;
+/// What version 6 added to a publish record: priority.
+const PRIORITY_BYTES: usize = 1;
 
 /// The header that opens every segment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -188,6 +197,7 @@ pub enum Record {
         published_at_ms: u64,
         /// When it is due, if it is delayed.
         due_ms: Option<u64>,
+        priority: u8,
         queue: QueueName,
         payload: Payload,
         /// Its dead-letter record, when it was dead-lettered into `queue`.
@@ -209,6 +219,7 @@ pub fn encode_publish(dst: &mut Vec<u8>, segment: u64, message: &LiveMessage<'_>
         deliveries,
         published_at_ms,
         due_ms,
+        priority,
         queue,
         payload,
         dead_letter,
@@ -228,6 +239,7 @@ pub fn encode_publish(dst: &mut Vec<u8>, segment: u64, message: &LiveMessage<'_>
             body.extend_from_slice(&deliveries.to_le_bytes());
             body.extend_from_slice(&published_at_ms.to_le_bytes());
             body.extend_from_slice(&due_ms.unwrap_or(0).to_le_bytes());
+            body.push(priority);
             if let Some(record) = dead_letter {
                 body.push(record.reason.code());
                 body.extend_from_slice(&record.attempts.to_le_bytes());
@@ -411,7 +423,10 @@ pub fn decode_record(bytes: &[u8], header: &SegmentHeader) -> Decoded {
 
 fn decode_publish(body: &[u8], version: u32, dead_lettered: bool) -> Result<Record, &'static str> {
     let timed = version >= TIMED_RECORDS_VERSION;
-    let fixed_bytes = PUBLISH_FIXED_BYTES - if timed { 0 } else { TIMES_BYTES };
+    let prioritized = version >= PRIORITY_RECORDS_VERSION;
+    let fixed_bytes = PUBLISH_FIXED_BYTES
+        - if timed { 0 } else { TIMES_BYTES }
+        - if prioritized { 0 } else { PRIORITY_BYTES };
     if body.len() < fixed_bytes {
         return Err("publish record too short");
     }
@@ -425,6 +440,16 @@ fn decode_publish(body: &[u8], version: u32, dead_lettered: bool) -> Result<Reco
         (published_at_ms, (due_ms != 0).then_some(due_ms))
     } else {
         (0, None)
+    };
+    let priority = if prioritized {
+        let (&priority, after) = rest.split_first().expect("within the fixed bytes");
+        rest = after;
+        if priority > PRIORITY_MAX {
+            return Err("publish record with a priority above 9");
+        }
+        priority
+    } else {
+        0
     };
     let dead_letter = if dead_lettered {
         if rest.len() < DEAD_LETTER_FIXED_BYTES {
@@ -453,6 +478,7 @@ fn decode_publish(body: &[u8], version: u32, dead_lettered: bool) -> Result<Reco
         deliveries,
         published_at_ms,
         due_ms,
+        priority,
         queue,
         payload,
         dead_letter,
@@ -497,6 +523,7 @@ mod tests {
                 deliveries: 0,
                 published_at_ms: 1_767_225_600_123,
                 due_ms: None,
+                priority: 0,
                 queue: q("orders"),
                 payload: Payload::from_text("first ✓"),
                 dead_letter: None,
@@ -507,6 +534,7 @@ mod tests {
                 deliveries: 7,
                 published_at_ms: u64::MAX,
                 due_ms: Some(u64::MAX),
+                priority: 9,
                 queue: q(&"x".repeat(255)),
                 payload: Payload::from_text(""),
                 dead_letter: None,
@@ -519,6 +547,7 @@ mod tests {
                 deliveries: 0,
                 published_at_ms: 1_767_225_600_123,
                 due_ms: None,
+                priority: 3,
                 queue: q("orders.dlq"),
                 payload: Payload::from_text("dead ✗"),
                 dead_letter: Some(DeadLetter {
@@ -533,6 +562,7 @@ mod tests {
                 deliveries: u32::MAX,
                 published_at_ms: 1,
                 due_ms: Some(1_767_225_800_000),
+                priority: 9,
                 queue: q(&"e".repeat(255)),
                 payload: Payload::from_text(""),
                 dead_letter: Some(DeadLetter {
@@ -552,6 +582,7 @@ mod tests {
                     deliveries,
                     published_at_ms,
                     due_ms,
+                    priority,
                     queue,
                     payload,
                     dead_letter,
@@ -563,6 +594,7 @@ mod tests {
                         deliveries: *deliveries,
                         published_at_ms: *published_at_ms,
                         due_ms: *due_ms,
+                        priority: *priority,
                         queue,
                         payload,
                         dead_letter: dead_letter.as_ref(),
@@ -771,6 +803,51 @@ mod tests {
         }
     }
 
+    /// A publish record body of version 5 (times, no priority) or 6 (`priority` after
+    /// the times), with its prefix.
+    fn timed_publish_record(priority: Option<u8>) -> Vec<u8> {
+        let mut body = vec![KIND_PUBLISH];
+        body.extend_from_slice(&9u64.to_le_bytes());
+        body.extend_from_slice(&2u32.to_le_bytes());
+        body.extend_from_slice(&1_767_225_600_123u64.to_le_bytes());
+        body.extend_from_slice(&0u64.to_le_bytes());
+        body.extend(priority);
+        body.push(4);
+        body.extend_from_slice(b"jobs");
+        body.extend_from_slice(Payload::from_text("old").as_json());
+        let len = u32::try_from(body.len()).unwrap().to_le_bytes();
+        let tag = segment_tag(SEGMENT);
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&len), &[&tag[..], &body].concat());
+        [&len[..], &crc.to_le_bytes(), &tag, &body].concat()
+    }
+
+    /// Version 5 publish records (no priority) read as priority 0; in version 6 a
+    /// priority above 9 is corruption, not a message.
+    #[test]
+    fn version_5_publish_records_read_as_priority_0() {
+        let version_5 = SegmentHeader {
+            version: 5,
+            ..segment_header(SEGMENT)
+        };
+        let old = timed_publish_record(None);
+        let Decoded::Record(Record::Publish { priority, .. }, len) =
+            decode_record(&old, &version_5)
+        else {
+            panic!("a version 5 publish record is not read");
+        };
+        assert_eq!((priority, len), (0, old.len()));
+        let Decoded::Record(Record::Publish { priority, .. }, _) =
+            decode_record(&timed_publish_record(Some(7)), &segment_header(SEGMENT))
+        else {
+            panic!("a version 6 publish record is not read");
+        };
+        assert_eq!(priority, 7);
+        assert!(matches!(
+            decode_record(&timed_publish_record(Some(10)), &segment_header(SEGMENT)),
+            Decoded::Corrupt(_)
+        ));
+    }
+
     /// A version 1 record, as earlier builds wrote it: no segment field.
     fn version_1_acked(ids: &[u64]) -> Vec<u8> {
         let mut body = vec![KIND_ACKED];
@@ -811,6 +888,7 @@ mod tests {
                     deliveries: 2,
                     published_at_ms: 0,
                     due_ms: None,
+                    priority: 0,
                     queue,
                     payload,
                     dead_letter: None,

@@ -35,6 +35,8 @@ pub struct RecoveredMessage {
     pub published_at_ms: u64,
     /// When it is due, if it was delayed.
     pub due_ms: Option<u64>,
+    /// 0-9; 0 for logs of format 5 and before.
+    pub priority: u8,
     /// Its dead-letter record, if it was dead-lettered into `queue`.
     pub dead_letter: Option<DeadLetter>,
     /// The segment holding its latest publish record: the log needs it to know when a
@@ -123,6 +125,7 @@ struct Slot {
     deliveries: u32,
     published_at_ms: u64,
     due_ms: Option<u64>,
+    priority: u8,
     dead_letter: Option<DeadLetter>,
     acked: bool,
     segment: u64,
@@ -137,6 +140,7 @@ impl Slot {
             deliveries: self.deliveries,
             published_at_ms: self.published_at_ms,
             due_ms: self.due_ms,
+            priority: self.priority,
             dead_letter: self.dead_letter,
             segment: self.segment,
         }
@@ -156,6 +160,7 @@ impl Replay {
                 deliveries,
                 published_at_ms,
                 due_ms,
+                priority,
                 queue,
                 payload,
                 mut dead_letter,
@@ -172,6 +177,7 @@ impl Replay {
                     deliveries,
                     published_at_ms,
                     due_ms,
+                    priority,
                     dead_letter,
                     acked: false,
                     segment,

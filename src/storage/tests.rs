@@ -223,6 +223,7 @@ fn a_dead_letter_survives_restarts_and_compaction_in_its_new_queue() {
     let live = [LiveMessage {
         published_at_ms: 0,
         due_ms: None,
+        priority: 0,
         id: MessageId(1),
         deliveries: 1,
         queue: &q("jobs.dlq"),
@@ -1109,6 +1110,7 @@ fn run_log_size_test(keep_every: u64, bound: impl Fn(u64, u64) -> u64) -> bool {
             let messages = live.keys().map(|id| LiveMessage {
                 published_at_ms: 0,
                 due_ms: None,
+                priority: 0,
                 id: MessageId(*id),
                 deliveries: 0,
                 queue: &q_name,
@@ -1213,6 +1215,7 @@ fn compaction_settles_whatever_the_queue_names_take_in_the_records() {
             .compact_oldest(live.iter().map(|id| LiveMessage {
                 published_at_ms: 0,
                 due_ms: None,
+                priority: 0,
                 id: MessageId(*id),
                 deliveries: 0,
                 queue: &queue,
@@ -1377,6 +1380,7 @@ fn run_crash_test(steps: &[Step]) -> Result<(), TestCaseError> {
                 let live = model.live.iter().map(|(id, m)| LiveMessage {
                     published_at_ms: 0,
                     due_ms: None,
+                    priority: 0,
                     id: MessageId(*id),
                     deliveries: m.deliveries,
                     queue: &m.queue,

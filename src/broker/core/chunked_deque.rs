@@ -64,6 +64,7 @@ impl<T> ChunkedDeque<T> {
         self.chunks.front().and_then(|chunk| chunk.front())
     }
 
+    #[inline]
     pub fn push_back(&mut self, value: T) {
         match self.chunks.back_mut() {
             Some(last) if last.len() < CHUNK_LEN => {
@@ -81,6 +82,7 @@ impl<T> ChunkedDeque<T> {
         self.len += 1;
     }
 
+    #[inline]
     pub fn push_front(&mut self, value: T) {
         match self.chunks.front_mut() {
             Some(first) if first.len() < CHUNK_LEN => {
@@ -98,6 +100,7 @@ impl<T> ChunkedDeque<T> {
         self.len += 1;
     }
 
+    #[inline]
     pub fn pop_front(&mut self) -> Option<T> {
         let more_chunks = self.chunks.len() > 1;
         let first = self.chunks.front_mut()?;

@@ -33,6 +33,7 @@
 //! sizes and however many queues.
 
 mod chunked_deque;
+mod ready_queue;
 #[cfg(test)]
 mod tests;
 mod timers;
@@ -57,7 +58,7 @@ use crate::protocol::{
 };
 use crate::storage::LiveMessage;
 
-use chunked_deque::ChunkedDeque;
+use ready_queue::{Prioritized, ReadyQueue};
 use timers::{TimerKey, TimerWheel};
 
 /// What a message costs the broker beyond its payload and its place in a ready queue
@@ -158,6 +159,7 @@ pub enum Relocated {
         from: QueueName,
         to: QueueName,
         payload: Payload,
+        priority: u8,
         published_at_ms: u64,
         /// The record it carried before (dead-lettered once already), if any.
         replaced: Option<Arc<DeadLetter>>,
@@ -169,6 +171,7 @@ pub enum Relocated {
         queue: QueueName,
         payload: Payload,
         deliveries: u32,
+        priority: u8,
         published_at_ms: u64,
         due_ms: u64,
         dead_letter: Option<Arc<DeadLetter>>,
@@ -241,6 +244,27 @@ pub enum AckError {
     UnknownId(MessageId),
 }
 
+/// A message as a producer hands it over, for the queue its connection names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewMessage {
+    pub payload: Payload,
+    /// 0-9, higher first (rule 10); the session checked the range.
+    pub priority: u8,
+    /// Checked against the queue's `max_delay`.
+    pub due: Due,
+}
+
+impl NewMessage {
+    /// A message of priority 0, ready at once: what every 1.0 publish is.
+    pub fn now(payload: Payload) -> NewMessage {
+        NewMessage {
+            payload,
+            priority: 0,
+            due: Due::Now,
+        }
+    }
+}
+
 /// A message to hand to a consumer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivery {
@@ -249,6 +273,7 @@ pub struct Delivery {
     pub payload: Payload,
     /// 1 on the first delivery, one more on each redelivery.
     pub attempt: u32,
+    pub priority: u8,
     /// When the broker accepted its publish, in milliseconds since the Unix epoch.
     pub published_at_ms: u64,
     /// Where it was dead-lettered from, if it was.
@@ -341,7 +366,7 @@ pub struct Core {
 struct Queue {
     /// Resolved when the queue is created, fixed for the broker's lifetime.
     policy: Arc<QueuePolicy>,
-    ready: ChunkedDeque<ReadyMessage>,
+    ready: ReadyQueue<ReadyMessage>,
     /// In subscription order; `next_consumer` indexes the next one to try.
     consumers: Vec<ConsumerId>,
     next_consumer: usize,
@@ -358,8 +383,15 @@ struct ReadyMessage {
     payload: Payload,
     /// Deliveries so far; the next one is attempt `deliveries + 1`.
     deliveries: u32,
+    priority: u8,
     /// When its publish was accepted, in milliseconds since the Unix epoch.
     published_at_ms: u64,
+}
+
+impl Prioritized for ReadyMessage {
+    fn priority(&self) -> u8 {
+        self.priority
+    }
 }
 
 /// A message waiting for its due time.
@@ -386,6 +418,7 @@ struct Consumer {
 struct InFlight {
     payload: Payload,
     attempt: u32,
+    priority: u8,
     published_at_ms: u64,
     lease: TimerKey,
     delivered_at: Instant,
@@ -398,6 +431,7 @@ impl InFlight {
             id,
             payload: self.payload,
             deliveries: self.attempt,
+            priority: self.priority,
             published_at_ms: self.published_at_ms,
         }
     }
@@ -409,6 +443,7 @@ pub struct Restored {
     pub id: MessageId,
     pub payload: Payload,
     pub deliveries: u32,
+    pub priority: u8,
     /// 0 when the log did not record it (a log written before version 1.1): the time of
     /// the restore stands in.
     pub published_at_ms: u64,
@@ -487,6 +522,7 @@ impl Core {
             id,
             payload,
             deliveries,
+            priority,
             published_at_ms,
             due_ms,
             dead_letter,
@@ -502,6 +538,7 @@ impl Core {
             id,
             payload,
             deliveries,
+            priority,
             published_at_ms: if published_at_ms == 0 {
                 now_ms
             } else {
@@ -552,6 +589,7 @@ impl Core {
             queue.ready.iter().map(move |m| LiveMessage {
                 id: m.id,
                 deliveries: m.deliveries,
+                priority: m.priority,
                 published_at_ms: m.published_at_ms,
                 due_ms: None,
                 queue: name,
@@ -563,6 +601,7 @@ impl Core {
             consumer.in_flight.iter().map(move |(id, f)| LiveMessage {
                 id: *id,
                 deliveries: f.attempt,
+                priority: f.priority,
                 published_at_ms: f.published_at_ms,
                 due_ms: None,
                 queue: &consumer.queue,
@@ -573,6 +612,7 @@ impl Core {
         let delayed = self.delays.values().map(move |d| LiveMessage {
             id: d.message.id,
             deliveries: d.message.deliveries,
+            priority: d.message.priority,
             published_at_ms: d.message.published_at_ms,
             due_ms: Some(d.due_ms),
             queue: &d.queue,
@@ -629,9 +669,13 @@ impl Core {
     pub fn publish(
         &mut self,
         queue: &QueueName,
-        payload: Payload,
-        due: Due,
+        message: NewMessage,
     ) -> Result<Published, PublishError> {
+        let NewMessage {
+            payload,
+            priority,
+            due,
+        } = message;
         if self.drained_deliveries.is_some() {
             return Err(PublishError::ShuttingDown);
         }
@@ -669,6 +713,7 @@ impl Core {
             id,
             payload,
             deliveries: 0,
+            priority,
             published_at_ms: now_ms,
         };
         let published = Published {
@@ -816,6 +861,7 @@ impl Core {
             queue: queue.clone(),
             payload: message.payload.clone(),
             deliveries: message.deliveries,
+            priority: message.priority,
             published_at_ms: message.published_at_ms,
             due_ms,
             dead_letter: self.dead_letters.get(&id).cloned(),
@@ -980,6 +1026,7 @@ impl Core {
             from: from.clone(),
             to: to.clone(),
             payload: message.payload.clone(),
+            priority: message.priority,
             published_at_ms: message.published_at_ms,
             replaced,
             record,
@@ -1269,7 +1316,7 @@ impl Queue {
     fn new(policy: Arc<QueuePolicy>) -> Queue {
         Queue {
             policy,
-            ready: ChunkedDeque::default(),
+            ready: ReadyQueue::default(),
             consumers: Vec::new(),
             next_consumer: 0,
             delayed: 0,
@@ -1350,6 +1397,7 @@ impl Queue {
                 InFlight {
                     payload: message.payload.clone(),
                     attempt,
+                    priority: message.priority,
                     published_at_ms: message.published_at_ms,
                     lease: leases.insert(deadline, (consumer_id, message.id)),
                     delivered_at: now,
@@ -1367,6 +1415,7 @@ impl Queue {
                 id: message.id,
                 payload: message.payload,
                 attempt,
+                priority: message.priority,
                 published_at_ms: message.published_at_ms,
                 dead_letter,
             });

@@ -44,10 +44,17 @@ const C1: ConsumerId = ConsumerId(1);
 const C2: ConsumerId = ConsumerId(2);
 const C3: ConsumerId = ConsumerId(3);
 
+/// A message of priority 0.
+fn message(text: &str, due: Due) -> NewMessage {
+    NewMessage {
+        payload: Payload::from_text(text),
+        priority: 0,
+        due,
+    }
+}
+
 fn publish(core: &mut Core, queue: &str, text: &str) -> MessageId {
-    core.publish(&q(queue), Payload::from_text(text), Due::Now)
-        .unwrap()
-        .id
+    core.publish(&q(queue), message(text, Due::Now)).unwrap().id
 }
 
 /// A message as storage gives it back: not delayed, published at the wall clock's start.
@@ -56,6 +63,7 @@ fn restored(id: u64, text: &str, deliveries: u32) -> Restored {
         id: MessageId(id),
         payload: Payload::from_text(text),
         deliveries,
+        priority: 0,
         published_at_ms: WALL_MS,
         due_ms: None,
         dead_letter: None,
@@ -397,6 +405,85 @@ fn rule7_earlier_returns_stay_ahead_of_never_delivered_messages() {
     assert_eq!(order, ids);
 }
 
+fn publish_at(core: &mut Core, queue: &str, text: &str, priority: u8, due: Due) -> MessageId {
+    let message = NewMessage {
+        priority,
+        ..message(text, due)
+    };
+    core.publish(&q(queue), message).unwrap().id
+}
+
+#[test]
+fn rule10_higher_priorities_go_first_and_returns_keep_to_their_own() {
+    let mut core = core();
+    let low = publish_at(&mut core, "q", "low", 0, Due::Now);
+    let high = publish_at(&mut core, "q", "high", 9, Due::Now);
+    let mid = publish_at(&mut core, "q", "mid", 5, Due::Now);
+    let high2 = publish_at(&mut core, "q", "high2", 9, Due::Now);
+    assert_eq!(core.ready_ids(&q("q")), [high, high2, mid, low]);
+    core.subscribe(C1, q("q"), 2, None);
+    let made = deliveries(&mut core, t(0));
+    assert_eq!(
+        made.iter().map(|d| (d.id, d.priority)).collect::<Vec<_>>(),
+        [(high, 9), (high2, 9)]
+    );
+    // A timeout returns them to the front of their priority, not of the queue...
+    let high3 = publish_at(&mut core, "q", "high3", 9, Due::Now);
+    core.handle_timeout(t(0) + ACK_TIMEOUT);
+    assert_eq!(core.ready_ids(&q("q")), [high, high2, high3, mid, low]);
+    // ...and a nack to the back of it, still ahead of every lower priority.
+    assert_eq!(drain(&mut core, t(200)), [(C1, high, 2), (C1, high2, 2)]);
+    core.nack(C1, high, NackAction::Retry(None)).unwrap();
+    assert_eq!(core.ready_ids(&q("q")), [high3, high, mid, low]);
+    // A delayed message joins the back of its priority when due.
+    let delayed = publish_at(
+        &mut core,
+        "q",
+        "delayed",
+        5,
+        Due::After(Duration::from_millis(100)),
+    );
+    let mid2 = publish_at(&mut core, "q", "mid2", 5, Due::Now);
+    core.handle_timeout(t(300));
+    assert_eq!(
+        core.ready_ids(&q("q")),
+        [high3, high, mid, mid2, delayed, low]
+    );
+    // What the log keeps of each message carries its priority.
+    let logged: Vec<(MessageId, u8)> = core
+        .live_messages()
+        .filter(|m| [low, delayed, high2].contains(&m.id))
+        .map(|m| (m.id, m.priority))
+        .collect();
+    assert_eq!(logged.len(), 3);
+    assert!(logged.contains(&(low, 0)) && logged.contains(&(delayed, 5)));
+    assert!(logged.contains(&(high2, 9)), "in flight");
+}
+
+#[test]
+fn rule10_restored_and_dead_lettered_messages_keep_their_priority() {
+    let mut core = core_with_policies(TWO_DELIVERIES_THEN_DLQ);
+    core.restore(
+        &q("jobs"),
+        Restored {
+            priority: 7,
+            ..restored(1, "urgent", 0)
+        },
+    );
+    core.restore(&q("jobs"), restored(2, "plain", 0));
+    core.end_restore();
+    let waiting = publish_at(&mut core, "jobs.dlq", "waiting", 7, Due::Now);
+    let low = publish_at(&mut core, "jobs.dlq", "low", 0, Due::Now);
+    core.subscribe(C1, q("jobs"), 1, None);
+    assert_eq!(drain(&mut core, t(0)), [(C1, MessageId(1), 1)]);
+    core.nack(C1, MessageId(1), NackAction::DeadLetter).unwrap();
+    assert_eq!(
+        core.ready_ids(&q("jobs.dlq")),
+        [waiting, MessageId(1), low],
+        "at the back of its priority in the dead-letter queue"
+    );
+}
+
 #[test]
 fn rule8_messages_wait_while_no_consumer_is_connected() {
     let mut core = core();
@@ -417,7 +504,7 @@ fn the_memory_limit_counts_ready_and_in_flight_messages_until_acked() {
     let mut core = core_with_memory(queue + 2 * one);
     let a = publish(&mut core, "q", "0123456789");
     publish(&mut core, "q", "abcdefghij");
-    let refused = core.publish(&q("q"), Payload::from_text("ABCDEFGHIJ"), Due::Now);
+    let refused = core.publish(&q("q"), message("ABCDEFGHIJ", Due::Now));
     assert_eq!(
         refused,
         Err(PublishError::QueueFull {
@@ -429,7 +516,7 @@ fn the_memory_limit_counts_ready_and_in_flight_messages_until_acked() {
     core.subscribe(C1, q("q"), 10, None);
     drain(&mut core, t(0));
     assert!(
-        core.publish(&q("q"), Payload::from_text("ABCDEFGHIJ"), Due::Now)
+        core.publish(&q("q"), message("ABCDEFGHIJ", Due::Now))
             .is_err(),
         "in flight still counts"
     );
@@ -449,7 +536,7 @@ fn draining_refuses_publishes_and_finishes_when_nothing_is_in_flight() {
     core.begin_drain();
     assert!(core.is_draining());
     assert_eq!(
-        core.publish(&q("q"), Payload::from_text("late"), Due::Now),
+        core.publish(&q("q"), message("late", Due::Now)),
         Err(PublishError::ShuttingDown)
     );
     assert!(
@@ -704,6 +791,7 @@ fn rule14_a_message_returned_after_max_deliveries_is_dead_lettered() {
             from: q("jobs"),
             to: q("jobs.dlq"),
             payload: Payload::from_text("job"),
+            priority: 0,
             published_at_ms: WALL_MS,
             replaced: None,
             record: record.clone(),
@@ -826,8 +914,7 @@ fn tick(core: &mut Core, now: Instant) {
 }
 
 fn delayed_publish(core: &mut Core, queue: &str, text: &str, due: Due) -> Published {
-    core.publish(&q(queue), Payload::from_text(text), due)
-        .unwrap()
+    core.publish(&q(queue), message(text, due)).unwrap()
 }
 
 /// Rule 12: a nack without a delay (and no backoff) frees the prefetch slot at once and
@@ -884,6 +971,7 @@ fn rule13_a_nack_with_a_delay_holds_the_message_until_it_is_due() {
             queue: q("q"),
             payload: Payload::from_text("later"),
             deliveries: 1,
+            priority: 0,
             published_at_ms: WALL_MS,
             due_ms: WALL_MS + 510,
             dead_letter: None,

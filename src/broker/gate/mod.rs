@@ -24,9 +24,9 @@ use rustc_hash::FxHashMap;
 use tracing::{debug, info};
 
 use super::commands::{Command, ConnectionId, Reply, ToConnection};
-use super::core::{AckError, Core, CoreStats, Delivery, DrainReport, Relocated};
+use super::core::{AckError, Core, CoreStats, Delivery, DrainReport, NewMessage, Relocated};
 use super::held_replies::HeldReplies;
-use crate::protocol::{Due, ErrorCode, Ids, MessageId, Payload, QueueName, Role};
+use crate::protocol::{ErrorCode, Ids, MessageId, QueueName, Role};
 use crate::storage::{Journal, LiveMessage, record};
 
 /// What the gate needs of the durable log: [`Journal`], or a test's stand-in.
@@ -160,9 +160,7 @@ impl<L: Log> Gate<L> {
                     );
                     replies.push(Reply::Registered);
                 }
-                Command::Publish { payload, due } => {
-                    replies.push(self.publish(conn, payload, due));
-                }
+                Command::Publish(message) => replies.push(self.publish(conn, message)),
                 // The hot case, a single ack, without the list of unknown ids: through
                 // `settle` it cost 1% more instructions on a 4 x 4 run (callgrind).
                 Command::Ack(Ids::One(id)) => replies.push(match self.ack(conn, id) {
@@ -321,7 +319,7 @@ impl<L: Log> Gate<L> {
         self.log.take()
     }
 
-    fn publish(&mut self, conn: ConnectionId, payload: Payload, due: Due) -> Reply {
+    fn publish(&mut self, conn: ConnectionId, message: NewMessage) -> Reply {
         let Some(registered) = self.connections.get(&conn) else {
             // Not reached: apply passes on only the commands of known connections.
             return Reply::Refused {
@@ -331,8 +329,9 @@ impl<L: Log> Gate<L> {
             };
         };
         debug_assert_eq!(registered.role, Role::Producer);
-        let logged = self.log.is_some().then(|| payload.clone());
-        match self.core.publish(&registered.queue, payload, due) {
+        let logged = self.log.is_some().then(|| message.payload.clone());
+        let priority = message.priority;
+        match self.core.publish(&registered.queue, message) {
             Ok(published) => {
                 if let (Some(log), Some(payload)) = (&mut self.log, logged) {
                     log.log_publish(&LiveMessage {
@@ -340,6 +339,7 @@ impl<L: Log> Gate<L> {
                         deliveries: 0,
                         published_at_ms: published.published_at_ms,
                         due_ms: published.due_ms,
+                        priority,
                         queue: &registered.queue,
                         payload: &payload,
                         dead_letter: None,
@@ -369,6 +369,7 @@ impl<L: Log> Gate<L> {
                     from,
                     to,
                     payload,
+                    priority,
                     published_at_ms,
                     replaced,
                     record: dead_letter,
@@ -382,6 +383,7 @@ impl<L: Log> Gate<L> {
                             deliveries: 0,
                             published_at_ms,
                             due_ms: None,
+                            priority,
                             queue: &to,
                             payload: &payload,
                             dead_letter: Some(&dead_letter),
@@ -394,6 +396,7 @@ impl<L: Log> Gate<L> {
                     queue,
                     payload,
                     deliveries,
+                    priority,
                     published_at_ms,
                     due_ms,
                     dead_letter,
@@ -407,6 +410,7 @@ impl<L: Log> Gate<L> {
                             deliveries,
                             published_at_ms,
                             due_ms: Some(due_ms),
+                            priority,
                             queue: &queue,
                             payload: &payload,
                             dead_letter,

@@ -16,8 +16,9 @@ use std::time::Duration;
 use proptest::prelude::*;
 
 use super::*;
-use crate::broker::core::{CoreConfig, TIMER_TICK, WallClock};
+use crate::broker::core::{CoreConfig, NewMessage, TIMER_TICK, WallClock};
 use crate::broker::policy::{Policies, QueuePolicy};
+use crate::protocol::Payload;
 
 const ACK_TIMEOUT: Duration = Duration::from_millis(100);
 const CONNECTIONS: u64 = 6;
@@ -244,9 +245,8 @@ impl World {
                     return;
                 }
                 let mut commands: Vec<Command> = (0..count)
-                    .map(|n| Command::Publish {
-                        payload: Payload::from_text(&format!("m{n}")),
-                        due: Due::Now,
+                    .map(|n| {
+                        Command::Publish(NewMessage::now(Payload::from_text(&format!("m{n}"))))
                     })
                     .collect();
                 if matches!(op, Op::PublishAndEnd { .. }) {
@@ -499,10 +499,9 @@ fn requests_of_a_connection_found_gone_are_dropped() {
     world.gate.handle_gone(conn);
     world.gate.apply(
         conn,
-        vec![Command::Publish {
-            payload: Payload::from_text("late"),
-            due: Due::Now,
-        }],
+        vec![Command::Publish(NewMessage::now(Payload::from_text(
+            "late",
+        )))],
     );
     world.gate.end_turn(world.now);
     assert_eq!(world.gate.stats().published_total, 0);

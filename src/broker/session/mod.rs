@@ -38,7 +38,7 @@ use tracing::{Span, debug, field, info};
 
 use super::auth::Access;
 use super::commands::{Command, Reply, ToConnection};
-use super::core::{Delivery, NackAction, WallClock};
+use super::core::{Delivery, NackAction, NewMessage, WallClock};
 use super::policy::{Policies, QueuePolicy};
 use crate::protocol::client_frame::{FrameType, InboundFrame, InvalidFrame};
 use crate::protocol::codec::{FrameDecoder, FrameError};
@@ -517,14 +517,18 @@ impl Session {
         now: Instant,
     ) -> Result<Command, InvalidFrame> {
         let payload = Payload::from_validated(frame.publish_payload()?);
-        // A 1.0 publish has no 1.1 field, and a canonical one has only its payload.
-        if !self.speaks_1_1() || frame.is_plain_publish() {
-            return Ok(Command::Publish {
-                payload,
-                due: Due::Now,
-            });
+        // A 1.0 publish has no 1.1 field, and a canonical one at most a checked priority.
+        if !self.speaks_1_1() {
+            return Ok(Command::Publish(NewMessage::now(payload)));
+        }
+        if let Some(priority) = frame.canonical_publish_priority() {
+            return Ok(Command::Publish(NewMessage {
+                priority,
+                ..NewMessage::now(payload)
+            }));
         }
         frame.refuse_unserved_publish_fields()?;
+        let priority = frame.publish_priority()?;
         let due = frame.publish_due()?;
         let max_delay = self.policy().max_delay;
         let asked = match due {
@@ -543,7 +547,11 @@ impl Session {
             };
             return Err(past_limit(field, asked, "max_delay", max_delay));
         }
-        Ok(Command::Publish { payload, due })
+        Ok(Command::Publish(NewMessage {
+            payload,
+            priority,
+            due,
+        }))
     }
 
     fn nack_command(&self, frame: &InboundFrame<'_>) -> Result<Command, InvalidFrame> {
@@ -835,7 +843,7 @@ fn encode_delivery(
         payload: &delivery.payload,
         attempt: delivery.attempt,
         details: lease.map(|lease| DeliveryDetails {
-            published_at: published_at.for_ms(delivery.published_at_ms),
+            published_at: published_at.render(delivery.priority, delivery.published_at_ms),
             lease,
             dead_letter: delivery.dead_letter.as_deref(),
         }),

@@ -473,6 +473,7 @@ impl World {
                     id: MessageId(id),
                     payload: payload.clone(),
                     attempt: 1,
+                    priority: 0,
                     published_at_ms: 1,
                     dead_letter: None,
                 }

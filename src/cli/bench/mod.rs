@@ -81,9 +81,13 @@ pub struct BenchArgs {
     /// message's due time, counted from its send.
     #[arg(long, value_parser = humantime::parse_duration)]
     delay: Option<Duration>,
+    /// Publish with this many priorities, 1 to 10, in turn (message i gets priority
+    /// i mod N; protocol 1.1 above 1), to measure what priorities cost the queue.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=10))]
+    priorities: u8,
     /// The protocol version the clients ask for: 1.0 (the default, what every client can
-    /// speak) or 1.1 (the default with --nack-ratio or --delay, which need it), to
-    /// measure what 1.1's longer message frames cost.
+    /// speak) or 1.1 (the default with --nack-ratio, --delay or --priorities, which need
+    /// it), to measure what 1.1's longer message frames cost.
     #[arg(long, value_parser = parse_version)]
     protocol: Option<Version>,
     /// Print the report as JSON.
@@ -131,9 +135,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         bail!("--nack-ratio must be from 0 to 1 (the share of messages nacked once)");
     }
     if args.protocol.is_some_and(|v| v < Version::V1_1)
-        && (args.nack_ratio > 0.0 || args.delay.is_some())
+        && (args.nack_ratio > 0.0 || args.delay.is_some() || args.priorities > 1)
     {
-        bail!("--nack-ratio and --delay need --protocol 1.1");
+        bail!("--nack-ratio, --delay and --priorities need --protocol 1.1");
     }
     if cfg!(debug_assertions) {
         eprintln!(
@@ -189,12 +193,14 @@ async fn run_once(args: &BenchArgs, tls: Option<&ClientTls>) -> anyhow::Result<R
     };
     let total_producers = (args.producers * args.queues) as u64;
     let per_producer_rate = args.rate.map(|rate| rate / total_producers as f64);
-    // Nacks and delays need version 1.1; everything else speaks 1.0, as every client
-    // can, so that the figures compare with builds before 1.1.
+    // Nacks, delays and priorities need version 1.1; everything else speaks 1.0, as
+    // every client can, so that the figures compare with builds before 1.1.
     let consumer_version = args
         .protocol
-        .or((args.nack_ratio > 0.0).then_some(Version::V1_1));
-    let producer_version = args.protocol.or(args.delay.map(|_| Version::V1_1));
+        .or((args.nack_ratio > 0.0 || args.priorities > 1).then_some(Version::V1_1));
+    let producer_version = args
+        .protocol
+        .or((args.delay.is_some() || args.priorities > 1).then_some(Version::V1_1));
 
     // Consumers first, so deliveries start with the first publish.
     let mut consumers = Vec::new();
@@ -265,6 +271,7 @@ async fn run_once(args: &BenchArgs, tls: Option<&ClientTls>) -> anyhow::Result<R
             rate: per_producer_rate,
             phase: n as f64 / total_producers as f64,
             delay_span: args.delay,
+            priorities: args.priorities,
         };
         *index += 1;
         let queue_tally = tally_of(&name);
@@ -372,6 +379,7 @@ fn summarize(
             rate: args.rate,
             nack_ratio: args.nack_ratio,
             delay_ms: args.delay.map(ferry::protocol::whole_millis),
+            priorities: args.priorities,
         },
         counts: report::Counts {
             confirmed,

@@ -24,6 +24,8 @@ pub struct Workload {
     pub nack_ratio: f64,
     /// Delays spread from 0 to this (latency is then lateness past the due time).
     pub delay_ms: Option<u64>,
+    /// Priorities published in turn.
+    pub priorities: u8,
 }
 
 /// What happened to the messages (summed over runs).
@@ -223,12 +225,13 @@ impl Report {
             "workload     {} queue(s), {} producer(s), {} consumer(s), {} B payloads, window {}, prefetch {}, {rate}",
             w.queues, w.producers, w.consumers, w.payload_bytes, w.window, w.prefetch
         );
-        if w.nack_ratio > 0.0 || w.delay_ms.is_some() {
+        if w.nack_ratio > 0.0 || w.delay_ms.is_some() || w.priorities > 1 {
             println!(
-                "             protocol 1.1: {:.0}% nacked once; delays {}",
+                "             protocol 1.1: {:.0}% nacked once; delays {}; {} priorities",
                 w.nack_ratio * 100.0,
                 w.delay_ms
-                    .map_or("none".to_owned(), |ms| format!("spread over 0-{ms} ms"))
+                    .map_or("none".to_owned(), |ms| format!("spread over 0-{ms} ms")),
+                w.priorities
             );
         }
         println!(

@@ -10,7 +10,7 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use tokio::time::Instant;
 
-use ferry::{ClientError, Consumer, MessageId, Producer};
+use ferry::{ClientError, Consumer, MessageId, Producer, PublishOptions};
 
 use super::tally::{QueueTally, decode_payload, encode_payload};
 
@@ -40,6 +40,8 @@ pub struct ProducerPlan {
     pub phase: f64,
     /// Publish every message delayed, by [`delay_of`] its index within this span.
     pub delay_span: Option<Duration>,
+    /// Message `i` gets priority `i mod priorities`.
+    pub priorities: u8,
 }
 
 /// What consumers do besides acking.
@@ -106,9 +108,14 @@ pub async fn produce(
                 (now - origin).as_nanos() as u64,
                 &padding,
             );
-            match plan.delay_span {
-                Some(span) => producer.send_delayed(&payload, delay_of(sent, span)),
-                None => producer.send(&payload),
+            if plan.delay_span.is_some() || plan.priorities > 1 {
+                let options = PublishOptions {
+                    priority: (sent % u64::from(plan.priorities)) as u8,
+                    delay: plan.delay_span.map(|span| delay_of(sent, span)),
+                };
+                producer.send_with(&payload, &options);
+            } else {
+                producer.send(&payload);
             }
             outcome.first_send.get_or_insert(now);
             awaiting.push_back(sent);

@@ -1,0 +1,222 @@
+//! A queue's ready messages in delivery order (rule 10): highest priority first, and
+//! within a priority first in, first out, returns at the front.
+//!
+//! One FIFO per priority in use, kept in a short list from the highest priority down,
+//! with a bit per FIFO that holds anything: finding the next message is one count of
+//! trailing zeros however many priorities are in use, and a queue whose messages all
+//! have one priority holds one FIFO. A level is made the first time its priority is used
+//! and kept after that (emptied, it holds at most one small chunk), so a queue that
+//! alternates between priorities does not allocate for it each time.
+
+use super::chunked_deque::ChunkedDeque;
+
+/// What a ready queue holds: something with a priority.
+pub trait Prioritized {
+    fn priority(&self) -> u8;
+}
+
+#[derive(Debug)]
+pub struct ReadyQueue<T> {
+    /// Highest priority first; no two levels share a priority.
+    levels: Vec<Level<T>>,
+    /// Bit `i` is set when `levels[i]` holds a message.
+    non_empty: u16,
+    /// Room in the chunks of every level, kept as they change: the core asks after
+    /// every push and pop, to count what the queue costs.
+    capacity: usize,
+}
+
+#[derive(Debug)]
+struct Level<T> {
+    priority: u8,
+    messages: ChunkedDeque<T>,
+}
+
+impl<T> Default for ReadyQueue<T> {
+    fn default() -> Self {
+        ReadyQueue {
+            levels: Vec::new(),
+            non_empty: 0,
+            capacity: 0,
+        }
+    }
+}
+
+impl<T: Prioritized> ReadyQueue<T> {
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.levels.iter().map(|l| l.messages.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.non_empty == 0
+    }
+
+    /// Elements the chunks of every level have room for.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// The next message to deliver.
+    #[inline]
+    pub fn front(&self) -> Option<&T> {
+        self.levels
+            .get(self.non_empty.trailing_zeros() as usize)?
+            .messages
+            .front()
+    }
+
+    #[inline]
+    pub fn pop_front(&mut self) -> Option<T> {
+        let index = self.non_empty.trailing_zeros() as usize;
+        let level = &mut self.levels.get_mut(index)?.messages;
+        let room = level.capacity();
+        let message = level.pop_front()?;
+        self.capacity -= room - level.capacity();
+        if level.is_empty() {
+            self.non_empty &= !(1 << index);
+        }
+        Some(message)
+    }
+
+    /// Appends a message behind the others of its priority.
+    #[inline]
+    pub fn push_back(&mut self, message: T) {
+        self.push(message, ChunkedDeque::push_back);
+    }
+
+    /// Puts a message ahead of the others of its priority.
+    #[inline]
+    pub fn push_front(&mut self, message: T) {
+        self.push(message, ChunkedDeque::push_front);
+    }
+
+    #[inline]
+    fn push(&mut self, message: T, push: impl FnOnce(&mut ChunkedDeque<T>, T)) {
+        let index = self.level(message.priority());
+        let level = &mut self.levels[index].messages;
+        let room = level.capacity();
+        push(level, message);
+        self.capacity += level.capacity() - room;
+        self.non_empty |= 1 << index;
+    }
+
+    /// Every message, in delivery order.
+    pub fn iter(&self) -> impl Iterator<Item = &T> {
+        self.levels.iter().flat_map(|l| l.messages.iter())
+    }
+
+    /// Where the FIFO of `priority` is, made if new.
+    #[inline]
+    fn level(&mut self, priority: u8) -> usize {
+        // The common case: one priority in use, or the highest.
+        if self.levels.first().is_some_and(|l| l.priority == priority) {
+            return 0;
+        }
+        match self.levels.iter().position(|l| l.priority <= priority) {
+            Some(index) if self.levels[index].priority == priority => index,
+            place => {
+                let index = place.unwrap_or(self.levels.len());
+                debug_assert!(index < u16::BITS as usize, "at most ten priorities");
+                self.levels.insert(
+                    index,
+                    Level {
+                        priority,
+                        messages: ChunkedDeque::default(),
+                    },
+                );
+                // The levels from `index` on moved up by one: so do their bits.
+                let below = self.non_empty & ((1 << index) - 1);
+                self.non_empty = below | ((self.non_empty & !below) << 1);
+                index
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// (priority, serial)
+    type Item = (u8, u32);
+
+    impl Prioritized for Item {
+        fn priority(&self) -> u8 {
+            self.0
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        PushBack(Item),
+        PushFront(Item),
+        PopFront,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let item = (0u8..10, any::<u32>());
+        prop_oneof![
+            3 => item.clone().prop_map(Op::PushBack),
+            1 => item.prop_map(Op::PushFront),
+            2 => Just(Op::PopFront),
+        ]
+    }
+
+    /// The reference: one FIFO per priority 0-9, the highest non-empty first.
+    fn reference_front(reference: &[VecDeque<Item>; 10]) -> Option<&Item> {
+        reference.iter().rev().find_map(|fifo| fifo.front())
+    }
+
+    proptest! {
+        #[test]
+        fn delivers_highest_priority_first_fifo_within(
+            priorities in 1u8..=10,
+            ops in prop::collection::vec(op(), 0..1500),
+        ) {
+            let mut queue = ReadyQueue::default();
+            let mut reference: [VecDeque<Item>; 10] = Default::default();
+            for op in ops {
+                match op {
+                    Op::PushBack(item) => {
+                        let item = (item.0 % priorities, item.1);
+                        queue.push_back(item);
+                        reference[usize::from(item.0)].push_back(item);
+                    }
+                    Op::PushFront(item) => {
+                        let item = (item.0 % priorities, item.1);
+                        queue.push_front(item);
+                        reference[usize::from(item.0)].push_front(item);
+                    }
+                    Op::PopFront => {
+                        let expected = reference.iter_mut().rev().find_map(|fifo| fifo.pop_front());
+                        prop_assert_eq!(queue.pop_front(), expected);
+                    }
+                }
+                prop_assert_eq!(queue.len(), reference.iter().map(VecDeque::len).sum::<usize>());
+                prop_assert_eq!(queue.front(), reference_front(&reference));
+                prop_assert!(queue.levels.windows(2).all(|w| w[0].priority > w[1].priority));
+                prop_assert_eq!(queue.capacity(), queue.levels.iter().map(|l| l.messages.capacity()).sum::<usize>());
+                for (index, level) in queue.levels.iter().enumerate() {
+                    prop_assert_eq!(queue.non_empty & (1 << index) != 0, !level.messages.is_empty());
+                }
+                prop_assert!(queue.levels.len() <= usize::from(priorities));
+            }
+            prop_assert!(queue.iter().eq(reference.iter().rev().flatten()));
+        }
+    }
+
+    #[test]
+    fn one_priority_in_use_is_one_level() {
+        let mut queue = ReadyQueue::default();
+        for serial in 0..1000 {
+            queue.push_back((4, serial));
+        }
+        assert_eq!(queue.levels.len(), 1);
+        assert_eq!(queue.pop_front(), Some((4, 0)));
+    }
+}
