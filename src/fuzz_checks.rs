@@ -68,9 +68,11 @@ pub fn client_frame(body: &[u8]) {
     let summary = |frame: &InboundFrame<'_>| {
         let detail = match frame.frame_type() {
             FrameType::Register => format!("{:?}", frame.register()),
-            FrameType::Publish => {
-                format!("{:?}", frame.publish_payload().map_err(|e| e.to_string()))
-            }
+            FrameType::Publish => format!(
+                "{:?} {:?}",
+                frame.publish_payload().map_err(|e| e.to_string()),
+                frame.publish_priority().map_err(|e| e.to_string())
+            ),
             FrameType::Ack => format!("{:?}", frame.target_ids(true).map_err(|e| e.to_string())),
             FrameType::Nack => format!("{:?}", frame.nack().map_err(|e| e.to_string())),
             FrameType::Touch => format!("{:?}", frame.touch().map_err(|e| e.to_string())),

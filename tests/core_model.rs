@@ -23,7 +23,7 @@ use ferry::MessageId;
 use ferry::broker::core::{
     AckError, ConsumerId, Core, CoreConfig, DEAD_LETTER_BYTES, DELAYED_MESSAGE_BYTES,
     MESSAGE_OVERHEAD_BYTES, NackAction, NewMessage, PublishError, QUEUE_OVERHEAD_BYTES,
-    READY_CHUNK_LEN, READY_SLOT_BYTES, TIMER_TICK, WallClock,
+    READY_CHUNK_LEN, READY_LEVEL_BYTES, READY_SLOT_BYTES, TIMER_TICK, WallClock,
 };
 use ferry::broker::policy::{PolicyFile, QueuePolicy};
 use ferry::protocol::{Due, Payload, QueueName};
@@ -674,12 +674,14 @@ fn check(core: &mut Core, model: &Model) -> Result<(), TestCaseError> {
             .map(|c| c.in_flight.len())
             .sum::<usize>()
     );
-    // Beyond messages and queues, what is counted is the ready queues' chunks: room for
-    // at least every ready message, and at most two partly used chunks more for each
-    // priority a queue has used.
-    let chunks = stats.memory_bytes.checked_sub(model.memory);
-    let ready_slots: u64 = model.queues.values().map(|q| q.ready_len() as u64).sum();
+    // Beyond messages and queues, what is counted is the ready queues' levels, one per
+    // priority a queue has used, and their chunks: room for at least every ready message,
+    // and at most two partly used chunks more per level.
     let levels: u64 = model.queues.values().map(|q| q.levels.len() as u64).sum();
+    let chunks = stats
+        .memory_bytes
+        .checked_sub(model.memory + levels * READY_LEVEL_BYTES);
+    let ready_slots: u64 = model.queues.values().map(|q| q.ready_len() as u64).sum();
     let most_slots = ready_slots + levels * 2 * READY_CHUNK_LEN as u64;
     prop_assert!(
         chunks.is_some_and(|chunks| {

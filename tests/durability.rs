@@ -10,7 +10,9 @@ use common::{
     unix_ms, with_fields, within,
 };
 use ferry::broker::BrokerConfig;
-use ferry::broker::core::{MESSAGE_OVERHEAD_BYTES, QUEUE_OVERHEAD_BYTES, READY_SLOT_BYTES};
+use ferry::broker::core::{
+    MESSAGE_OVERHEAD_BYTES, QUEUE_OVERHEAD_BYTES, READY_LEVEL_BYTES, READY_SLOT_BYTES,
+};
 use ferry::storage::record::{self, Decoded, Record, SegmentHeader};
 use ferry::storage::segments::SPARE_FILES_MAX;
 use serde_json::{Value, json};
@@ -182,6 +184,7 @@ async fn refusals_behind_unsynced_confirms_are_answered_without_further_traffic(
             + MESSAGE_OVERHEAD_BYTES
             + QUEUE_OVERHEAD_BYTES
             + "full".len() as u64
+            + READY_LEVEL_BYTES
             + 4 * READY_SLOT_BYTES,
         ..durable_config(dir.path())
     })

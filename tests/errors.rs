@@ -8,7 +8,9 @@ use std::time::Duration;
 use common::{RawClient, TestBroker, eventually, test_config, within};
 use ferry::broker::BrokerConfig;
 use ferry::broker::auth::Access;
-use ferry::broker::core::{MESSAGE_OVERHEAD_BYTES, QUEUE_OVERHEAD_BYTES, READY_SLOT_BYTES};
+use ferry::broker::core::{
+    MESSAGE_OVERHEAD_BYTES, QUEUE_OVERHEAD_BYTES, READY_LEVEL_BYTES, READY_SLOT_BYTES,
+};
 use serde_json::json;
 
 async fn assert_fatal_first_frame(broker: &TestBroker, body: &[u8], code: &str) {
@@ -333,7 +335,7 @@ async fn unknown_id_is_not_fatal_and_changes_nothing() {
 async fn queue_full_when_the_memory_limit_is_reached_and_not_fatal() {
     let payload = "x".repeat(40); // 42 bytes as a JSON literal
     let message = 42 + MESSAGE_OVERHEAD_BYTES;
-    let queue = QUEUE_OVERHEAD_BYTES + "q".len() as u64 + 4 * READY_SLOT_BYTES;
+    let queue = QUEUE_OVERHEAD_BYTES + "q".len() as u64 + READY_LEVEL_BYTES + 4 * READY_SLOT_BYTES;
     let broker = TestBroker::start_with(BrokerConfig {
         // Room for the queue and two of the messages, not three.
         max_memory_bytes: queue + 2 * message + 10,

@@ -20,10 +20,10 @@ impl Version {
     /// Version 1.1: nack, touch, `ids`, delays, consumer leases, the full message frame.
     pub const V1_1: Version = Version { minor: 1 };
 
-    /// The highest version this broker speaks. Of 1.1, what part 2 adds (priorities other
-    /// than 0, headers, dedup keys, publish_batch, length limits) is not served yet: a
-    /// publish with those fields is refused (`invalid_frame`, saying so), and
-    /// publish_batch is an unknown type.
+    /// The highest version this broker speaks. Of 1.1's publish semantics, headers, dedup
+    /// keys, publish_batch and length limits are not served yet: a publish with those
+    /// fields is refused (`invalid_frame`, saying so), and publish_batch is an unknown
+    /// type. Priorities are served.
     pub const SUPPORTED: Version = Version::V1_1;
 
     /// Reads `"1"` or `"1.N"` (N decimal digits; a minor beyond `u32` is as high as any).

@@ -54,7 +54,8 @@ use thiserror::Error;
 
 use super::policy::{ACK_TIMEOUT_RANGE, Policies, QueuePolicy};
 use crate::protocol::{
-    DeadLetter, DeadLetterReason, Due, ErrorCode, MessageId, Payload, QueueName, whole_millis,
+    DeadLetter, DeadLetterReason, Due, ErrorCode, MessageId, PRIORITY_MAX, Payload, QueueName,
+    whole_millis,
 };
 use crate::storage::LiveMessage;
 
@@ -78,6 +79,11 @@ pub const QUEUE_OVERHEAD_BYTES: u64 = 256;
 
 /// What one place in a ready queue's chunks costs.
 pub const READY_SLOT_BYTES: u64 = std::mem::size_of::<ReadyMessage>() as u64;
+
+/// What each priority a queue has used costs beyond its chunks' places: its entry in the
+/// list of levels (which grows to room for 16), the spine of its chunk pointers, the
+/// chunk's own header and the allocator's.
+pub const READY_LEVEL_BYTES: u64 = 256;
 
 /// What a delayed message costs beyond its payload and [`MESSAGE_OVERHEAD_BYTES`]: its
 /// timer, and with a log a nack's delay its entry in the journal's map of copies.
@@ -528,6 +534,9 @@ impl Core {
             dead_letter,
         } = restored;
         debug_assert!(id.0 >= self.next_id, "restored out of order");
+        // Storage refuses a record with a higher one as corrupt.
+        debug_assert!(priority <= PRIORITY_MAX, "priority {priority}");
+        let priority = priority.min(PRIORITY_MAX);
         self.next_id = self.next_id.max(id.0 + 1);
         self.stats.memory_bytes += message_cost(&payload);
         if let Some(record) = dead_letter {
@@ -676,6 +685,9 @@ impl Core {
             priority,
             due,
         } = message;
+        // The session checked it; a ready queue has room for ten priorities, no more.
+        debug_assert!(priority <= PRIORITY_MAX, "priority {priority}");
+        let priority = priority.min(PRIORITY_MAX);
         if self.drained_deliveries.is_some() {
             return Err(PublishError::ShuttingDown);
         }
@@ -1155,7 +1167,9 @@ impl Core {
                     .front()
                     .is_some_and(|m| m.id.0 >= self.deliverable_below)
                 {
-                    // The front message is not durable yet; later ones are newer still.
+                    // The front message is not durable yet. What is behind it is newer
+                    // still, or of a lower priority: rule 10 holds those back too until
+                    // the group commit that makes the front one durable.
                     if !queue.at_watermark {
                         queue.at_watermark = true;
                         self.held_at_watermark.push(name);
@@ -1335,9 +1349,10 @@ impl Queue {
         claim
     }
 
-    /// What the chunks of its ready queue take.
+    /// What its ready queue takes: the places of its chunks, and each priority's level.
     fn ready_bytes(&self) -> u64 {
         self.ready.capacity() as u64 * READY_SLOT_BYTES
+            + self.ready.level_count() as u64 * READY_LEVEL_BYTES
     }
 
     /// Appends a ready message; `memory_bytes` follows the chunks.

@@ -5,8 +5,9 @@
 //! with a bit per FIFO that holds anything: finding the next message is one count of
 //! trailing zeros however many priorities are in use, and a queue whose messages all
 //! have one priority holds one FIFO. A level is made the first time its priority is used
-//! and kept after that (emptied, it holds at most one small chunk), so a queue that
-//! alternates between priorities does not allocate for it each time.
+//! and kept after that (emptied, it keeps its last chunk, which is counted), so a queue
+//! that alternates between priorities does not allocate for it each time. A queue has at
+//! most ten levels: the core clamps priorities to 0-9.
 
 use super::chunked_deque::ChunkedDeque;
 
@@ -50,6 +51,11 @@ impl<T: Prioritized> ReadyQueue<T> {
 
     pub fn is_empty(&self) -> bool {
         self.non_empty == 0
+    }
+
+    /// Priorities used so far, each with its level.
+    pub fn level_count(&self) -> usize {
+        self.levels.len()
     }
 
     /// Elements the chunks of every level have room for.
@@ -117,7 +123,7 @@ impl<T: Prioritized> ReadyQueue<T> {
             Some(index) if self.levels[index].priority == priority => index,
             place => {
                 let index = place.unwrap_or(self.levels.len());
-                debug_assert!(index < u16::BITS as usize, "at most ten priorities");
+                debug_assert!(self.levels.len() < 10, "at most ten priorities");
                 self.levels.insert(
                     index,
                     Level {

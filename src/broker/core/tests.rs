@@ -241,7 +241,7 @@ fn rule4_an_ack_removes_the_message_for_good() {
             published_total: 1,
             delivered_total: 1,
             acked_total: 1,
-            memory_bytes: QUEUE_OVERHEAD_BYTES + 1 + 4 * READY_SLOT_BYTES,
+            memory_bytes: QUEUE_OVERHEAD_BYTES + 1 + READY_LEVEL_BYTES + 4 * READY_SLOT_BYTES,
             ..CoreStats::default()
         }
     );
@@ -499,8 +499,8 @@ fn rule8_messages_wait_while_no_consumer_is_connected() {
 #[test]
 fn the_memory_limit_counts_ready_and_in_flight_messages_until_acked() {
     let one = Payload::from_text("0123456789").len() as u64 + MESSAGE_OVERHEAD_BYTES;
-    // The queue, and the first chunk of its ready queue: room for four messages.
-    let queue = QUEUE_OVERHEAD_BYTES + 1 + 4 * READY_SLOT_BYTES;
+    // The queue, and its ready queue's one level, whose first chunk has room for four.
+    let queue = QUEUE_OVERHEAD_BYTES + 1 + READY_LEVEL_BYTES + 4 * READY_SLOT_BYTES;
     let mut core = core_with_memory(queue + 2 * one);
     let a = publish(&mut core, "q", "0123456789");
     publish(&mut core, "q", "abcdefghij");
@@ -736,7 +736,7 @@ fn a_queue_costs_memory_while_it_exists() {
     let message = Payload::from_text("x").len() as u64 + MESSAGE_OVERHEAD_BYTES;
     assert_eq!(
         core.stats().memory_bytes,
-        empty_queue + message + 4 * READY_SLOT_BYTES
+        empty_queue + message + READY_LEVEL_BYTES + 4 * READY_SLOT_BYTES
     );
     drain(&mut core, t(0));
     core.ack(C1, id).unwrap();
@@ -1234,8 +1234,8 @@ fn delayed_messages_cost_memory_while_they_wait() {
     core.ack(C1, published.id).unwrap();
     assert_eq!(
         core.stats().memory_bytes,
-        empty + 4 * READY_SLOT_BYTES,
-        "all but the ready queue's first chunk, which it keeps"
+        empty + READY_LEVEL_BYTES + 4 * READY_SLOT_BYTES,
+        "all but the ready queue's level and first chunk, which it keeps"
     );
 }
 
