@@ -42,7 +42,9 @@ pub(crate) fn publish_literal(body: &[u8]) -> Option<&[u8]> {
     let content = body
         .strip_prefix(PUBLISH_PREFIX)?
         .strip_suffix(PUBLISH_SUFFIX)?;
-    plain_json_text(content)?;
+    if !is_plain_json_text(content) {
+        return None;
+    }
     // The literal runs from the opening quote (the prefix's last byte) to the closing one.
     Some(&body[PUBLISH_PREFIX.len() - 1..body.len() - PUBLISH_SUFFIX.len() + 1])
 }
@@ -53,7 +55,9 @@ pub(crate) fn publish_with_priority(body: &[u8]) -> Option<(&[u8], u8)> {
     let content = body.strip_prefix(PUBLISH_PREFIX)?;
     // A plain payload holds no quote, so the first one closes it.
     let close = memchr::memchr(b'"', content)?;
-    plain_json_text(&content[..close])?;
+    if !is_plain_json_text(&content[..close]) {
+        return None;
+    }
     let (priority, rest) = leading_decimal(content[close + 1..].strip_prefix(PUBLISH_PRIORITY)?)?;
     if rest != b"}" || priority > u64::from(PRIORITY_MAX) {
         return None;
@@ -134,6 +138,19 @@ fn leading_decimal(bytes: &[u8]) -> Option<(u64, &[u8])> {
         return None;
     }
     Some((number, &bytes[len..]))
+}
+
+/// Whether `content` is valid UTF-8 that a JSON string holds as is, read in one pass
+/// when it is ASCII (most payloads): the UTF-8 check runs only past a byte above 0x7f.
+fn is_plain_json_text(content: &[u8]) -> bool {
+    const ESCAPE: u8 = 1;
+    const NON_ASCII: u8 = 2;
+    let found = content.iter().fold(0u8, |found, &b| {
+        found
+            | (u8::from((b < 0x20) | (b == b'"') | (b == b'\\')) * ESCAPE)
+            | (u8::from(b >= 0x80) * NON_ASCII)
+    });
+    found & ESCAPE == 0 && (found & NON_ASCII == 0 || std::str::from_utf8(content).is_ok())
 }
 
 /// `content` as text, if it is valid UTF-8 that a JSON string holds as is.

@@ -18,9 +18,12 @@ pub trait Prioritized {
 
 #[derive(Debug)]
 pub struct ReadyQueue<T> {
-    /// Highest priority first; no two levels share a priority.
-    levels: Vec<Level<T>>,
-    /// Bit `i` is set when `levels[i]` holds a message.
+    /// The highest priority in use, kept in the queue itself: a queue of one priority
+    /// reaches its FIFO without going through the list.
+    first: Option<Level<T>>,
+    /// The lower priorities in use, highest first; no two share a priority.
+    rest: Vec<Level<T>>,
+    /// Bit 0 is set when `first` holds a message, bit `i` when `rest[i - 1]` does.
     non_empty: u16,
     /// Room in the chunks of every level, kept as they change: the core asks after
     /// every push and pop, to count what the queue costs.
@@ -33,10 +36,20 @@ struct Level<T> {
     messages: ChunkedDeque<T>,
 }
 
+impl<T> Level<T> {
+    fn new(priority: u8) -> Level<T> {
+        Level {
+            priority,
+            messages: ChunkedDeque::default(),
+        }
+    }
+}
+
 impl<T> Default for ReadyQueue<T> {
     fn default() -> Self {
         ReadyQueue {
-            levels: Vec::new(),
+            first: None,
+            rest: Vec::new(),
             non_empty: 0,
             capacity: 0,
         }
@@ -46,7 +59,7 @@ impl<T> Default for ReadyQueue<T> {
 impl<T: Prioritized> ReadyQueue<T> {
     #[cfg(test)]
     pub fn len(&self) -> usize {
-        self.levels.iter().map(|l| l.messages.len()).sum()
+        self.levels().map(|l| l.messages.len()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -55,7 +68,7 @@ impl<T: Prioritized> ReadyQueue<T> {
 
     /// Priorities used so far, each with its level.
     pub fn level_count(&self) -> usize {
-        self.levels.len()
+        usize::from(self.first.is_some()) + self.rest.len()
     }
 
     /// Elements the chunks of every level have room for.
@@ -66,16 +79,19 @@ impl<T: Prioritized> ReadyQueue<T> {
     /// The next message to deliver.
     #[inline]
     pub fn front(&self) -> Option<&T> {
-        self.levels
-            .get(self.non_empty.trailing_zeros() as usize)?
-            .messages
-            .front()
+        match self.non_empty.trailing_zeros() as usize {
+            0 => self.first.as_ref()?.messages.front(),
+            index => self.rest.get(index - 1)?.messages.front(),
+        }
     }
 
     #[inline]
     pub fn pop_front(&mut self) -> Option<T> {
         let index = self.non_empty.trailing_zeros() as usize;
-        let level = &mut self.levels.get_mut(index)?.messages;
+        let level = match index {
+            0 => &mut self.first.as_mut()?.messages,
+            index => &mut self.rest.get_mut(index - 1)?.messages,
+        };
         let room = level.capacity();
         let message = level.pop_front()?;
         self.capacity -= room - level.capacity();
@@ -99,8 +115,11 @@ impl<T: Prioritized> ReadyQueue<T> {
 
     #[inline]
     fn push(&mut self, message: T, push: impl FnOnce(&mut ChunkedDeque<T>, T)) {
-        let index = self.level(message.priority());
-        let level = &mut self.levels[index].messages;
+        let priority = message.priority();
+        let (index, level) = match &mut self.first {
+            Some(first) if first.priority == priority => (0, &mut first.messages),
+            _ => self.level(priority),
+        };
         let room = level.capacity();
         push(level, message);
         self.capacity += level.capacity() - room;
@@ -109,34 +128,47 @@ impl<T: Prioritized> ReadyQueue<T> {
 
     /// Every message, in delivery order.
     pub fn iter(&self) -> impl Iterator<Item = &T> {
-        self.levels.iter().flat_map(|l| l.messages.iter())
+        self.levels().flat_map(|l| l.messages.iter())
     }
 
-    /// Where the FIFO of `priority` is, made if new.
-    #[inline]
-    fn level(&mut self, priority: u8) -> usize {
-        // The common case: one priority in use, or the highest.
-        if self.levels.first().is_some_and(|l| l.priority == priority) {
-            return 0;
+    fn levels(&self) -> impl Iterator<Item = &Level<T>> {
+        self.first.iter().chain(&self.rest)
+    }
+
+    /// The place (as `non_empty` counts it) and the FIFO of `priority`, made if new.
+    fn level(&mut self, priority: u8) -> (usize, &mut ChunkedDeque<T>) {
+        debug_assert!(
+            self.level_count() < 10 || self.levels().any(|l| l.priority == priority),
+            "at most ten priorities"
+        );
+        match &self.first {
+            None => {
+                let first = self.first.insert(Level::new(priority));
+                return (0, &mut first.messages);
+            }
+            Some(first) if priority > first.priority => {
+                // A new highest priority: the old first leads the rest, and every bit
+                // moves up.
+                let old = self.first.take();
+                self.rest.splice(0..0, old);
+                self.non_empty <<= 1;
+                let first = self.first.insert(Level::new(priority));
+                return (0, &mut first.messages);
+            }
+            Some(_) => {}
         }
-        match self.levels.iter().position(|l| l.priority <= priority) {
-            Some(index) if self.levels[index].priority == priority => index,
+        let index = match self.rest.iter().position(|l| l.priority <= priority) {
+            Some(index) if self.rest[index].priority == priority => index,
             place => {
-                let index = place.unwrap_or(self.levels.len());
-                debug_assert!(self.levels.len() < 10, "at most ten priorities");
-                self.levels.insert(
-                    index,
-                    Level {
-                        priority,
-                        messages: ChunkedDeque::default(),
-                    },
-                );
-                // The levels from `index` on moved up by one: so do their bits.
-                let below = self.non_empty & ((1 << index) - 1);
+                let index = place.unwrap_or(self.rest.len());
+                self.rest.insert(index, Level::new(priority));
+                // The levels from this one on moved up by one: so do their bits.
+                let below = self.non_empty & ((1 << (index + 1)) - 1);
                 self.non_empty = below | ((self.non_empty & !below) << 1);
                 index
             }
-        }
+        };
+        (index + 1, &mut self.rest[index].messages)
     }
 }
 
@@ -205,12 +237,14 @@ mod tests {
                 }
                 prop_assert_eq!(queue.len(), reference.iter().map(VecDeque::len).sum::<usize>());
                 prop_assert_eq!(queue.front(), reference_front(&reference));
-                prop_assert!(queue.levels.windows(2).all(|w| w[0].priority > w[1].priority));
-                prop_assert_eq!(queue.capacity(), queue.levels.iter().map(|l| l.messages.capacity()).sum::<usize>());
-                for (index, level) in queue.levels.iter().enumerate() {
+                let levels: Vec<&Level<Item>> = queue.levels().collect();
+                prop_assert!(levels.windows(2).all(|w| w[0].priority > w[1].priority));
+                prop_assert_eq!(queue.capacity(), levels.iter().map(|l| l.messages.capacity()).sum::<usize>());
+                for (index, level) in levels.iter().enumerate() {
                     prop_assert_eq!(queue.non_empty & (1 << index) != 0, !level.messages.is_empty());
                 }
-                prop_assert!(queue.levels.len() <= usize::from(priorities));
+                prop_assert_eq!(queue.non_empty >> levels.len(), 0);
+                prop_assert!(levels.len() <= usize::from(priorities));
             }
             prop_assert!(queue.iter().eq(reference.iter().rev().flatten()));
         }
@@ -222,7 +256,8 @@ mod tests {
         for serial in 0..1000 {
             queue.push_back((4, serial));
         }
-        assert_eq!(queue.levels.len(), 1);
+        assert_eq!(queue.level_count(), 1);
+        assert!(queue.rest.is_empty(), "kept in the queue itself");
         assert_eq!(queue.pop_front(), Some((4, 0)));
     }
 }
