@@ -8,10 +8,12 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use tokio_util::codec::Decoder;
 
-use crate::protocol::Payload;
 use crate::protocol::client_frame::{FrameType, InboundFrame};
 use crate::protocol::codec::FrameDecoder;
-use crate::protocol::server_frame::{ReceivedFrame, ServerFrame};
+use crate::protocol::server_frame::{
+    DeliveryDetails, LeaseField, PublishedAtField, ReceivedFrame, ServerFrame,
+};
+use crate::protocol::{DeadLetter, DeadLetterReason, Payload, QueueName};
 use crate::storage::backend::SimFs;
 use crate::storage::record::{self, Decoded, SegmentHeader};
 use crate::storage::recovery::recover;
@@ -98,23 +100,53 @@ pub fn client_frame(body: &[u8]) {
 }
 
 /// The client library's parser of broker frames on an arbitrary body: it never panics,
-/// and what it decodes from a delivery survives being encoded again.
+/// and what it decodes from a delivery (1.0, or 1.1 with its details) survives being
+/// encoded again the way the broker encodes it.
 pub fn server_frame(body: &[u8]) {
-    if let Ok(ReceivedFrame::Message(message)) = ReceivedFrame::decode(body) {
-        let payload = Payload::from_text(&message.payload);
-        let mut buf = BytesMut::new();
-        ServerFrame::Delivery {
-            id: message.id,
-            payload: &payload,
-            attempt: message.attempt,
-            details: None,
+    let Ok(ReceivedFrame::Message(message)) = ReceivedFrame::decode(body) else {
+        return;
+    };
+    let details = message.details.as_ref();
+    // A dead-letter record the broker could not have written (an invalid queue name, a
+    // reason it does not know) has no encoding to compare with.
+    let dead_letter = match details.and_then(|d| d.dead_letter.as_ref()) {
+        None => None,
+        Some(received) => {
+            let reason = [DeadLetterReason::MaxDeliveries, DeadLetterReason::Rejected]
+                .into_iter()
+                .find(|reason| reason.as_str() == received.reason);
+            match (QueueName::new(&received.queue), reason) {
+                (Ok(queue), Some(reason)) => Some(DeadLetter {
+                    queue,
+                    reason,
+                    attempts: received.attempts,
+                    at_ms: received.at,
+                }),
+                _ => return,
+            }
         }
-        .encode(&mut buf);
-        assert_eq!(
-            ReceivedFrame::decode(&buf[4..]).unwrap(),
-            ReceivedFrame::Message(message)
-        );
+    };
+    let lease = details.map(|d| LeaseField::new(d.ack_timeout_ms));
+    let mut published_at = PublishedAtField::default();
+    let payload = Payload::from_text(&message.payload);
+    let mut buf = BytesMut::new();
+    ServerFrame::Delivery {
+        id: message.id,
+        payload: &payload,
+        attempt: message.attempt,
+        details: details
+            .zip(lease.as_ref())
+            .map(|(d, lease)| DeliveryDetails {
+                published_at: published_at.render(d.priority, d.published_at),
+                lease,
+                dead_letter: dead_letter.as_ref(),
+            }),
     }
+    .encode(&mut buf);
+    assert_eq!(
+        ReceivedFrame::decode(&buf[4..]).unwrap(),
+        ReceivedFrame::Message(message)
+    );
 }
 
 /// The storage record decoder and recovery on arbitrary bytes: decoding never panics or
