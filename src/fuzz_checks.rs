@@ -112,9 +112,7 @@ pub fn server_frame(body: &[u8]) {
     let dead_letter = match details.and_then(|d| d.dead_letter.as_ref()) {
         None => None,
         Some(received) => {
-            let reason = [DeadLetterReason::MaxDeliveries, DeadLetterReason::Rejected]
-                .into_iter()
-                .find(|reason| reason.as_str() == received.reason);
+            let reason = DeadLetterReason::from_name(&received.reason);
             match (QueueName::new(&received.queue), reason) {
                 (Ok(queue), Some(reason)) => Some(DeadLetter {
                     queue,

@@ -35,17 +35,6 @@ pub struct ProducerArgs {
     priority: u8,
 }
 
-impl ProducerArgs {
-    /// The 1.1 options every message is published with, if any.
-    fn publish_options(&self) -> Option<PublishOptions> {
-        let options = PublishOptions {
-            priority: self.priority,
-            delay: self.delay,
-        };
-        (options != PublishOptions::default()).then_some(options)
-    }
-}
-
 /// Prints confirms as they come and counts refusals.
 struct Confirms<W: Write> {
     out: W,
@@ -86,7 +75,10 @@ pub async fn run(args: ProducerArgs) -> anyhow::Result<ExitCode> {
     };
     // Someone typing lines wants each id before typing the next.
     let window = if confirms.interactive { 1 } else { WINDOW };
-    let publish_options = args.publish_options();
+    let options = PublishOptions {
+        priority: args.priority,
+        delay: args.delay,
+    };
 
     if args.messages.is_empty() {
         let mut lines = BufReader::new(tokio::io::stdin()).lines();
@@ -95,13 +87,11 @@ pub async fn run(args: ProducerArgs) -> anyhow::Result<ExitCode> {
             .await
             .context("cannot read standard input")?
         {
-            let options = publish_options.as_ref();
-            publish(&mut producer, &mut confirms, &line, window, options).await?;
+            publish(&mut producer, &mut confirms, &line, window, &options).await?;
         }
     } else {
         for message in &args.messages {
-            let options = publish_options.as_ref();
-            publish(&mut producer, &mut confirms, message, window, options).await?;
+            publish(&mut producer, &mut confirms, message, window, &options).await?;
         }
     }
     while producer.unconfirmed() > 0 {
@@ -123,16 +113,13 @@ async fn publish<W: Write>(
     confirms: &mut Confirms<W>,
     payload: &str,
     window: usize,
-    options: Option<&PublishOptions>,
+    options: &PublishOptions,
 ) -> anyhow::Result<()> {
     if producer.unconfirmed() >= window {
         let outcome = producer.confirm().await;
         confirms.record(outcome)?;
     }
-    match options {
-        Some(options) => producer.send_with(payload, options),
-        None => producer.send(payload),
-    }
+    producer.send_with(payload, options);
     if producer.queued_bytes() >= FLUSH_BYTES {
         producer.flush().await?;
     }

@@ -125,20 +125,6 @@ impl Producer {
         self.confirm().await
     }
 
-    /// Publishes one message that is not delivered before `delay` from now (1.1, at
-    /// most its queue's `max_delay`) and waits for its confirm.
-    ///
-    /// # Errors
-    /// As [`Producer::publish`]; `invalid_frame` past the queue's `max_delay`.
-    pub async fn publish_delayed(
-        &mut self,
-        payload: &str,
-        delay: Duration,
-    ) -> Result<MessageId, ClientError> {
-        self.publish_with(payload, &PublishOptions::delayed(delay))
-            .await
-    }
-
     /// Publishes one message with 1.1 options and waits for its confirm.
     ///
     /// # Errors
@@ -166,12 +152,8 @@ impl Producer {
         self.unconfirmed += 1;
     }
 
-    /// [`Producer::send`] of a message not delivered before `delay` from now.
-    pub fn send_delayed(&mut self, payload: &str, delay: Duration) {
-        self.send_with(payload, &PublishOptions::delayed(delay));
-    }
-
-    /// [`Producer::send`] with 1.1 options (the connection must have asked for 1.1).
+    /// [`Producer::send`] with 1.1 options (the connection must have asked for 1.1, unless
+    /// they are the defaults: then the frame is a 1.0 publish).
     pub fn send_with(&mut self, payload: &str, options: &PublishOptions) {
         self.connection.queue(&ClientFrame::PublishWith {
             payload,

@@ -17,11 +17,10 @@
 use super::PRIORITY_MAX;
 
 pub(crate) const PUBLISH_PREFIX: &[u8] = br#"{"type":"publish","payload":""#;
-pub(crate) const PUBLISH_SUFFIX: &[u8] = br#""}"#;
-pub(crate) const PUBLISH_PRIORITY: &[u8] = br#","priority":"#;
 pub(crate) const ACK_PREFIX: &[u8] = br#"{"type":"ack","id":"#;
 pub(crate) const NACK_PREFIX: &[u8] = br#"{"type":"nack","id":"#;
-pub(crate) const MESSAGE_PRIORITY: &[u8] = br#","priority":"#;
+/// The priority field, as a 1.1 publish and a 1.1 message frame both carry it.
+pub(crate) const PRIORITY_FIELD: &[u8] = br#","priority":"#;
 pub(crate) const MESSAGE_PUBLISHED_AT: &[u8] = br#","published_at":"#;
 pub(crate) const MESSAGE_ACK_TIMEOUT: &[u8] = br#","ack_timeout_ms":"#;
 pub(crate) const CONFIRM_PREFIX: &[u8] = br#"{"type":"ok","id":"#;
@@ -37,36 +36,37 @@ pub(crate) fn needs_json_escape(bytes: &[u8]) -> bool {
     })
 }
 
-/// The payload literal (quotes included) of a canonical publish frame.
-pub(crate) fn publish_literal(body: &[u8]) -> Option<&[u8]> {
-    let content = body
-        .strip_prefix(PUBLISH_PREFIX)?
-        .strip_suffix(PUBLISH_SUFFIX)?;
-    if !is_plain_json_text(content) {
-        return None;
-    }
-    // The literal runs from the opening quote (the prefix's last byte) to the closing one.
-    Some(&body[PUBLISH_PREFIX.len() - 1..body.len() - PUBLISH_SUFFIX.len() + 1])
-}
-
-/// The payload literal (quotes included) and the priority of a canonical publish frame
-/// with a priority from 0 to 9 (a priority out of range is for serde's path to refuse).
-pub(crate) fn publish_with_priority(body: &[u8]) -> Option<(&[u8], u8)> {
+/// The payload literal (quotes included) and the priority of a canonical publish frame:
+/// 0 in the layout without one, else 0-9 (a priority out of range is for serde's path to
+/// refuse).
+#[inline]
+pub(crate) fn publish(body: &[u8]) -> Option<(&[u8], u8)> {
     let content = body.strip_prefix(PUBLISH_PREFIX)?;
-    // A plain payload holds no quote, so the first one closes it.
-    let close = memchr::memchr(b'"', content)?;
+    let (close, priority) = match content.strip_suffix(b"\"}") {
+        // Without a priority the payload's closing quote is the one before the brace.
+        Some(text) => (text.len(), 0),
+        None => publish_priority(content)?,
+    };
     if !is_plain_json_text(&content[..close]) {
         return None;
     }
-    let (priority, rest) = leading_decimal(content[close + 1..].strip_prefix(PUBLISH_PRIORITY)?)?;
-    if rest != b"}" || priority > u64::from(PRIORITY_MAX) {
-        return None;
-    }
+    // The literal runs from the opening quote (the prefix's last byte) to the closing one.
     let start = PUBLISH_PREFIX.len() - 1;
-    Some((&body[start..start + close + 2], priority as u8))
+    Some((&body[start..start + close + 2], priority))
+}
+
+/// Where the payload of a canonical publish with a priority closes, and the priority.
+fn publish_priority(content: &[u8]) -> Option<(usize, u8)> {
+    // A plain payload holds no quote, so the first one closes it.
+    let close = memchr::memchr(b'"', content)?;
+    match leading_decimal(content[close + 1..].strip_prefix(PRIORITY_FIELD)?)? {
+        (priority, b"}") if priority <= u64::from(PRIORITY_MAX) => Some((close, priority as u8)),
+        _ => None,
+    }
 }
 
 /// The id of a canonical ack frame.
+#[inline]
 pub(crate) fn ack_id(body: &[u8]) -> Option<u64> {
     decimal(body.strip_prefix(ACK_PREFIX)?.strip_suffix(b"}")?)
 }
@@ -104,7 +104,7 @@ pub(crate) fn message(body: &[u8]) -> Option<CanonicalMessage<'_>> {
     let details = if rest == b"}" {
         None
     } else {
-        let (priority, rest) = leading_decimal(rest.strip_prefix(MESSAGE_PRIORITY)?)?;
+        let (priority, rest) = leading_decimal(rest.strip_prefix(PRIORITY_FIELD)?)?;
         let (published_at, rest) = leading_decimal(rest.strip_prefix(MESSAGE_PUBLISHED_AT)?)?;
         let (ack_timeout_ms, rest) = leading_decimal(rest.strip_prefix(MESSAGE_ACK_TIMEOUT)?)?;
         if rest != b"}" {
@@ -172,6 +172,14 @@ fn decimal(digits: &[u8]) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The payload literal of a canonical publish of priority 0.
+    fn publish_literal(body: &[u8]) -> Option<&[u8]> {
+        publish(body).map(|(literal, priority)| {
+            assert_eq!(priority, 0);
+            literal
+        })
+    }
 
     #[test]
     fn recognises_exactly_the_canonical_forms() {
@@ -309,8 +317,8 @@ mod tests {
         proptest! {
             #[test]
             fn publish_fast_path_never_disagrees(content in tricky_bytes()) {
-                let body = [PUBLISH_PREFIX, &content, PUBLISH_SUFFIX].concat();
-                if let Some(fast) = publish_literal(&body) {
+                let body = [PUBLISH_PREFIX, &content, b"\"}"].concat();
+                if let Some((fast, _)) = publish(&body) {
                     let slow = InboundFrame::parse_general(&body).expect("serde accepts what the fast path accepts");
                     prop_assert_eq!(slow.frame_type(), FrameType::Publish);
                     prop_assert_eq!(slow.publish_payload().unwrap(), fast);
@@ -322,11 +330,11 @@ mod tests {
 
             #[test]
             fn publish_with_priority_never_disagrees(content in tricky_bytes(), priority in digits()) {
-                let body = [PUBLISH_PREFIX, &content, b"\"", PUBLISH_PRIORITY, &priority, b"}"].concat();
+                let body = [PUBLISH_PREFIX, &content, b"\"", PRIORITY_FIELD, &priority, b"}"].concat();
                 let fields = |frame: InboundFrame<'_>| {
                     (frame.publish_payload().map(<[u8]>::to_vec).ok(), frame.publish_priority().ok())
                 };
-                if let Some((literal, fast_priority)) = publish_with_priority(&body) {
+                if let Some((literal, fast_priority)) = publish(&body) {
                     let slow = InboundFrame::parse_general(&body).expect("serde accepts what the fast path accepts");
                     prop_assert_eq!(fields(slow), (Some(literal.to_vec()), Some(fast_priority)));
                 }
@@ -366,7 +374,7 @@ mod tests {
             ) {
                 let body = [
                     MESSAGE_PREFIX, b"9", MESSAGE_PAYLOAD, b"\"", &content, b"\"", MESSAGE_ATTEMPT, b"1",
-                    MESSAGE_PRIORITY, &priority, MESSAGE_PUBLISHED_AT, &published_at,
+                    PRIORITY_FIELD, &priority, MESSAGE_PUBLISHED_AT, &published_at,
                     MESSAGE_ACK_TIMEOUT, &ack_timeout_ms, b"}",
                 ].concat();
                 let slow: Option<ReceivedFrame> = serde_json::from_slice(&body).ok();

@@ -73,33 +73,14 @@ impl ClientFrame<'_> {
     /// Appends this frame, length prefix included, to `dst`.
     pub fn encode(&self, dst: &mut BytesMut) {
         match self {
-            // The hot path of every producer: a payload with nothing to escape is copied
-            // as is, byte for byte what serde_json would write.
-            ClientFrame::Publish { payload }
-                if !canonical::needs_json_escape(payload.as_bytes()) =>
-            {
-                write_frame(dst, |body| {
-                    body.reserve(payload.len() + 32);
-                    body.put_slice(canonical::PUBLISH_PREFIX);
-                    body.put_slice(payload.as_bytes());
-                    body.put_slice(canonical::PUBLISH_SUFFIX);
-                })
-            }
-            // The same with a priority and nothing else.
+            // The hot path of every producer, with or without a priority.
+            ClientFrame::Publish { payload } => self.encode_publish(dst, payload, None),
             ClientFrame::PublishWith {
                 payload,
-                priority: Some(priority),
+                priority,
                 delay_ms: None,
                 not_before: None,
-            } if !canonical::needs_json_escape(payload.as_bytes()) => write_frame(dst, |body| {
-                body.reserve(payload.len() + 48);
-                body.put_slice(canonical::PUBLISH_PREFIX);
-                body.put_slice(payload.as_bytes());
-                body.put_u8(b'"');
-                body.put_slice(canonical::PUBLISH_PRIORITY);
-                body.put_slice(itoa::Buffer::new().format(*priority).as_bytes());
-                body.put_u8(b'}');
-            }),
+            } => self.encode_publish(dst, payload, *priority),
             // A consumer's hot frames: an ack, and a nack without options.
             ClientFrame::Ack { id }
             | ClientFrame::Nack {
@@ -119,6 +100,28 @@ impl ClientFrame<'_> {
             }
             frame => write_json_frame(dst, frame),
         }
+    }
+}
+
+impl ClientFrame<'_> {
+    /// A publish of `payload` and perhaps `priority`: a payload with nothing to escape is
+    /// copied as is, byte for byte what serde_json would write (the canonical layout the
+    /// broker reads without a JSON parser).
+    fn encode_publish(&self, dst: &mut BytesMut, payload: &str, priority: Option<u8>) {
+        if canonical::needs_json_escape(payload.as_bytes()) {
+            return write_json_frame(dst, self);
+        }
+        write_frame(dst, |body| {
+            body.reserve(payload.len() + 48);
+            body.put_slice(canonical::PUBLISH_PREFIX);
+            body.put_slice(payload.as_bytes());
+            body.put_u8(b'"');
+            if let Some(priority) = priority {
+                body.put_slice(canonical::PRIORITY_FIELD);
+                body.put_slice(itoa::Buffer::new().format(priority).as_bytes());
+            }
+            body.put_u8(b'}');
+        })
     }
 }
 
@@ -311,13 +314,10 @@ impl<'a> InboundFrame<'a> {
     /// # Errors
     /// [`InvalidFrame`] when the body is not a JSON object with a known string `type`.
     pub fn parse(body: &'a [u8]) -> Result<Self, InvalidFrame> {
-        if let Some(literal) = canonical::publish_literal(body) {
+        if let Some((literal, priority)) = canonical::publish(body) {
             return Ok(InboundFrame {
                 frame_type: FrameType::Publish,
-                fields: Fields::CanonicalPublish {
-                    literal,
-                    priority: 0,
-                },
+                fields: Fields::CanonicalPublish { literal, priority },
             });
         }
         if let Some(id) = canonical::ack_id(body) {
@@ -330,12 +330,6 @@ impl<'a> InboundFrame<'a> {
             return Ok(InboundFrame {
                 frame_type: FrameType::Nack,
                 fields: Fields::CanonicalAck(id),
-            });
-        }
-        if let Some((literal, priority)) = canonical::publish_with_priority(body) {
-            return Ok(InboundFrame {
-                frame_type: FrameType::Publish,
-                fields: Fields::CanonicalPublish { literal, priority },
             });
         }
         Self::parse_json(body)
@@ -743,6 +737,7 @@ mod tests {
             };
             for frame in [
                 ClientFrame::Publish { payload },
+                prioritized(None),
                 prioritized(Some(0)),
                 prioritized(Some(9)),
                 prioritized(Some(200)),

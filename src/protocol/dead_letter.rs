@@ -43,6 +43,13 @@ impl DeadLetterReason {
         }
     }
 
+    /// The reason named `name` on the wire.
+    pub fn from_name(name: &str) -> Option<DeadLetterReason> {
+        [DeadLetterReason::MaxDeliveries, DeadLetterReason::Rejected]
+            .into_iter()
+            .find(|reason| reason.as_str() == name)
+    }
+
     pub fn from_code(code: u8) -> Option<DeadLetterReason> {
         match code {
             1 => Some(DeadLetterReason::MaxDeliveries),

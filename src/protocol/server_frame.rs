@@ -65,7 +65,7 @@ impl PublishedAtField {
         if self.rendered != Some((priority, published_at_ms)) {
             self.rendered = Some((priority, published_at_ms));
             self.text.clear();
-            self.text.extend_from_slice(canonical::MESSAGE_PRIORITY);
+            self.text.extend_from_slice(canonical::PRIORITY_FIELD);
             self.text
                 .extend_from_slice(itoa::Buffer::new().format(priority).as_bytes());
             self.text.extend_from_slice(canonical::MESSAGE_PUBLISHED_AT);

@@ -441,15 +441,15 @@ fn decode_publish(body: &[u8], version: u32, dead_lettered: bool) -> Result<Reco
     } else {
         (0, None)
     };
-    let priority = if prioritized {
-        let (&priority, after) = rest.split_first().expect("within the fixed bytes");
-        rest = after;
-        if priority > PRIORITY_MAX {
-            return Err("publish record with a priority above 9");
+    let priority = match rest.split_first() {
+        Some((&priority, after)) if prioritized => {
+            rest = after;
+            if priority > PRIORITY_MAX {
+                return Err("publish record with a priority above 9");
+            }
+            priority
         }
-        priority
-    } else {
-        0
+        _ => 0,
     };
     let dead_letter = if dead_lettered {
         if rest.len() < DEAD_LETTER_FIXED_BYTES {

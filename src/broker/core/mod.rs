@@ -458,6 +458,13 @@ pub struct Restored {
     pub dead_letter: Option<DeadLetter>,
 }
 
+/// `priority`, which the session (for a publish) and the log decoder (for a restore)
+/// already refuse above 9: a ready queue has room for ten priorities, no more.
+fn within_priorities(priority: u8) -> u8 {
+    debug_assert!(priority <= PRIORITY_MAX, "priority {priority}");
+    priority.min(PRIORITY_MAX)
+}
+
 /// What a message costs against the memory limit.
 fn message_cost(payload: &Payload) -> u64 {
     payload.len() as u64 + MESSAGE_OVERHEAD_BYTES
@@ -534,9 +541,7 @@ impl Core {
             dead_letter,
         } = restored;
         debug_assert!(id.0 >= self.next_id, "restored out of order");
-        // Storage refuses a record with a higher one as corrupt.
-        debug_assert!(priority <= PRIORITY_MAX, "priority {priority}");
-        let priority = priority.min(PRIORITY_MAX);
+        let priority = within_priorities(priority);
         self.next_id = self.next_id.max(id.0 + 1);
         self.stats.memory_bytes += message_cost(&payload);
         if let Some(record) = dead_letter {
@@ -685,9 +690,7 @@ impl Core {
             priority,
             due,
         } = message;
-        // The session checked it; a ready queue has room for ten priorities, no more.
-        debug_assert!(priority <= PRIORITY_MAX, "priority {priority}");
-        let priority = priority.min(PRIORITY_MAX);
+        let priority = within_priorities(priority);
         if self.drained_deliveries.is_some() {
             return Err(PublishError::ShuttingDown);
         }

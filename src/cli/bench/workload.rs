@@ -108,15 +108,11 @@ pub async fn produce(
                 (now - origin).as_nanos() as u64,
                 &padding,
             );
-            if plan.delay_span.is_some() || plan.priorities > 1 {
-                let options = PublishOptions {
-                    priority: (sent % u64::from(plan.priorities)) as u8,
-                    delay: plan.delay_span.map(|span| delay_of(sent, span)),
-                };
-                producer.send_with(&payload, &options);
-            } else {
-                producer.send(&payload);
-            }
+            let options = PublishOptions {
+                priority: (sent % u64::from(plan.priorities)) as u8,
+                delay: plan.delay_span.map(|span| delay_of(sent, span)),
+            };
+            producer.send_with(&payload, &options);
             outcome.first_send.get_or_insert(now);
             awaiting.push_back(sent);
             sent += 1;
