@@ -15,6 +15,13 @@ fn printed_ids(output: &std::process::Output) -> Vec<u64> {
         .collect()
 }
 
+/// The command failed, and its stderr says `said`.
+fn assert_refused_saying(output: &std::process::Output, said: &str) {
+    assert!(!output.status.success(), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains(said), "{stderr}");
+}
+
 fn stdout_lines(output: &std::process::Output) -> Vec<String> {
     String::from_utf8(output.stdout.clone())
         .unwrap()
@@ -142,8 +149,7 @@ async fn bad_flags_and_unreachable_brokers_fail_with_a_reason() {
         &[],
     )
     .await;
-    assert!(!bad_queue.status.success());
-    assert!(String::from_utf8_lossy(&bad_queue.stderr).contains("has a space"));
+    assert_refused_saying(&bad_queue, "has a space");
 
     let bad_prefetch = run_ferry(&["consumer", "--addr", &addr, "--prefetch", "0"], "", &[]).await;
     assert!(!bad_prefetch.status.success());
@@ -362,8 +368,7 @@ async fn auth_warnings_and_tokens_never_in_the_log() {
         &[],
     )
     .await;
-    assert!(!wrong.status.success());
-    assert!(String::from_utf8_lossy(&wrong.stderr).contains("unauthorized"));
+    assert_refused_saying(&wrong, "unauthorized");
     broker.wait_for_log("closing the connection").await;
     let log = broker.log_text();
     assert!(
@@ -464,8 +469,7 @@ async fn producer_delay_holds_messages_and_consumer_json_prints_frames() {
         &[],
     )
     .await;
-    assert!(!bad.status.success());
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("--delay"));
+    assert_refused_saying(&bad, "--delay");
 }
 
 /// §16: `ferry producer --priority N` publishes every message with that priority; out
@@ -505,8 +509,7 @@ async fn producer_priority_sends_messages_ahead() {
         &[],
     )
     .await;
-    assert!(!bad.status.success());
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("--priority"));
+    assert_refused_saying(&bad, "--priority");
 }
 
 /// The bench's 1.1 workloads: every message nacked once is delivered twice and counted

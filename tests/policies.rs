@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{BrokerProcess, RawClient, run_ferry};
+use common::{BrokerProcess, RawClient, id_and_attempt, run_ferry};
 use nix::sys::signal::Signal;
 use serde_json::json;
 
@@ -162,10 +162,7 @@ async fn dead_letter_one(args: &[&str]) -> (BrokerProcess, u64) {
     let id = publish(&broker, "jobs", "job").await;
     for attempt in [1, 2] {
         let delivery = worker.expect_message().await;
-        assert_eq!(
-            (delivery["id"].as_u64(), delivery["attempt"].as_u64()),
-            (Some(id), Some(attempt))
-        );
+        assert_eq!(id_and_attempt(&delivery), (Some(id), Some(attempt)));
     }
     let mut dead_letters = RawClient::consumer(broker.addr, "jobs.dlq", 10).await;
     let dead = dead_letters.expect_message().await;
@@ -179,16 +176,10 @@ async fn dead_letter_one(args: &[&str]) -> (BrokerProcess, u64) {
     );
     // Past its lease on jobs.dlq (no limit there) it comes back there, not to jobs.
     let again = dead_letters.expect_message().await;
-    assert_eq!(
-        (again["id"].as_u64(), again["attempt"].as_u64()),
-        (Some(id), Some(2))
-    );
+    assert_eq!(id_and_attempt(&again), (Some(id), Some(2)));
     let next = publish(&broker, "jobs", "next").await;
     let delivery = worker.expect_message().await;
-    assert_eq!(
-        (delivery["id"].as_u64(), delivery["attempt"].as_u64()),
-        (Some(next), Some(1))
-    );
+    assert_eq!(id_and_attempt(&delivery), (Some(next), Some(1)));
     worker.send(json!({"type": "ack", "id": next})).await;
     worker.sync().await;
     (broker, id)

@@ -20,14 +20,6 @@ async fn broker() -> TestBroker {
     .await
 }
 
-async fn producer(addr: std::net::SocketAddr, queue: &str) -> RawClient {
-    RawClient::register_1_1(addr, "producer", queue, json!({})).await
-}
-
-async fn consumer(addr: std::net::SocketAddr, queue: &str, prefetch: u16) -> RawClient {
-    RawClient::register_1_1(addr, "consumer", queue, json!({"prefetch": prefetch})).await
-}
-
 /// Publishes each (payload, priority); returns their ids.
 async fn publish_all(producer: &mut RawClient, messages: &[(&str, u64)]) -> Vec<u64> {
     let mut ids = Vec::new();
@@ -64,7 +56,7 @@ fn expected(rows: &[(&str, u64, u64)]) -> Vec<(String, u64, u64)> {
 #[tokio::test]
 async fn highest_priority_first_and_fifo_within_one() {
     let broker = broker().await;
-    let mut p = producer(broker.addr, "q").await;
+    let mut p = RawClient::producer_1_1(broker.addr, "q").await;
     publish_all(
         &mut p,
         &[
@@ -76,12 +68,12 @@ async fn highest_priority_first_and_fifo_within_one() {
         ],
     )
     .await;
-    let mut first = consumer(broker.addr, "q", 2).await;
+    let mut first = RawClient::consumer_1_1(broker.addr, "q", 2).await;
     assert_eq!(
         take(&mut first, 2).await,
         expected(&[("high-1", 9, 1), ("high-2", 9, 1)])
     );
-    let mut second = consumer(broker.addr, "q", 3).await;
+    let mut second = RawClient::consumer_1_1(broker.addr, "q", 3).await;
     assert_eq!(
         take(&mut second, 3).await,
         expected(&[("mid", 4, 1), ("low", 0, 1), ("low-2", 0, 1)])
@@ -94,9 +86,9 @@ async fn highest_priority_first_and_fifo_within_one() {
 #[tokio::test]
 async fn returns_go_to_the_front_of_their_priority_and_nacks_to_its_back() {
     let broker = broker().await;
-    let mut p = producer(broker.addr, "q").await;
+    let mut p = RawClient::producer_1_1(broker.addr, "q").await;
     let ids = publish_all(&mut p, &[("a", 5)]).await;
-    let mut vanishing = consumer(broker.addr, "q", 1).await;
+    let mut vanishing = RawClient::consumer_1_1(broker.addr, "q", 1).await;
     assert_eq!(take(&mut vanishing, 1).await, expected(&[("a", 5, 1)]));
     let later = publish_all(&mut p, &[("b", 5), ("low", 1), ("top", 8)]).await;
     drop(vanishing);
@@ -104,7 +96,7 @@ async fn returns_go_to_the_front_of_their_priority_and_nacks_to_its_back() {
         broker.metrics().core.in_flight == 0
     })
     .await;
-    let mut c = consumer(broker.addr, "q", 2).await;
+    let mut c = RawClient::consumer_1_1(broker.addr, "q", 2).await;
     assert_eq!(
         take(&mut c, 2).await,
         expected(&[("top", 8, 1), ("a", 5, 2)])
@@ -124,7 +116,7 @@ async fn returns_go_to_the_front_of_their_priority_and_nacks_to_its_back() {
 #[tokio::test]
 async fn bad_priorities_are_invalid_and_a_1_0_publish_ignores_the_field() {
     let broker = broker().await;
-    let mut p = producer(broker.addr, "q").await;
+    let mut p = RawClient::producer_1_1(broker.addr, "q").await;
     for priority in [json!(10), json!(-1), json!(1.5), json!("9"), json!(256)] {
         p.send(json!({"type": "publish", "payload": "x", "priority": priority.clone()}))
             .await;
@@ -139,7 +131,7 @@ async fn bad_priorities_are_invalid_and_a_1_0_publish_ignores_the_field() {
         .await;
     old.expect_ok().await;
     publish_all(&mut p, &[("new", 9)]).await;
-    let mut c = consumer(broker.addr, "q", 10).await;
+    let mut c = RawClient::consumer_1_1(broker.addr, "q", 10).await;
     assert_eq!(
         take(&mut c, 2).await,
         expected(&[("new", 9, 1), ("old", 0, 1)])
@@ -160,19 +152,19 @@ async fn priorities_survive_a_kill() {
         "600s",
     ];
     let mut broker = BrokerProcess::start(&args);
-    let mut p = producer(broker.addr, "jobs").await;
+    let mut p = RawClient::producer_1_1(broker.addr, "jobs").await;
     publish_all(
         &mut p,
         &[("low", 0), ("high", 7), ("mid", 3), ("high-2", 7)],
     )
     .await;
-    let mut c = consumer(broker.addr, "jobs", 1).await;
+    let mut c = RawClient::consumer_1_1(broker.addr, "jobs", 1).await;
     assert_eq!(c.expect_message().await["payload"], json!("high"));
     broker.signal(nix::sys::signal::Signal::SIGKILL);
     broker.wait_exit(common::WAIT).await;
 
     let broker = BrokerProcess::start(&args);
-    let mut c = consumer(broker.addr, "jobs", 10).await;
+    let mut c = RawClient::consumer_1_1(broker.addr, "jobs", 10).await;
     let after: Vec<(String, u64)> = take(&mut c, 4)
         .await
         .into_iter()

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{RawClient, TestBroker, test_config, unix_ms, with_fields, within};
+use common::{RawClient, TestBroker, id_and_attempt, test_config, unix_ms, with_fields, within};
 use ferry::broker::BrokerConfig;
 use ferry::broker::policy::PolicyFile;
 use serde_json::{Value, json};
@@ -15,14 +15,6 @@ use serde_json::{Value, json};
 /// A connection registered with version 1.1 and the register's `extra` fields.
 async fn register(broker: &TestBroker, role: &str, queue: &str, extra: Value) -> RawClient {
     RawClient::register_1_1(broker.addr, role, queue, extra).await
-}
-
-async fn producer(broker: &TestBroker, queue: &str) -> RawClient {
-    register(broker, "producer", queue, json!({})).await
-}
-
-async fn consumer(broker: &TestBroker, queue: &str, prefetch: u16) -> RawClient {
-    register(broker, "consumer", queue, json!({"prefetch": prefetch})).await
 }
 
 /// Publishes `payload` with the publish's `extra` fields; returns its id.
@@ -47,7 +39,7 @@ async fn broker_with_policies(text: &str) -> TestBroker {
 #[tokio::test]
 async fn a_1_1_message_frame_carries_its_details_and_a_1_0_one_does_not() {
     let broker = TestBroker::start().await;
-    let mut p = producer(&broker, "q").await;
+    let mut p = RawClient::producer_1_1(broker.addr, "q").await;
     let mut c = register(&broker, "consumer", "q", json!({"ack_timeout_ms": 60_000})).await;
     let before = unix_ms();
     let id = publish(&mut p, "hello", json!({})).await;
@@ -98,23 +90,17 @@ async fn a_1_0_connection_knows_nothing_of_1_1() {
 #[tokio::test]
 async fn a_nack_sends_the_message_to_the_back_and_frees_its_slot() {
     let broker = TestBroker::start().await;
-    let mut p = producer(&broker, "q").await;
-    let mut c = consumer(&broker, "q", 1).await;
+    let mut p = RawClient::producer_1_1(broker.addr, "q").await;
+    let mut c = RawClient::consumer_1_1(broker.addr, "q", 1).await;
     let first = publish(&mut p, "first", json!({})).await;
     let second = publish(&mut p, "second", json!({})).await;
     assert_eq!(c.expect_message().await["id"], first);
     c.send(json!({"type": "nack", "id": first})).await;
     let next = c.expect_message().await;
-    assert_eq!(
-        (next["id"].as_u64(), next["attempt"].as_u64()),
-        (Some(second), Some(1))
-    );
+    assert_eq!(id_and_attempt(&next), (Some(second), Some(1)));
     c.send(json!({"type": "ack", "id": second})).await;
     let again = c.expect_message().await;
-    assert_eq!(
-        (again["id"].as_u64(), again["attempt"].as_u64()),
-        (Some(first), Some(2))
-    );
+    assert_eq!(id_and_attempt(&again), (Some(first), Some(2)));
 }
 
 /// §9: `ids` applies in order; each id not in flight to this consumer gets its own
@@ -122,8 +108,8 @@ async fn a_nack_sends_the_message_to_the_back_and_frees_its_slot() {
 #[tokio::test]
 async fn ids_apply_in_order_with_one_unknown_id_each() {
     let broker = TestBroker::start().await;
-    let mut p = producer(&broker, "q").await;
-    let mut c = consumer(&broker, "q", 10).await;
+    let mut p = RawClient::producer_1_1(broker.addr, "q").await;
+    let mut c = RawClient::consumer_1_1(broker.addr, "q", 10).await;
     let a = publish(&mut p, "a", json!({})).await;
     let b = publish(&mut p, "b", json!({})).await;
     c.expect_message().await;
@@ -145,8 +131,8 @@ async fn ids_apply_in_order_with_one_unknown_id_each() {
 async fn malformed_1_1_frames_are_invalid_and_change_nothing() {
     let broker =
         broker_with_policies("[queues.\"q\"]\nmax_delay = \"1m\"\nmax_lease = \"1h\"\n").await;
-    let mut p = producer(&broker, "q").await;
-    let mut c = consumer(&broker, "q", 10).await;
+    let mut p = RawClient::producer_1_1(broker.addr, "q").await;
+    let mut c = RawClient::consumer_1_1(broker.addr, "q", 10).await;
     let id = publish(&mut p, "m", json!({})).await;
     c.expect_message().await;
     let too_many: Vec<u64> = (0..65_536).collect();
@@ -223,7 +209,7 @@ async fn a_consumer_lease_past_max_lease_is_not_registered() {
 #[tokio::test]
 async fn touch_keeps_a_long_job_from_being_redelivered() {
     let broker = TestBroker::start().await;
-    let mut p = producer(&broker, "q").await;
+    let mut p = RawClient::producer_1_1(broker.addr, "q").await;
     let mut c = register(&broker, "consumer", "q", json!({"ack_timeout_ms": 400})).await;
     let id = publish(&mut p, "long job", json!({})).await;
     c.expect_message().await;
@@ -250,8 +236,8 @@ async fn touch_keeps_a_long_job_from_being_redelivered() {
 #[tokio::test]
 async fn delays_hold_messages_until_they_are_due() {
     let broker = TestBroker::start().await;
-    let mut p = producer(&broker, "q").await;
-    let mut c = consumer(&broker, "q", 10).await;
+    let mut p = RawClient::producer_1_1(broker.addr, "q").await;
+    let mut c = RawClient::consumer_1_1(broker.addr, "q", 10).await;
     let published = unix_ms();
     let delayed = publish(&mut p, "delayed", json!({"delay_ms": 300})).await;
     let past = publish(&mut p, "past", json!({"not_before": 1})).await;
@@ -267,10 +253,7 @@ async fn delays_hold_messages_until_they_are_due() {
     c.send(json!({"type": "nack", "id": delayed, "delay_ms": 200}))
         .await;
     let again = c.expect_message().await;
-    assert_eq!(
-        (again["id"].as_u64(), again["attempt"].as_u64()),
-        (Some(delayed), Some(2))
-    );
+    assert_eq!(id_and_attempt(&again), (Some(delayed), Some(2)));
     assert!(
         unix_ms() >= nacked + 200,
         "redelivered before its nack's delay"
@@ -289,8 +272,8 @@ async fn a_nack_without_a_delay_waits_the_queues_backoff() {
         "[queues.\"q\"]\nbackoff_initial = \"150ms\"\nbackoff_multiplier = 2.0\n",
     )
     .await;
-    let mut p = producer(&broker, "q").await;
-    let mut c = consumer(&broker, "q", 10).await;
+    let mut p = RawClient::producer_1_1(broker.addr, "q").await;
+    let mut c = RawClient::consumer_1_1(broker.addr, "q", 10).await;
     let id = publish(&mut p, "flaky", json!({})).await;
     c.expect_message().await;
     for backoff_ms in [150, 300] {
@@ -314,9 +297,9 @@ async fn nacks_dead_letter_when_asked_and_at_the_limit() {
         "[queues.\"jobs\"]\nmax_deliveries = 2\ndead_letter_queue = \"jobs.dlq\"\n",
     )
     .await;
-    let mut p = producer(&broker, "jobs").await;
-    let mut c = consumer(&broker, "jobs", 10).await;
-    let mut dlq = consumer(&broker, "jobs.dlq", 10).await;
+    let mut p = RawClient::producer_1_1(broker.addr, "jobs").await;
+    let mut c = RawClient::consumer_1_1(broker.addr, "jobs", 10).await;
+    let mut dlq = RawClient::consumer_1_1(broker.addr, "jobs.dlq", 10).await;
     let rejected = publish(&mut p, "bad", json!({})).await;
     let flaky = publish(&mut p, "flaky", json!({})).await;
     c.expect_message().await;
@@ -325,10 +308,7 @@ async fn nacks_dead_letter_when_asked_and_at_the_limit() {
     c.send(json!({"type": "nack", "id": rejected, "dead_letter": true}))
         .await;
     let dead = dlq.expect_message().await;
-    assert_eq!(
-        (dead["id"].as_u64(), dead["attempt"].as_u64()),
-        (Some(rejected), Some(1))
-    );
+    assert_eq!(id_and_attempt(&dead), (Some(rejected), Some(1)));
     let record = &dead["dead_letter"];
     let at = record["at"].as_u64().unwrap();
     assert!(at >= before && at <= unix_ms(), "{dead}");
@@ -353,8 +333,8 @@ async fn nacks_dead_letter_when_asked_and_at_the_limit() {
 #[tokio::test]
 async fn delayed_messages_do_not_hold_the_drain() {
     let broker = TestBroker::start().await;
-    let mut p = producer(&broker, "q").await;
-    let _c = consumer(&broker, "q", 10).await;
+    let mut p = RawClient::producer_1_1(broker.addr, "q").await;
+    let _c = RawClient::consumer_1_1(broker.addr, "q", 10).await;
     publish(&mut p, "tomorrow", json!({"delay_ms": 86_400_000})).await;
     let report = within(broker.shutdown()).await;
     assert!(report.completed);
@@ -366,11 +346,11 @@ async fn delayed_messages_do_not_hold_the_drain() {
 #[tokio::test]
 async fn nack_and_touch_are_taken_during_the_drain() {
     let broker = TestBroker::start().await;
-    let mut p = producer(&broker, "q").await;
-    let mut c = consumer(&broker, "q", 10).await;
+    let mut p = RawClient::producer_1_1(broker.addr, "q").await;
+    let mut c = RawClient::consumer_1_1(broker.addr, "q", 10).await;
     let id = publish(&mut p, "job", json!({})).await;
     c.expect_message().await;
-    let mut probe = producer(&broker, "probe").await;
+    let mut probe = RawClient::producer_1_1(broker.addr, "probe").await;
     broker.begin_shutdown();
     // The drain has begun once a publish is refused (to a queue nobody consumes, so
     // that those accepted before do not hold the drain).
@@ -385,10 +365,7 @@ async fn nack_and_touch_are_taken_during_the_drain() {
     c.send(json!({"type": "touch", "id": id})).await;
     c.send(json!({"type": "nack", "id": id})).await;
     let again = c.expect_message().await;
-    assert_eq!(
-        (again["id"].as_u64(), again["attempt"].as_u64()),
-        (Some(id), Some(2))
-    );
+    assert_eq!(id_and_attempt(&again), (Some(id), Some(2)));
     c.send(json!({"type": "ack", "id": id})).await;
     let report = within(broker.shutdown()).await;
     assert!(
@@ -402,7 +379,7 @@ async fn nack_and_touch_are_taken_during_the_drain() {
 /// a delayed publish, with the delivery details they show.
 #[tokio::test]
 async fn the_client_library_nacks_touches_and_delays() {
-    use ferry::{Consumer, ConsumerOptions, Producer};
+    use ferry::{Consumer, ConsumerOptions, Producer, PublishOptions};
     let broker = broker_with_policies("[queues.\"lib\"]\ndead_letter_queue = \"lib.dlq\"\n").await;
     let mut producer = within(Producer::connect(broker.addr, "lib")).await.unwrap();
     let options = ConsumerOptions {
@@ -414,7 +391,8 @@ async fn the_client_library_nacks_touches_and_delays() {
         .await
         .unwrap();
     let sent = unix_ms();
-    let id = within(producer.publish_delayed("job", Duration::from_millis(200)))
+    let delayed = PublishOptions::delayed(Duration::from_millis(200));
+    let id = within(producer.publish_with("job", &delayed))
         .await
         .unwrap();
     let message = within(consumer.recv()).await.unwrap();

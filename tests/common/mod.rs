@@ -208,6 +208,11 @@ pub fn unix_ms() -> u64 {
 }
 
 /// `frame` with the fields of `extra` added (or replaced).
+/// A message frame's `id` and `attempt`.
+pub fn id_and_attempt(message: &Value) -> (Option<u64>, Option<u64>) {
+    (message["id"].as_u64(), message["attempt"].as_u64())
+}
+
 pub fn with_fields(mut frame: Value, extra: Value) -> Value {
     if let (Some(frame), Some(extra)) = (frame.as_object_mut(), extra.as_object()) {
         frame.extend(extra.clone());
@@ -286,6 +291,16 @@ impl RawClient {
             json!({"type": "ok", "version": "1.1"})
         );
         client
+    }
+
+    /// A producer registered with version 1.1.
+    pub async fn producer_1_1(addr: SocketAddr, queue: &str) -> RawClient {
+        RawClient::register_1_1(addr, "producer", queue, json!({})).await
+    }
+
+    /// A consumer registered with version 1.1.
+    pub async fn consumer_1_1(addr: SocketAddr, queue: &str, prefetch: u16) -> RawClient {
+        RawClient::register_1_1(addr, "consumer", queue, json!({"prefetch": prefetch})).await
     }
 
     pub async fn send_bytes(&mut self, bytes: &[u8]) {
