@@ -2,13 +2,15 @@
 //! one priority or of many) /
 //! subscribe (with the queue's lease or its own) / dispatch / ack / wrong ack / nack (to
 //! the back, delayed, after the queue's backoff, or dead-lettered) / touch / pause /
-//! resume / time passing / disconnect / drain, under per-queue policies, applied both to
+//! resume / time passing / disconnect / drain, under per-queue policies (dead letters,
+//! backoff, leases, length limits under both overflow rules), applied both to
 //! the core and to a deliberately naive reference model of contract §4 and §12
 //! (vectors and linear scans). After every step the two must agree exactly (deliveries,
 //! refusals, what expired and for whom, what memory is counted), and these invariants
 //! must hold: each published id is in exactly one of ready, delayed, in flight, acked,
 //! discarded; no consumer
-//! is over its prefetch or gets anything while paused; an acked id never comes back;
+//! is over its prefetch or gets anything while paused; an acked id never comes back; no
+//! queue holds more than its `max_length`;
 //! within a priority, redelivered ids stand before never delivered ones, which keep their
 //! publish order (those sent to the back aside); the next timeout is never later than a timer tick
 //! after the earliest deadline or due time. On failure
@@ -59,9 +61,22 @@ fn dead_letter_policy(queue: usize) -> (u32, Option<usize>) {
 }
 
 const POLICIES: &str = "[queues.\"q0\"]\nmax_deliveries = 3\ndiscard_dead_letters = true\n\
+    max_length = 3\noverflow = \"drop-head\"\n\
     [queues.\"q1\"]\nack_timeout = \"200ms\"\nmax_deliveries = 2\ndead_letter_queue = \"q2\"\n\
-    max_lease = \"250ms\"\n\
-    [queues.\"q2*\"]\nack_timeout = \"300ms\"\nbackoff_initial = \"20ms\"\nbackoff_max = \"50ms\"\n";
+    max_lease = \"250ms\"\nmax_length = 2\noverflow = \"drop-head\"\n\
+    [queues.\"q2*\"]\nack_timeout = \"300ms\"\nbackoff_initial = \"20ms\"\nbackoff_max = \"50ms\"\n\
+    max_length = 3\n";
+
+/// Each queue's `max_length` and whether it drops its head when full (rule 17), as
+/// `POLICIES` sets them: `q0` drops (discarding), `q1` drops into `q2`, and `q2` rejects,
+/// so that dead letters find it full.
+fn length_policy(queue: usize) -> (usize, bool) {
+    match queue {
+        0 => (3, true),
+        1 => (2, true),
+        _ => (3, false),
+    }
+}
 
 /// Each queue's `max_lease` in ms, as `POLICIES` sets it (the default is 12 hours).
 fn max_lease_ms(queue: usize) -> u64 {
@@ -286,6 +301,7 @@ impl Model {
         if counted + cost > MAX_MEMORY_BYTES {
             return Err("queue_full");
         }
+        self.make_room(queue)?;
         self.next_id += 1;
         let id = self.next_id;
         self.memory += cost;
@@ -395,9 +411,45 @@ impl Model {
         }
     }
 
-    /// Rule 15: to the back of the queue's dead-letter queue, or dropped.
+    /// Messages `queue` holds, as its `max_length` counts them: ready, delayed, in flight.
+    fn length(&self, queue: usize) -> usize {
+        let ready = self.queues.get(&queue).map_or(0, ModelQueue::ready_len);
+        let in_flight: usize = self
+            .consumers
+            .values()
+            .filter(|c| c.queue == queue)
+            .map(|c| c.in_flight.len())
+            .sum();
+        let delayed = self.delayed.iter().filter(|d| d.queue == queue).count();
+        ready + in_flight + delayed
+    }
+
+    /// Rule 17: room for one more message in `queue`, dropping its oldest ready message
+    /// of the lowest priority if it is full and its policy says so.
+    fn make_room(&mut self, queue: usize) -> Result<(), &'static str> {
+        let (max_length, drop_head) = length_policy(queue);
+        if self.length(queue) < max_length {
+            return Ok(());
+        }
+        let dropped = self
+            .queues
+            .get_mut(&queue)
+            .filter(|_| drop_head)
+            .and_then(|q| q.ready.iter_mut().find_map(VecDeque::pop_front));
+        let Some((id, _)) = dropped else {
+            return Err("queue_full");
+        };
+        self.dead_letter(queue, id);
+        Ok(())
+    }
+
+    /// Rule 15: to the back of the queue's dead-letter queue, or dropped, as it is when
+    /// that queue is full (rule 17).
     fn dead_letter(&mut self, queue: usize, id: u64) {
-        match dead_letter_policy(queue).1 {
+        let target = dead_letter_policy(queue)
+            .1
+            .filter(|&target| self.make_room(target).is_ok());
+        match target {
             Some(target) => {
                 if !self.queues.contains_key(&target) {
                     self.memory += queue_cost(target);
@@ -712,6 +764,13 @@ fn check(core: &mut Core, model: &Model) -> Result<(), TestCaseError> {
         ),
     }
     prop_assert_eq!(stats.queues, model.queues.len());
+    for &queue in model.queues.keys() {
+        prop_assert!(
+            model.length(queue) <= length_policy(queue).0,
+            "q{} over its max_length",
+            queue
+        );
+    }
     if model.draining {
         prop_assert_eq!(core.is_drained(), model.is_drained());
     }
@@ -759,13 +818,14 @@ fn run(ops: &[Op], hold_new: bool) -> Result<(), TestCaseError> {
                     priority,
                     due,
                 };
-                let got = core
-                    .publish(&queue_name(queue), message)
-                    .map(|published| published.id.0)
-                    .map_err(|e| match e {
-                        PublishError::QueueFull { .. } => "queue_full",
-                        PublishError::ShuttingDown => "shutting_down",
-                    });
+                let got =
+                    core.publish(&queue_name(queue), message)
+                        .map(|published| published.id.0)
+                        .map_err(|e| match e {
+                            PublishError::QueueFull { .. }
+                            | PublishError::QueueAtMaxLength { .. } => "queue_full",
+                            PublishError::ShuttingDown => "shutting_down",
+                        });
                 prop_assert_eq!(got, model.publish(queue, size, delay_ms, priority, counted));
             }
             Op::Subscribe {

@@ -96,8 +96,12 @@ async fn a_config_file_it_cannot_honour_stops_the_broker_naming_file_table_and_k
             "[queues.a] dead_letter_queue: dead letters would go round: b -> a -> b",
         ),
         (
-            "[queues.\"orders\"]\nmax_length = 10\n",
-            "[queues.orders] max_length: not served by this build yet",
+            "[queues.\"orders\"]\ndedup_window = \"1m\"\n",
+            "[queues.orders] dedup_window: not served by this build yet",
+        ),
+        (
+            "[queues.\"orders\"]\noverflow = \"drop-oldest\"\n",
+            "[queues.orders] overflow: is \"drop-oldest\"; use \"reject-publish\" or \"drop-head\"",
         ),
         (
             "[queues.\"orders\"]\nbackoff_multiplier = 0.5\n",

@@ -51,6 +51,29 @@ pub struct QueuePolicy {
     pub backoff_max: Duration,
     /// The most a publish or a nack may delay a message.
     pub max_delay: Duration,
+    /// The most messages the queue may hold, ready, delayed and in flight (rule 17); 0
+    /// is no limit.
+    pub max_length: u64,
+    /// What a publish into a full queue does.
+    pub overflow: Overflow,
+}
+
+/// What a publish into a queue at its `max_length` does (rule 17).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    /// The publish is refused (`queue_full`); nothing queued is touched.
+    RejectPublish,
+    /// The oldest ready message of the lowest priority is dead-lettered (reason
+    /// `overflow`) to make room; with nothing ready to drop, the publish is refused.
+    DropHead,
+}
+
+impl Overflow {
+    /// Every value, as the config file names them.
+    const NAMES: [(&str, Overflow); 2] = [
+        ("reject-publish", Overflow::RejectPublish),
+        ("drop-head", Overflow::DropHead),
+    ];
 }
 
 /// The contract's default `max_lease`.
@@ -79,6 +102,8 @@ impl QueuePolicy {
             backoff_multiplier: BACKOFF_MULTIPLIER_DEFAULT,
             backoff_max: BACKOFF_MAX_DEFAULT,
             max_delay: MAX_DELAY_DEFAULT,
+            max_length: 0,
+            overflow: Overflow::RejectPublish,
         }
     }
 
@@ -116,15 +141,11 @@ pub fn check_ack_timeout(timeout: Duration) -> Result<Duration, String> {
 
 /// The keys of the contract's policy table that this build does not act on yet, each
 /// with what it comes with.
-const KEYS_NOT_SERVED: [(&str, &str); 3] = [
-    ("max_length", "length limits (protocol 1.1, part 2)"),
-    ("overflow", "length limits (protocol 1.1, part 2)"),
-    ("dedup_window", "dedup keys (protocol 1.1, part 2)"),
-];
+const KEYS_NOT_SERVED: [(&str, &str); 1] = [("dedup_window", "dedup keys (protocol 1.1, part 2)")];
 
 /// The keys this build serves (`parse_table` reads each), as the refusal of an unknown
 /// key lists them.
-const KEYS_SERVED: [&str; 9] = [
+const KEYS_SERVED: [&str; 11] = [
     "ack_timeout",
     "max_lease",
     "max_deliveries",
@@ -134,6 +155,8 @@ const KEYS_SERVED: [&str; 9] = [
     "backoff_multiplier",
     "backoff_max",
     "max_delay",
+    "max_length",
+    "overflow",
 ];
 
 /// One table of the file: the keys it sets.
@@ -148,6 +171,8 @@ struct PolicyTable {
     backoff_multiplier: Option<f64>,
     backoff_max: Option<Duration>,
     max_delay: Option<Duration>,
+    max_length: Option<u64>,
+    overflow: Option<Overflow>,
 }
 
 impl PolicyTable {
@@ -168,6 +193,8 @@ impl PolicyTable {
             backoff_multiplier: self.backoff_multiplier.unwrap_or(base.backoff_multiplier),
             backoff_max: self.backoff_max.unwrap_or(base.backoff_max),
             max_delay: self.max_delay.unwrap_or(base.max_delay),
+            max_length: self.max_length.unwrap_or(base.max_length),
+            overflow: self.overflow.unwrap_or(base.overflow),
         }
     }
 }
@@ -448,6 +475,33 @@ fn parse_table(table_name: &str, table: &toml::Table) -> Result<PolicyTable, Pro
                 })?;
                 parsed.max_deliveries = Some(count);
             }
+            "max_length" => {
+                let length = match value {
+                    toml::Value::Integer(n) => u64::try_from(*n).ok(),
+                    _ => None,
+                };
+                let length = length.ok_or_else(|| {
+                    problem(format!(
+                        "is {value}; use an integer from 0 (no limit) to 9223372036854775807"
+                    ))
+                })?;
+                parsed.max_length = Some(length);
+            }
+            "overflow" => {
+                let overflow = match value {
+                    toml::Value::String(name) => Overflow::NAMES
+                        .iter()
+                        .find(|(known, _)| known == name)
+                        .map(|(_, overflow)| *overflow),
+                    _ => None,
+                };
+                let overflow = overflow.ok_or_else(|| {
+                    problem(format!(
+                        "is {value}; use \"reject-publish\" or \"drop-head\""
+                    ))
+                })?;
+                parsed.overflow = Some(overflow);
+            }
             "dead_letter_queue" => {
                 let toml::Value::String(name) = value else {
                     return Err(problem(format!("is {value}; use a queue name in quotes")));
@@ -660,6 +714,31 @@ mod tests {
     }
 
     #[test]
+    fn length_keys_resolve_like_the_others() {
+        let policies = PolicyFile::parse_text(
+            r#"
+            [queue_defaults]
+            max_length = 100
+            [queues."bounded*"]
+            overflow = "drop-head"
+            [queues."bounded.big"]
+            max_length = 1000000
+            overflow = "reject-publish"
+            "#,
+        )
+        .unwrap()
+        .resolve(&base());
+        let policy = |name: &str| policies.for_queue(&QueueName::new(name).unwrap());
+        assert_eq!(policy("other").max_length, 100);
+        assert_eq!(policy("other").overflow, Overflow::RejectPublish);
+        assert_eq!(policy("bounded.small").max_length, 100);
+        assert_eq!(policy("bounded.small").overflow, Overflow::DropHead);
+        assert_eq!(policy("bounded.big").max_length, 1_000_000);
+        assert_eq!(policy("bounded.big").overflow, Overflow::RejectPublish);
+        assert_eq!(base().max_length, 0, "no limit by default");
+    }
+
+    #[test]
     fn dead_letters_must_have_somewhere_to_go_and_never_go_round() {
         let refusal = |text: &str| PolicyFile::parse_text(text).unwrap_err().to_string();
         assert_eq!(
@@ -733,7 +812,7 @@ mod tests {
         let refusal = |text: &str| PolicyFile::parse_text(text).unwrap_err().to_string();
         assert_eq!(
             refusal("[queue_defaults]\ncolour = \"blue\"\n"),
-            "[queue_defaults] colour: unknown key; this build serves: ack_timeout, max_lease, max_deliveries, dead_letter_queue, discard_dead_letters, backoff_initial, backoff_multiplier, backoff_max, max_delay"
+            "[queue_defaults] colour: unknown key; this build serves: ack_timeout, max_lease, max_deliveries, dead_letter_queue, discard_dead_letters, backoff_initial, backoff_multiplier, backoff_max, max_delay, max_length, overflow"
         );
         assert_eq!(
             refusal("[queues.\"orders\"]\nack_timeout = 30\n"),
@@ -753,8 +832,16 @@ mod tests {
             );
         }
         assert!(
-            refusal("[queues.\"orders\"]\nmax_length = 10\n")
-                .starts_with("[queues.orders] max_length: not served by this build yet")
+            refusal("[queues.\"orders\"]\ndedup_window = \"1m\"\n")
+                .starts_with("[queues.orders] dedup_window: not served by this build yet")
+        );
+        assert_eq!(
+            refusal("[queues.\"o\"]\nmax_length = -5\n"),
+            "[queues.o] max_length: is -5; use an integer from 0 (no limit) to 9223372036854775807"
+        );
+        assert_eq!(
+            refusal("[queues.\"o\"]\noverflow = \"drop-tail\"\n"),
+            "[queues.o] overflow: is \"drop-tail\"; use \"reject-publish\" or \"drop-head\""
         );
         assert_eq!(
             refusal("[queues.\"o\"]\nbackoff_multiplier = 0.5\n"),

@@ -20,10 +20,11 @@ pub struct DeadLetter {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeadLetterReason {
     /// Returned (by a timeout, a disconnect or a nack) with `attempt >= max_deliveries`.
-    /// (`overflow` comes with length limits.)
     MaxDeliveries,
     /// Nacked with `"dead_letter":true`.
     Rejected,
+    /// Dropped from the head of a queue at its `max_length` under `drop-head` (rule 17).
+    Overflow,
 }
 
 impl DeadLetterReason {
@@ -32,6 +33,7 @@ impl DeadLetterReason {
         match self {
             DeadLetterReason::MaxDeliveries => "max_deliveries",
             DeadLetterReason::Rejected => "rejected",
+            DeadLetterReason::Overflow => "overflow",
         }
     }
 
@@ -40,23 +42,25 @@ impl DeadLetterReason {
         match self {
             DeadLetterReason::MaxDeliveries => 1,
             DeadLetterReason::Rejected => 2,
+            DeadLetterReason::Overflow => 3,
         }
     }
 
     /// The reason named `name` on the wire.
     pub fn from_name(name: &str) -> Option<DeadLetterReason> {
-        [DeadLetterReason::MaxDeliveries, DeadLetterReason::Rejected]
-            .into_iter()
-            .find(|reason| reason.as_str() == name)
+        Self::ALL.into_iter().find(|reason| reason.as_str() == name)
     }
 
+    /// The reason the log stores as `code`.
     pub fn from_code(code: u8) -> Option<DeadLetterReason> {
-        match code {
-            1 => Some(DeadLetterReason::MaxDeliveries),
-            2 => Some(DeadLetterReason::Rejected),
-            _ => None,
-        }
+        Self::ALL.into_iter().find(|reason| reason.code() == code)
     }
+
+    const ALL: [DeadLetterReason; 3] = [
+        DeadLetterReason::MaxDeliveries,
+        DeadLetterReason::Rejected,
+        DeadLetterReason::Overflow,
+    ];
 }
 
 impl fmt::Display for DeadLetterReason {

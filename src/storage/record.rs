@@ -52,6 +52,9 @@
 //!
 //! Priorities (version 6): a publish record carries its message's priority, 0-9;
 //! records of version 5 and before read as priority 0, the only one they could have.
+//!
+//! Overflow (version 7): a dead-letter record may have reason 3, `overflow` (a message
+//! dropped from the head of a full queue, rule 17); the layout is version 6's.
 
 use thiserror::Error;
 
@@ -60,7 +63,7 @@ use crate::protocol::{DeadLetter, DeadLetterReason, MessageId, PRIORITY_MAX, Pay
 
 pub const MAGIC: &[u8; 8] = b"FERRYLOG";
 /// The version this build writes.
-pub const FORMAT_VERSION: u32 = 6;
+pub const FORMAT_VERSION: u32 = 7;
 /// The first version with synced records.
 pub const SYNCED_RECORDS_VERSION: u32 = 3;
 /// The first version with dead-letter records.
@@ -69,6 +72,8 @@ pub const DEAD_LETTER_RECORDS_VERSION: u32 = 4;
 pub const TIMED_RECORDS_VERSION: u32 = 5;
 /// The first version whose publish records carry priorities.
 pub const PRIORITY_RECORDS_VERSION: u32 = 6;
+/// The first version whose dead-letter records may have reason `overflow`.
+pub const OVERFLOW_REASON_VERSION: u32 = 7;
 /// The oldest version this build reads: version 1 records have no segment field.
 pub const OLDEST_READABLE_VERSION: u32 = 1;
 pub const HEADER_BYTES: usize = 32;
@@ -456,6 +461,9 @@ fn decode_publish(body: &[u8], version: u32, dead_lettered: bool) -> Result<Reco
             return Err("dead-lettered publish record too short");
         }
         let reason = DeadLetterReason::from_code(rest[0])
+            .filter(|&reason| {
+                reason != DeadLetterReason::Overflow || version >= OVERFLOW_REASON_VERSION
+            })
             .ok_or("dead-lettered publish record of an unknown reason")?;
         let attempts = u32::from_le_bytes(rest[1..5].try_into().expect("4 bytes"));
         let at_ms = u64::from_le_bytes(rest[5..13].try_into().expect("8 bytes"));
@@ -691,6 +699,38 @@ mod tests {
             matches!(decode_record(&dead_letter, &version_3), Decoded::Corrupt(_)),
             "a version 3 segment has no dead-letter records"
         );
+    }
+
+    /// Reason `overflow` reads back from version 7 on; before, it is corruption.
+    #[test]
+    fn overflow_dead_letters_need_version_7() {
+        let record = DeadLetter {
+            queue: q("feed"),
+            reason: DeadLetterReason::Overflow,
+            attempts: 0,
+            at_ms: 1_767_225_600_000,
+        };
+        let (queue, payload) = (q("feed.dlq"), Payload::from_text("dropped"));
+        let mut bytes = Vec::new();
+        encode_publish(
+            &mut bytes,
+            SEGMENT,
+            &LiveMessage::new(MessageId(3), 0, &queue, &payload, Some(&record)),
+        );
+        let Decoded::Record(Record::Publish { dead_letter, .. }, _) =
+            decode_record(&bytes, &segment_header(SEGMENT))
+        else {
+            panic!("an overflow dead letter is not read");
+        };
+        assert_eq!(dead_letter, Some(record));
+        let version_6 = SegmentHeader {
+            version: 6,
+            ..segment_header(SEGMENT)
+        };
+        assert!(matches!(
+            decode_record(&bytes, &version_6),
+            Decoded::Corrupt("dead-lettered publish record of an unknown reason")
+        ));
     }
 
     #[test]

@@ -52,7 +52,7 @@ use rustc_hash::FxHashMap;
 
 use thiserror::Error;
 
-use super::policy::{ACK_TIMEOUT_RANGE, Policies, QueuePolicy};
+use super::policy::{ACK_TIMEOUT_RANGE, Overflow, Policies, QueuePolicy};
 use crate::protocol::{
     DeadLetter, DeadLetterReason, Due, ErrorCode, MessageId, PRIORITY_MAX, Payload, QueueName,
     whole_millis,
@@ -182,12 +182,15 @@ pub enum Relocated {
         due_ms: u64,
         dead_letter: Option<Arc<DeadLetter>>,
     },
-    /// Dead-lettered from `queue`, which has no dead-letter queue: dropped, as its
-    /// policy opted into or its consumer asked.
+    /// Dead-lettered from `queue` with nowhere to go: dropped, as its policy opted into
+    /// or its consumer asked (no dead-letter queue), or because its dead-letter queue
+    /// was full (rule 17).
     Discarded {
         id: MessageId,
         queue: QueueName,
         payload: Payload,
+        reason: DeadLetterReason,
+        /// The record it carried before (dead-lettered once already), if any.
         dead_letter: Option<Arc<DeadLetter>>,
     },
 }
@@ -207,6 +210,17 @@ pub enum PublishError {
          is {limit_bytes}; retry when consumers have caught up, or raise --max-memory"
     )]
     QueueFull { used_bytes: u64, limit_bytes: u64 },
+    #[error(
+        "queue `{queue}` holds its max_length of {max_length} messages (ready, delayed and in \
+         flight){room}; retry when consumers have caught up, or raise its max_length",
+        room = if *.refused > 1 { format!(" and has no room for {}", .refused) } else { String::new() }
+    )]
+    QueueAtMaxLength {
+        queue: QueueName,
+        max_length: u64,
+        /// How many messages were refused together.
+        refused: usize,
+    },
     #[error("the broker is shutting down and accepts no new messages")]
     ShuttingDown,
 }
@@ -215,7 +229,9 @@ impl PublishError {
     /// The contract's error code for this refusal.
     pub fn code(&self) -> ErrorCode {
         match self {
-            PublishError::QueueFull { .. } => ErrorCode::QueueFull,
+            PublishError::QueueFull { .. } | PublishError::QueueAtMaxLength { .. } => {
+                ErrorCode::QueueFull
+            }
             PublishError::ShuttingDown => ErrorCode::ShuttingDown,
         }
     }
@@ -378,6 +394,9 @@ struct Queue {
     next_consumer: usize,
     /// Its messages waiting in `Core::delays`: it is kept while it has any.
     delayed: usize,
+    /// Its messages in flight, counted only when its policy has a `max_length` (the one
+    /// reader): elsewhere an ack need not look its queue up.
+    in_flight: usize,
     dispatch_scheduled: bool,
     /// Listed in `held_at_watermark`.
     at_watermark: bool,
@@ -418,6 +437,8 @@ struct Consumer {
     in_flight: FxHashMap<MessageId, InFlight>,
     /// Its connection holds all the output it may: nothing more is delivered to it.
     paused: bool,
+    /// Its queue has a `max_length`, so its queue counts what is in flight.
+    length_limited: bool,
 }
 
 #[derive(Debug)]
@@ -667,6 +688,7 @@ impl Core {
                 lease,
                 in_flight: FxHashMap::default(),
                 paused: false,
+                length_limited: subscribed.policy.max_length > 0,
             },
         );
         self.schedule_dispatch(&queue);
@@ -674,12 +696,15 @@ impl Core {
 
     /// Appends a message to the back of `queue` (created if new), or, when it is due
     /// later, holds it until then; returns its id and times. The caller checked a delay
-    /// against the queue's `max_delay`.
+    /// against the queue's `max_delay`. A queue at its `max_length` under `drop-head`
+    /// dead-letters its oldest ready message of the lowest priority to make room.
     ///
     /// # Errors
     /// [`PublishError::ShuttingDown`] once draining; [`PublishError::QueueFull`] when the
     /// message (and its queue, if new) would take what queued messages cost over the
-    /// memory limit.
+    /// memory limit; [`PublishError::QueueAtMaxLength`] when the queue is full and may
+    /// not (`reject-publish`) or cannot (nothing ready) drop a message. Nothing changes
+    /// then.
     pub fn publish(
         &mut self,
         queue: &QueueName,
@@ -703,7 +728,7 @@ impl Core {
         }
         // Due now, or already past: ready at once.
         .filter(|&due_ms| due_ms > now_ms);
-        let existing = self.queues.get_mut(queue);
+        let mut existing = self.queues.get_mut(queue);
         let cost = message_cost(&payload)
             + if existing.is_some() {
                 0
@@ -720,6 +745,11 @@ impl Core {
                 used_bytes: self.stats.memory_bytes,
                 limit_bytes: self.config.max_memory_bytes,
             });
+        }
+        // A new queue holds nothing, and room for one message is what a limit means.
+        if existing.as_ref().is_some_and(|q| q.policy.max_length > 0) {
+            self.make_room(queue, 1)?;
+            existing = self.queues.get_mut(queue);
         }
         let id = MessageId(self.next_id);
         self.next_id += 1;
@@ -811,6 +841,11 @@ impl Core {
             .ok_or(AckError::UnknownId(id))?;
         self.leases.remove(taken.lease);
         self.stats.in_flight -= 1;
+        if holder.length_limited
+            && let Some(queue) = self.queues.get_mut(&holder.queue)
+        {
+            queue.in_flight -= 1;
+        }
         // Only a consumer that was full held its queue's dispatch back: one with room
         // to spare already had it scheduled if anything was ready.
         let was_full = holder.in_flight.len() + 1 == holder.prefetch;
@@ -993,6 +1028,9 @@ impl Core {
             .into_iter()
             .partition(|m| limit > 0 && m.deliveries >= limit);
         self.stats.in_flight -= dead.len() + back.len();
+        if policy.max_length > 0 {
+            queue.in_flight -= dead.len() + back.len();
+        }
         self.stats.ready += back.len();
         queue.requeue_at_front(back, &mut self.stats.memory_bytes);
         self.schedule_dispatch(name);
@@ -1004,8 +1042,10 @@ impl Core {
 
     /// Moves a message to the back of its queue's dead-letter queue, with a record of
     /// where it came from and attempt counting from 0 again; or, without a dead-letter
-    /// queue, drops it (rule 15: the policy opted into that with `discard_dead_letters`,
-    /// or the consumer asked for it by name).
+    /// queue, drops it (rule 15: the policy opted into that with `discard_dead_letters`
+    /// or `drop-head`, or the consumer asked for it by name). A dead-letter queue at its
+    /// `max_length` takes it as it takes a publish (rule 17), and when it cannot, the
+    /// dead letter is dropped: it never goes back.
     fn dead_letter(
         &mut self,
         from: &QueueName,
@@ -1013,28 +1053,28 @@ impl Core {
         message: ReadyMessage,
         reason: DeadLetterReason,
     ) {
+        let to = match &policy.dead_letter_queue {
+            Some(to) if self.make_room(to, 1).is_ok() => to,
+            to => {
+                debug_assert!(
+                    to.is_some()
+                        || policy.discard_dead_letters
+                        || matches!(
+                            reason,
+                            DeadLetterReason::Rejected | DeadLetterReason::Overflow
+                        ),
+                    "a dead letter with nowhere to go"
+                );
+                self.discard(from, message, reason);
+                return;
+            }
+        };
         let record = Arc::new(DeadLetter {
             queue: from.clone(),
             reason,
             attempts: message.deliveries,
             at_ms: self.now_ms(),
         });
-        let Some(to) = &policy.dead_letter_queue else {
-            debug_assert!(
-                policy.discard_dead_letters || reason == DeadLetterReason::Rejected,
-                "a dead letter with nowhere to go"
-            );
-            self.stats.memory_bytes -= message_cost(&message.payload);
-            self.stats.discarded_total += 1;
-            let dead_letter = self.forget_dead_letter(message.id);
-            self.relocated.push(Relocated::Discarded {
-                id: message.id,
-                queue: from.clone(),
-                payload: message.payload,
-                dead_letter,
-            });
-            return;
-        };
         let replaced = self.keep_dead_letter(message.id, record.clone());
         self.relocated.push(Relocated::DeadLettered {
             id: message.id,
@@ -1056,6 +1096,60 @@ impl Core {
         Self::queue_entry(&mut self.queues, &self.config.policies, memory, to)
             .push_back(moved, memory);
         self.schedule_dispatch(to);
+    }
+
+    /// Drops a dead letter of `from` that has nowhere to go, and counts it.
+    fn discard(&mut self, from: &QueueName, message: ReadyMessage, reason: DeadLetterReason) {
+        self.stats.memory_bytes -= message_cost(&message.payload);
+        self.stats.discarded_total += 1;
+        let dead_letter = self.forget_dead_letter(message.id);
+        self.relocated.push(Relocated::Discarded {
+            id: message.id,
+            queue: from.clone(),
+            payload: message.payload,
+            reason,
+            dead_letter,
+        });
+    }
+
+    /// Makes room for `incoming` more messages in queue `name` under its `max_length`
+    /// (rule 17): under `drop-head`, dead-letters (reason `overflow`) as many of its
+    /// oldest ready messages of the lowest priority as must go.
+    ///
+    /// # Errors
+    /// [`PublishError::QueueAtMaxLength`] when they cannot all fit: the queue may not
+    /// (`reject-publish`) or cannot (too little ready) drop enough. Nothing changes then.
+    fn make_room(&mut self, name: &QueueName, incoming: usize) -> Result<(), PublishError> {
+        let (policy, length, ready) = match self.queues.get(name) {
+            Some(queue) => (queue.policy.clone(), queue.length(), queue.ready.len()),
+            None => (self.config.policies.for_queue(name), 0, 0),
+        };
+        if policy.max_length == 0 {
+            return Ok(());
+        }
+        let excess = (length + incoming as u64).saturating_sub(policy.max_length);
+        if excess == 0 {
+            return Ok(());
+        }
+        if policy.overflow == Overflow::RejectPublish || excess > ready as u64 {
+            return Err(PublishError::QueueAtMaxLength {
+                queue: name.clone(),
+                max_length: policy.max_length,
+                refused: incoming,
+            });
+        }
+        for _ in 0..excess {
+            let queue = self
+                .queues
+                .get_mut(name)
+                .expect("a queue with ready messages");
+            let dropped = queue
+                .drop_head(&mut self.stats.memory_bytes)
+                .expect("as many ready messages as counted");
+            self.stats.ready -= 1;
+            self.dead_letter(name, &policy, dropped, DeadLetterReason::Overflow);
+        }
+        Ok(())
     }
 
     /// Attaches `record` to message `id`; returns the one it replaces.
@@ -1337,6 +1431,7 @@ impl Queue {
             consumers: Vec::new(),
             next_consumer: 0,
             delayed: 0,
+            in_flight: 0,
             dispatch_scheduled: false,
             at_watermark: false,
         }
@@ -1350,6 +1445,21 @@ impl Queue {
             !self.dispatch_scheduled && !self.ready.is_empty() && !self.consumers.is_empty();
         self.dispatch_scheduled |= claim;
         claim
+    }
+
+    /// What its `max_length` counts (rule 17): ready, delayed and in flight. Only a queue
+    /// with a `max_length` counts what is in flight.
+    fn length(&self) -> u64 {
+        (self.ready.len() + self.delayed + self.in_flight) as u64
+    }
+
+    /// Takes the oldest ready message of the lowest priority, to drop it (rule 17);
+    /// `memory_bytes` follows the chunks.
+    fn drop_head(&mut self, memory_bytes: &mut u64) -> Option<ReadyMessage> {
+        let before = self.ready_bytes();
+        let dropped = self.ready.pop_lowest()?;
+        *memory_bytes -= before - self.ready_bytes();
+        Some(dropped)
     }
 
     /// What its ready queue takes: the places of its chunks, and each priority's level.
@@ -1410,6 +1520,9 @@ impl Queue {
                 (lease, deadline) if lease == consumer.lease => deadline,
                 _ => now + consumer.lease,
             };
+            if consumer.length_limited {
+                self.in_flight += 1;
+            }
             consumer.in_flight.insert(
                 message.id,
                 InFlight {

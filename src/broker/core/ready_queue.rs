@@ -3,7 +3,8 @@
 //!
 //! One FIFO per priority in use, kept in a short list from the highest priority down,
 //! with a bit per FIFO that holds anything: finding the next message is one count of
-//! trailing zeros however many priorities are in use, and a queue whose messages all
+//! trailing zeros however many priorities are in use (and the message a full queue drops
+//! under `drop-head`, rule 17, one count of leading zeros), and a queue whose messages all
 //! have one priority holds one FIFO. A level is made the first time its priority is used
 //! and kept after that (emptied, it keeps its last chunk, which is counted), so a queue
 //! that alternates between priorities does not allocate for it each time. A queue has at
@@ -28,6 +29,8 @@ pub struct ReadyQueue<T> {
     /// Room in the chunks of every level, kept as they change: the core asks after
     /// every push and pop, to count what the queue costs.
     capacity: usize,
+    /// Messages held, over every level: a queue's length limit (rule 17) counts them.
+    len: usize,
 }
 
 #[derive(Debug)]
@@ -52,14 +55,14 @@ impl<T> Default for ReadyQueue<T> {
             rest: Vec::new(),
             non_empty: 0,
             capacity: 0,
+            len: 0,
         }
     }
 }
 
 impl<T: Prioritized> ReadyQueue<T> {
-    #[cfg(test)]
     pub fn len(&self) -> usize {
-        self.levels().map(|l| l.messages.len()).sum()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
@@ -87,7 +90,19 @@ impl<T: Prioritized> ReadyQueue<T> {
 
     #[inline]
     pub fn pop_front(&mut self) -> Option<T> {
-        let index = self.non_empty.trailing_zeros() as usize;
+        self.pop_at(self.non_empty.trailing_zeros() as usize)
+    }
+
+    /// Takes the oldest message of the lowest priority that holds any: what a queue at
+    /// its length limit drops under `drop-head` (rule 17).
+    pub fn pop_lowest(&mut self) -> Option<T> {
+        let index = u16::BITS.checked_sub(1 + self.non_empty.leading_zeros())?;
+        self.pop_at(index as usize)
+    }
+
+    /// Takes the front of the level at place `index` (as `non_empty` counts them).
+    #[inline]
+    fn pop_at(&mut self, index: usize) -> Option<T> {
         let level = match index {
             0 => &mut self.first.as_mut()?.messages,
             index => &mut self.rest.get_mut(index - 1)?.messages,
@@ -95,6 +110,7 @@ impl<T: Prioritized> ReadyQueue<T> {
         let room = level.capacity();
         let message = level.pop_front()?;
         self.capacity -= room - level.capacity();
+        self.len -= 1;
         if level.is_empty() {
             self.non_empty &= !(1 << index);
         }
@@ -123,6 +139,7 @@ impl<T: Prioritized> ReadyQueue<T> {
         let room = level.capacity();
         push(level, message);
         self.capacity += level.capacity() - room;
+        self.len += 1;
         self.non_empty |= 1 << index;
     }
 
@@ -194,6 +211,7 @@ mod tests {
         PushBack(Item),
         PushFront(Item),
         PopFront,
+        PopLowest,
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -202,7 +220,13 @@ mod tests {
             3 => item.clone().prop_map(Op::PushBack),
             1 => item.prop_map(Op::PushFront),
             2 => Just(Op::PopFront),
+            1 => Just(Op::PopLowest),
         ]
+    }
+
+    /// Messages held, counted level by level.
+    fn levels_len(queue: &ReadyQueue<Item>) -> usize {
+        queue.levels().map(|l| l.messages.len()).sum()
     }
 
     /// The reference: one FIFO per priority 0-9, the highest non-empty first.
@@ -234,8 +258,13 @@ mod tests {
                         let expected = reference.iter_mut().rev().find_map(|fifo| fifo.pop_front());
                         prop_assert_eq!(queue.pop_front(), expected);
                     }
+                    Op::PopLowest => {
+                        let expected = reference.iter_mut().find_map(|fifo| fifo.pop_front());
+                        prop_assert_eq!(queue.pop_lowest(), expected);
+                    }
                 }
                 prop_assert_eq!(queue.len(), reference.iter().map(VecDeque::len).sum::<usize>());
+                prop_assert_eq!(queue.len(), levels_len(&queue));
                 prop_assert_eq!(queue.front(), reference_front(&reference));
                 let levels: Vec<&Level<Item>> = queue.levels().collect();
                 prop_assert!(levels.windows(2).all(|w| w[0].priority > w[1].priority));

@@ -1258,3 +1258,147 @@ fn a_delay_from_between_two_milliseconds_is_never_early() {
     tick(&mut core, t(11));
     assert_eq!(drain(&mut core, t(11)), [(C1, published.id, 1)]);
 }
+
+// Length limits (rule 17).
+
+/// Rule 17, `reject-publish`: ready, delayed and in-flight messages all count, a full
+/// queue refuses a publish and changes nothing, and returns are never refused.
+#[test]
+fn rule17_a_full_queue_rejects_publishes_but_never_returns() {
+    let mut core = core_with_policies("[queues.\"jobs\"]\nmax_length = 3\n");
+    core.subscribe(C1, q("jobs"), 1, None);
+    let in_flight = publish(&mut core, "jobs", "in flight");
+    assert_eq!(drain(&mut core, t(0)), [(C1, in_flight, 1)]);
+    delayed_publish(
+        &mut core,
+        "jobs",
+        "later",
+        Due::After(Duration::from_secs(9)),
+    );
+    let ready = publish(&mut core, "jobs", "ready");
+    let before = core.stats();
+    let refused = core.publish(&q("jobs"), message("one too many", Due::Now));
+    assert_eq!(
+        refused,
+        Err(PublishError::QueueAtMaxLength {
+            queue: q("jobs"),
+            max_length: 3,
+            refused: 1,
+        })
+    );
+    assert_eq!(refused.unwrap_err().code(), ErrorCode::QueueFull);
+    assert_eq!(core.stats(), before, "nothing changed");
+    assert_eq!(core.ready_ids(&q("jobs")), [ready]);
+    // Other queues are not limited.
+    publish_n(&mut core, "other", 5);
+    // A return is never refused, though the queue is full.
+    core.nack(C1, in_flight, NackAction::Retry(None)).unwrap();
+    assert_eq!(core.ready_ids(&q("jobs")), [ready, in_flight]);
+    let delivered = drain(&mut core, t(10));
+    assert_eq!(delivered, [(C1, ready, 1)]);
+    core.handle_timeout(t(10) + ACK_TIMEOUT);
+    assert_eq!(core.ready_ids(&q("jobs")), [ready, in_flight]);
+    assert!(core.publish(&q("jobs"), message("x", Due::Now)).is_err());
+    // An ack makes room.
+    drain(&mut core, t(300));
+    core.ack(C1, ready).unwrap();
+    let fits = publish(&mut core, "jobs", "fits now");
+    assert!(core.publish(&q("jobs"), message("x", Due::Now)).is_err());
+    assert_eq!(core.ready_ids(&q("jobs")), [in_flight, fits]);
+}
+
+/// Rule 17, `drop-head`: a publish into a full queue dead-letters the oldest ready
+/// message of the lowest priority, reason `overflow`; with nothing ready to drop the
+/// publish is refused.
+#[test]
+fn rule17_drop_head_dead_letters_the_oldest_of_the_lowest_priority() {
+    let mut core = core_with_policies(
+        "[queues.\"feed\"]\nmax_length = 3\noverflow = \"drop-head\"\ndead_letter_queue = \"feed.dlq\"\n",
+    );
+    let high = publish_at(&mut core, "feed", "high", 5, Due::Now);
+    let low_old = publish_at(&mut core, "feed", "low old", 1, Due::Now);
+    let low_new = publish_at(&mut core, "feed", "low new", 1, Due::Now);
+    core.advance_to(t(40));
+    let newest = publish(&mut core, "feed", "newest");
+    assert_eq!(core.ready_ids(&q("feed")), [high, low_new, newest]);
+    assert_eq!(core.ready_ids(&q("feed.dlq")), [low_old]);
+    assert_eq!(
+        core.take_relocated(),
+        [Relocated::DeadLettered {
+            id: low_old,
+            from: q("feed"),
+            to: q("feed.dlq"),
+            payload: Payload::from_text("low old"),
+            priority: 1,
+            published_at_ms: WALL_MS,
+            replaced: None,
+            record: Arc::new(DeadLetter {
+                queue: q("feed"),
+                reason: DeadLetterReason::Overflow,
+                attempts: 0,
+                at_ms: WALL_MS + 40,
+            }),
+        }]
+    );
+    // Nothing ready to drop: refused.
+    core.subscribe(C1, q("feed"), 10, None);
+    assert_eq!(drain(&mut core, t(50)).len(), 3);
+    assert!(matches!(
+        core.publish(&q("feed"), message("no room", Due::Now)),
+        Err(PublishError::QueueAtMaxLength { .. })
+    ));
+    assert_eq!(core.stats().dead_lettered_total, 1);
+}
+
+/// Rule 17 with rule 15: `drop-head` without a dead-letter queue discards; a dead
+/// letter that a full dead-letter queue refuses is discarded, never sent back; one
+/// that a `drop-head` dead-letter queue takes pushes that queue's head out in turn.
+#[test]
+fn rule17_dead_letters_meet_the_limits_of_their_dead_letter_queue() {
+    let mut core = core_with_policies(
+        "[queues.\"a\"]\nmax_length = 1\noverflow = \"drop-head\"\n\
+         [queues.\"b\"]\nmax_deliveries = 1\ndead_letter_queue = \"b.dlq\"\n\
+         [queues.\"b.dlq\"]\nmax_length = 1\n\
+         [queues.\"c\"]\nmax_deliveries = 1\ndead_letter_queue = \"c.dlq\"\n\
+         [queues.\"c.dlq\"]\nmax_length = 1\noverflow = \"drop-head\"\n",
+    );
+    let first = publish(&mut core, "a", "one");
+    let before = core.stats().memory_bytes;
+    publish(&mut core, "a", "two");
+    assert_eq!(core.stats().memory_bytes, before, "one message out, one in");
+    assert!(matches!(
+        &core.take_relocated()[..],
+        [Relocated::Discarded { id, .. }] if *id == first
+    ));
+    // b.dlq is full under reject-publish: b's dead letter is dropped.
+    let waiting = publish(&mut core, "b.dlq", "waiting");
+    core.subscribe(C1, q("b"), 10, None);
+    let rejected = publish(&mut core, "b", "rejected");
+    drain(&mut core, t(0));
+    core.nack(C1, rejected, NackAction::Retry(None)).unwrap();
+    assert_eq!(core.ready_ids(&q("b")), []);
+    assert_eq!(core.ready_ids(&q("b.dlq")), [waiting]);
+    assert!(matches!(
+        &core.take_relocated()[..],
+        [Relocated::Discarded { id, .. }] if *id == rejected
+    ));
+    // c.dlq is full under drop-head: its head goes (discarded, it has no dead-letter
+    // queue), the dead letter comes in.
+    let old = publish(&mut core, "c.dlq", "old");
+    core.subscribe(C2, q("c"), 10, None);
+    let failed = publish(&mut core, "c", "failed");
+    drain(&mut core, t(0));
+    core.nack(C2, failed, NackAction::DeadLetter).unwrap();
+    assert_eq!(core.ready_ids(&q("c.dlq")), [failed]);
+    let relocated = core.take_relocated();
+    assert!(
+        matches!(
+            &relocated[..],
+            [Relocated::Discarded { id: dropped, .. }, Relocated::DeadLettered { id: moved, .. }]
+                if *dropped == old && *moved == failed
+        ),
+        "{relocated:?}"
+    );
+    let stats = core.stats();
+    assert_eq!((stats.discarded_total, stats.dead_lettered_total), (3, 1));
+}

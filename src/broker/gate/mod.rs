@@ -416,9 +416,10 @@ impl<L: Log> Gate<L> {
                     id,
                     queue,
                     payload,
+                    reason,
                     dead_letter,
                 } => {
-                    debug!(%id, %queue, "dead letter discarded (discard_dead_letters)");
+                    debug!(%id, %queue, %reason, "dead letter discarded (no dead-letter queue, or a full one)");
                     if self.log.is_some() {
                         self.acked.push(id);
                         self.acked_record_bytes +=
