@@ -13,7 +13,7 @@ use crate::protocol::codec::FrameDecoder;
 use crate::protocol::server_frame::{
     DeliveryDetails, LeaseField, PublishedAtField, ReceivedFrame, ServerFrame,
 };
-use crate::protocol::{DeadLetter, DeadLetterReason, Payload, QueueName};
+use crate::protocol::{Attributes, DeadLetter, DeadLetterReason, Headers, Payload, QueueName};
 use crate::storage::backend::SimFs;
 use crate::storage::record::{self, Decoded, SegmentHeader};
 use crate::storage::recovery::recover;
@@ -71,9 +71,10 @@ pub fn client_frame(body: &[u8]) {
         let detail = match frame.frame_type() {
             FrameType::Register => format!("{:?}", frame.register()),
             FrameType::Publish => format!(
-                "{:?} {:?}",
+                "{:?} {:?} {:?}",
                 frame.publish_payload().map_err(|e| e.to_string()),
-                frame.publish_priority().map_err(|e| e.to_string())
+                frame.publish_priority().map_err(|e| e.to_string()),
+                frame.publish_attributes().map_err(|e| e.to_string())
             ),
             FrameType::Ack => format!("{:?}", frame.target_ids(true).map_err(|e| e.to_string())),
             FrameType::Nack => format!("{:?}", frame.nack().map_err(|e| e.to_string())),
@@ -100,8 +101,8 @@ pub fn client_frame(body: &[u8]) {
 }
 
 /// The client library's parser of broker frames on an arbitrary body: it never panics,
-/// and what it decodes from a delivery (1.0, or 1.1 with its details) survives being
-/// encoded again the way the broker encodes it.
+/// and what it decodes from a delivery (1.0, or 1.1 with its details and headers)
+/// survives being encoded again the way the broker encodes it.
 pub fn server_frame(body: &[u8]) {
     let Ok(ReceivedFrame::Message(message)) = ReceivedFrame::decode(body) else {
         return;
@@ -124,6 +125,14 @@ pub fn server_frame(body: &[u8]) {
             }
         }
     };
+    // Headers the broker could not have accepted have no encoding either.
+    let attributes = match details.map(|d| &d.headers).filter(|h| !h.is_empty()) {
+        None => None,
+        Some(received) => match Headers::new(received) {
+            Ok(headers) => Some(Attributes { headers }),
+            Err(_) => return,
+        },
+    };
     let lease = details.map(|d| LeaseField::new(d.ack_timeout_ms));
     let mut published_at = PublishedAtField::default();
     let payload = Payload::from_text(&message.payload);
@@ -137,6 +146,7 @@ pub fn server_frame(body: &[u8]) {
             .map(|(d, lease)| DeliveryDetails {
                 published_at: published_at.render(d.priority, d.published_at),
                 lease,
+                attributes: attributes.as_ref(),
                 dead_letter: dead_letter.as_ref(),
             }),
     }

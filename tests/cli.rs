@@ -512,6 +512,56 @@ async fn producer_priority_sends_messages_ahead() {
     assert_refused_saying(&bad, "--priority");
 }
 
+/// §16: `ferry producer --header KEY=VALUE` (repeatable) attaches headers to every
+/// message, which `ferry consumer --json` shows; a header the contract refuses is refused
+/// before connecting, saying why.
+#[tokio::test]
+async fn producer_headers_reach_the_consumer() {
+    let broker = BrokerProcess::start(&[]);
+    let addr = broker.addr.to_string();
+    let produced = run_ferry(
+        &[
+            "producer",
+            "--addr",
+            &addr,
+            "--header",
+            "trace=ab12",
+            "--header",
+            "note=a=b \"c\"",
+            "job",
+        ],
+        "",
+        &[],
+    )
+    .await;
+    assert!(produced.status.success(), "{produced:?}");
+    let consumed = run_ferry(
+        &["consumer", "--addr", &addr, "--count", "1", "--json"],
+        "",
+        &[],
+    )
+    .await;
+    assert!(consumed.status.success(), "{consumed:?}");
+    let frame: serde_json::Value = serde_json::from_str(&stdout_lines(&consumed)[0]).unwrap();
+    assert_eq!(
+        frame["headers"],
+        serde_json::json!({"trace": "ab12", "note": "a=b \"c\""})
+    );
+    for (bad, saying) in [
+        ("novalue", "has no `=`"),
+        ("ferry.id=1", "starts with `ferry.`"),
+        ("a b=1", "use [A-Za-z0-9._-]"),
+    ] {
+        let refused = run_ferry(
+            &["producer", "--addr", &addr, "--header", bad, "x"],
+            "",
+            &[],
+        )
+        .await;
+        assert_refused_saying(&refused, saying);
+    }
+}
+
 /// The bench's 1.1 workloads: every message nacked once is delivered twice and counted
 /// once; delayed publishes are all delivered, latency then being lateness.
 #[tokio::test]

@@ -271,6 +271,9 @@ struct Model {
     discarded: HashSet<u64>,
     /// Ids from here on are not deliverable (durable storage's watermark).
     deliverable_below: u64,
+    /// Messages whose lease just ran out, by queue, while the queues before theirs take
+    /// theirs back: still their queue's, as its `max_length` counts.
+    returning: BTreeMap<usize, usize>,
 }
 
 impl Model {
@@ -421,7 +424,8 @@ impl Model {
             .map(|c| c.in_flight.len())
             .sum();
         let delayed = self.delayed.iter().filter(|d| d.queue == queue).count();
-        ready + in_flight + delayed
+        let returning = self.returning.get(&queue).copied().unwrap_or(0);
+        ready + in_flight + delayed + returning
     }
 
     /// Rule 17: room for one more message in `queue`, dropping its oldest ready message
@@ -569,7 +573,9 @@ impl Model {
                 taken_back.push((consumer, id));
             }
         }
+        self.returning = expired.iter().map(|(q, r)| (*q, r.len())).collect();
         for (queue, returning) in expired {
+            self.returning.remove(&queue);
             self.return_messages(queue, returning);
         }
         // Then the delayed messages that are due, together in id order (rule 13).
@@ -817,6 +823,7 @@ fn run(ops: &[Op], hold_new: bool) -> Result<(), TestCaseError> {
                     payload,
                     priority,
                     due,
+                    attributes: None,
                 };
                 let got =
                     core.publish(&queue_name(queue), message)

@@ -158,7 +158,7 @@ async fn malformed_1_1_frames_are_invalid_and_change_nothing() {
         json!({"type": "publish", "payload": "x", "delay_ms": -5}),
         json!({"type": "publish", "payload": "x", "not_before": unix_ms() + 3_600_000}),
         json!({"type": "publish", "payload": "x", "priority": 10}),
-        json!({"type": "publish", "payload": "x", "headers": {"a": "b"}}),
+        json!({"type": "publish", "payload": "x", "headers": {"a": 1}}),
         json!({"type": "publish", "payload": "x", "dedup_key": "k"}),
     ] {
         p.send(frame).await;

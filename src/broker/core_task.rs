@@ -78,6 +78,7 @@ impl CoreTask {
                             priority: message.priority,
                             published_at_ms: message.published_at_ms,
                             due_ms: message.due_ms,
+                            attributes: message.attributes,
                             dead_letter: message.dead_letter,
                         },
                     );

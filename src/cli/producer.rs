@@ -1,7 +1,8 @@
 //! `ferry producer`: publishes each MESSAGE argument, or each line of standard input,
 //! printing each confirmed id on its own line; exits non-zero if any publish was refused.
 //! With `--delay`, every message waits that long before it can be delivered; with
-//! `--priority`, every message goes ahead of those of lower priorities.
+//! `--priority`, every message goes ahead of those of lower priorities; with `--header`,
+//! every message carries those headers.
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
@@ -10,7 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use ferry::protocol::PRIORITY_MAX;
+use ferry::protocol::{Headers, PRIORITY_MAX};
 use ferry::{ClientError, MessageId, Producer, PublishOptions};
 
 use super::ClientArgs;
@@ -33,6 +34,17 @@ pub struct ProducerArgs {
     /// Priority of every message, 0 to 9: higher priorities are delivered first.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=i64::from(PRIORITY_MAX)))]
     priority: u8,
+    /// A header of every message, KEY=VALUE (repeatable, at most 32; KEY is 1 to 128
+    /// characters of [A-Za-z0-9._-], not starting with `ferry.`).
+    #[arg(long = "header", value_name = "KEY=VALUE", value_parser = header_entry)]
+    headers: Vec<(String, String)>,
+}
+
+fn header_entry(entry: &str) -> Result<(String, String), String> {
+    let (key, value) = entry
+        .split_once('=')
+        .ok_or_else(|| format!("`{entry}` has no `=`; write KEY=VALUE"))?;
+    Ok((key.to_owned(), value.to_owned()))
 }
 
 /// Prints confirms as they come and counts refusals.
@@ -75,9 +87,17 @@ pub async fn run(args: ProducerArgs) -> anyhow::Result<ExitCode> {
     };
     // Someone typing lines wants each id before typing the next.
     let window = if confirms.interactive { 1 } else { WINDOW };
+    let headers = if args.headers.is_empty() {
+        None
+    } else {
+        let headers = Headers::new(args.headers.iter().map(|(k, v)| (k, v)))
+            .map_err(|problem| anyhow::anyhow!("--header: the headers {problem}"))?;
+        Some(headers)
+    };
     let options = PublishOptions {
         priority: args.priority,
         delay: args.delay,
+        headers,
     };
 
     if args.messages.is_empty() {

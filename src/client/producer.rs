@@ -12,7 +12,7 @@ use super::consumer::millis;
 use super::error::ClientError;
 use crate::protocol::client_frame::ClientFrame;
 use crate::protocol::server_frame::{BrokerError, ReceivedFrame};
-use crate::protocol::{MessageId, QueueName, Role, Version};
+use crate::protocol::{Headers, MessageId, QueueName, Role, Version};
 use crate::transport::ClientTls;
 
 /// Queued publish bytes beyond which [`Producer::send`] callers should flush; used by
@@ -49,6 +49,8 @@ pub struct PublishOptions {
     pub priority: u8,
     /// Not delivered before this long after the broker accepts it.
     pub delay: Option<Duration>,
+    /// Kept with the message and shown to 1.1 consumers ([`Headers::new`] checks them).
+    pub headers: Option<Headers>,
 }
 
 impl PublishOptions {
@@ -158,6 +160,7 @@ impl Producer {
         self.connection.queue(&ClientFrame::PublishWith {
             payload,
             priority: (options.priority != 0).then_some(options.priority),
+            headers: options.headers.as_ref(),
             delay_ms: options.delay.map(millis),
             not_before: None,
         });

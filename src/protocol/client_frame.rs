@@ -18,7 +18,8 @@ use super::payload::validate_json_string;
 use std::time::Duration;
 
 use super::{
-    DEFAULT_PREFETCH, Due, IDS_MAX, Ids, MessageId, PRIORITY_MAX, QueueName, Role, Version,
+    Attributes, DEFAULT_PREFETCH, Due, Headers, IDS_MAX, Ids, MessageId, PRIORITY_MAX, QueueName,
+    Role, Version,
 };
 
 /// A frame as a client encodes it.
@@ -41,12 +42,14 @@ pub enum ClientFrame<'a> {
     Publish {
         payload: &'a str,
     },
-    /// A publish with 1.1 fields: a priority, and at most one of the two delays.
+    /// A publish with 1.1 fields: a priority, headers, and at most one of the two delays.
     #[serde(rename = "publish")]
     PublishWith {
         payload: &'a str,
         #[serde(skip_serializing_if = "Option::is_none")]
         priority: Option<u8>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        headers: Option<&'a Headers>,
         #[serde(skip_serializing_if = "Option::is_none")]
         delay_ms: Option<u64>,
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -78,6 +81,7 @@ impl ClientFrame<'_> {
             ClientFrame::PublishWith {
                 payload,
                 priority,
+                headers: None,
                 delay_ms: None,
                 not_before: None,
             } => self.encode_publish(dst, payload, *priority),
@@ -572,22 +576,26 @@ impl InboundFrame<'_> {
         }
     }
 
-    /// Refuses the publish fields of version 1.1 that this build does not serve yet:
-    /// `headers` and `dedup_key`. Ignoring them would lose headers and enqueue
-    /// duplicates the client means to prevent.
+    /// What a publish attaches to its message (1.1): its `headers`; `None` when it
+    /// attaches nothing. A `dedup_key` is refused: this build does not serve dedup yet,
+    /// and ignoring one would enqueue the duplicates the client means to prevent.
     ///
     /// # Errors
-    /// [`InvalidFrame::BadField`] naming the field.
-    pub fn refuse_unserved_publish_fields(&self) -> Result<(), InvalidFrame> {
-        const NOT_YET: &str = "is not served by this build yet (headers and dedup keys come with the rest of protocol 1.1); leave it out";
+    /// [`InvalidFrame::BadField`] naming the field and what is wrong with it.
+    pub fn publish_attributes(&self) -> Result<Option<Attributes>, InvalidFrame> {
         let raw = self.raw();
-        if raw.headers.is_some() {
-            return Err(InvalidFrame::bad_field("headers", NOT_YET));
-        }
         if raw.dedup_key.is_some() {
-            return Err(InvalidFrame::bad_field("dedup_key", NOT_YET));
+            return Err(InvalidFrame::bad_field(
+                "dedup_key",
+                "is not served by this build yet (dedup keys come with the rest of protocol 1.1); leave it out",
+            ));
         }
-        Ok(())
+        let Some(headers) = raw.headers else {
+            return Ok(None);
+        };
+        let headers = Headers::from_json(headers.get())
+            .map_err(|problem| InvalidFrame::bad_field("headers", problem))?;
+        Ok(headers.map(|headers| Attributes { headers }))
     }
 
     /// A publish's `priority` (1.1, rule 10): 0 to 9, 0 when absent.
@@ -732,6 +740,7 @@ mod tests {
             let prioritized = |priority| ClientFrame::PublishWith {
                 payload,
                 priority,
+                headers: None,
                 delay_ms: None,
                 not_before: None,
             };

@@ -10,10 +10,12 @@
 //! - `canonical`: the exact byte layouts of the hot frames, recognised without a JSON
 //!   parser, with serde_json as the fallback for every other spelling.
 //! - [`DeadLetter`]: the record a dead-lettered message carries.
+//! - [`Attributes`]: what a 1.1 publish attaches to its message (its [`Headers`]).
 //! - [`Version`]: the versions a `register` may ask for, and what it gets.
 //! - [`QueueName`], [`MessageId`], [`ErrorCode`], [`Payload`]: the vocabulary shared by
 //!   all of them.
 
+mod attributes;
 mod canonical;
 pub mod client_frame;
 pub mod codec;
@@ -24,6 +26,9 @@ mod queue_name;
 pub mod server_frame;
 mod version;
 
+pub use attributes::{
+    Attributes, HEADER_KEY_CHARS_MAX, HEADER_VALUE_BYTES_MAX, HEADERS_MAX, Headers,
+};
 pub use dead_letter::{DeadLetter, DeadLetterReason};
 pub use error_code::ErrorCode;
 pub use payload::Payload;

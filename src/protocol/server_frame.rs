@@ -4,12 +4,14 @@
 //! frames by hand (they are the hot path, and a delivery splices the payload's JSON
 //! literal in without re-escaping it). Clients decode them into [`ReceivedFrame`].
 
+use std::collections::BTreeMap;
+
 use bytes::{BufMut, BytesMut};
 use serde::{Deserialize, Serialize};
 
 use super::canonical;
 use super::codec::{write_frame, write_json_frame};
-use super::{DeadLetter, ErrorCode, MessageId, Payload, Version};
+use super::{Attributes, DeadLetter, ErrorCode, MessageId, Payload, Version};
 
 /// A frame as the broker encodes it.
 #[derive(Debug, Clone, Copy)]
@@ -36,12 +38,13 @@ pub enum ServerFrame<'a> {
 }
 
 /// What a 1.1 message frame adds (contract §10): `priority`, `published_at`,
-/// `ack_timeout_ms`, and `dead_letter` when it has one.
+/// `ack_timeout_ms`, and `headers` and `dead_letter` when it has them.
 #[derive(Debug, Clone, Copy)]
 pub struct DeliveryDetails<'a> {
     /// `,"priority":P,"published_at":N`, as [`PublishedAtField::render`] renders it.
     pub published_at: &'a [u8],
     pub lease: &'a LeaseField,
+    pub attributes: Option<&'a Attributes>,
     pub dead_letter: Option<&'a DeadLetter>,
 }
 
@@ -120,7 +123,11 @@ impl ServerFrame<'_> {
                 details,
             } => write_frame(dst, |b| {
                 // Room for the envelope, and a 1.1 frame's details (dead letters aside).
-                let details_bytes = if details.is_some() { 96 } else { 0 };
+                let details_bytes = details.map_or(0, |d| {
+                    96 + d
+                        .attributes
+                        .map_or(0, |a| HEADERS_FIELD.len() + a.byte_len())
+                });
                 b.reserve(payload.len() + 64 + details_bytes);
                 b.put_slice(canonical::MESSAGE_PREFIX);
                 put_decimal(b, id.0);
@@ -151,6 +158,10 @@ impl ServerFrame<'_> {
 fn put_details(b: &mut BytesMut, details: &DeliveryDetails<'_>) {
     b.put_slice(details.published_at);
     b.put_slice(&details.lease.0);
+    if let Some(attributes) = details.attributes {
+        b.put_slice(HEADERS_FIELD);
+        b.put_slice(attributes.headers.as_json());
+    }
     if let Some(record) = details.dead_letter {
         b.put_slice(br#","dead_letter":{"queue":""#);
         b.put_slice(record.queue.as_str().as_bytes());
@@ -163,6 +174,8 @@ fn put_details(b: &mut BytesMut, details: &DeliveryDetails<'_>) {
         b.put_u8(b'}');
     }
 }
+
+const HEADERS_FIELD: &[u8] = br#","headers":"#;
 
 fn put_decimal(dst: &mut BytesMut, n: u64) {
     dst.put_slice(itoa::Buffer::new().format(n).as_bytes());
@@ -201,6 +214,9 @@ pub struct MessageDetails {
     pub published_at: u64,
     /// This delivery's lease, in milliseconds.
     pub ack_timeout_ms: u64,
+    /// Its publish's headers; empty when it had none.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dead_letter: Option<ReceivedDeadLetter>,
 }
@@ -250,6 +266,7 @@ enum Field {
     AckTimeoutMs,
     #[serde(rename = "dead_letter")]
     DeadLetter,
+    Headers,
     #[serde(other)]
     Unknown,
 }
@@ -281,6 +298,7 @@ impl<'de> serde::de::Visitor<'de> for ReceivedFrameVisitor {
             (None, None, None, None, None);
         let (mut priority, mut published_at, mut ack_timeout_ms, mut dead_letter) =
             (None, None, None, None);
+        let mut headers = BTreeMap::new();
         while let Some(field) = map.next_key()? {
             match field {
                 Field::Type => frame_type = Some(map.next_value::<FrameType>()?),
@@ -293,6 +311,11 @@ impl<'de> serde::de::Visitor<'de> for ReceivedFrameVisitor {
                 Field::PublishedAt => published_at = Some(map.next_value::<u64>()?),
                 Field::AckTimeoutMs => ack_timeout_ms = Some(map.next_value::<u64>()?),
                 Field::DeadLetter => dead_letter = map.next_value()?,
+                Field::Headers => {
+                    headers = map
+                        .next_value::<Option<BTreeMap<String, String>>>()?
+                        .unwrap_or_default();
+                }
                 Field::Unknown => {
                     map.next_value::<serde::de::IgnoredAny>()?;
                 }
@@ -311,6 +334,7 @@ impl<'de> serde::de::Visitor<'de> for ReceivedFrameVisitor {
                             priority,
                             published_at,
                             ack_timeout_ms,
+                            headers,
                             dead_letter,
                         })
                     }
@@ -348,6 +372,7 @@ impl ReceivedFrame {
                         priority,
                         published_at,
                         ack_timeout_ms,
+                        headers: BTreeMap::new(),
                         dead_letter: None,
                     }),
             }));
@@ -432,6 +457,7 @@ mod tests {
                 details: Some(DeliveryDetails {
                     published_at: PublishedAtField::default().render(0, 1_767_225_600_123),
                     lease: &LeaseField::new(5000),
+                    attributes: None,
                     dead_letter,
                 }),
             });

@@ -20,10 +20,10 @@ impl Version {
     /// Version 1.1: nack, touch, `ids`, delays, consumer leases, the full message frame.
     pub const V1_1: Version = Version { minor: 1 };
 
-    /// The highest version this broker speaks. Of 1.1's publish semantics, headers, dedup
-    /// keys, publish_batch and length limits are not served yet: a publish with those
-    /// fields is refused (`invalid_frame`, saying so), and publish_batch is an unknown
-    /// type. Priorities are served.
+    /// The highest version this broker speaks. Of 1.1's publish semantics, dedup keys and
+    /// publish_batch are not served yet: a publish with a `dedup_key` is refused
+    /// (`invalid_frame`, saying so), and publish_batch is an unknown type. Priorities,
+    /// headers and length limits are served.
     pub const SUPPORTED: Version = Version::V1_1;
 
     /// Reads `"1"` or `"1.N"` (N decimal digits; a minor beyond `u32` is as high as any).

@@ -31,7 +31,7 @@ use tokio::sync::watch;
 use super::record::{self, SegmentHeader};
 use super::recovery::Recovered;
 use super::writer::{Batch, Command, Durability};
-use crate::protocol::{DeadLetter, MessageId, Payload, QueueName};
+use crate::protocol::{Attributes, DeadLetter, MessageId, Payload, QueueName};
 
 pub struct Journal {
     /// Records of the current turn, not yet a command.
@@ -114,6 +114,7 @@ pub struct LiveMessage<'a> {
     pub priority: u8,
     pub queue: &'a QueueName,
     pub payload: &'a Payload,
+    pub attributes: Option<&'a Attributes>,
     pub dead_letter: Option<&'a DeadLetter>,
 }
 
@@ -136,6 +137,7 @@ impl<'a> LiveMessage<'a> {
             priority: 0,
             queue,
             payload,
+            attributes: None,
             dead_letter,
         }
     }
@@ -180,7 +182,14 @@ impl Journal {
             live_bytes: recovered
                 .messages
                 .iter()
-                .map(|m| record::live_record_bytes(&m.queue, &m.payload, m.dead_letter.as_ref()))
+                .map(|m| {
+                    record::live_record_bytes(
+                        &m.queue,
+                        &m.payload,
+                        m.attributes.as_ref(),
+                        m.dead_letter.as_ref(),
+                    )
+                })
                 .sum(),
             segments,
             copied: FxHashMap::default(),
@@ -212,8 +221,12 @@ impl Journal {
     /// Logs a message published (a new id), or copied forward (an id logged before).
     pub fn log_publish(&mut self, message: &LiveMessage<'_>) {
         let id = message.id;
-        let record_bytes =
-            record::live_record_bytes(message.queue, message.payload, message.dead_letter) as usize;
+        let record_bytes = record::live_record_bytes(
+            message.queue,
+            message.payload,
+            message.attributes,
+            message.dead_letter,
+        ) as usize;
         let segment = self.roll_over_before(record_bytes);
         record::encode_publish(&mut self.buffer, segment, message);
         // Its confirm and its delivery, or the next compaction, wait for it.
@@ -238,8 +251,12 @@ impl Journal {
     pub fn log_rewritten(&mut self, message: &LiveMessage<'_>, replaced_bytes: u64) {
         self.log_publish(message);
         self.forget_live_bytes(replaced_bytes);
-        self.live_bytes +=
-            record::live_record_bytes(message.queue, message.payload, message.dead_letter);
+        self.live_bytes += record::live_record_bytes(
+            message.queue,
+            message.payload,
+            message.attributes,
+            message.dead_letter,
+        );
     }
 
     pub fn log_delivered(&mut self, ids: &[MessageId]) {

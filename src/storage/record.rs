@@ -7,8 +7,8 @@
 //! record (version 2):        length u32 | crc32c u32 | segment u32 | kind u8
 //!                            | body (length - 1 bytes)
 //!   kind 1 publish:   id u64 | deliveries u32 | [published at u64 | due u64 (version 5)]
-//!                     | [priority u8 (version 6)] | queue length u8 | queue
-//!                     | payload literal
+//!                     | [priority u8 (version 6)] | [attributes (version 8)]
+//!                     | queue length u8 | queue | payload literal
 //!   kind 2 delivered: id u64, repeated
 //!   kind 3 acked:     id u64, repeated
 //!   kind 4 sealed:    (no body) the segment ends here; what follows is not part of it
@@ -16,9 +16,11 @@
 //!                     offset was on stable storage before this record was written
 //!   kind 6 dead-lettered publish (version 4): id u64 | deliveries u32
 //!                     | [published at u64 | due u64 (version 5)]
-//!                     | [priority u8 (version 6)] | reason u8
+//!                     | [priority u8 (version 6)] | [attributes (version 8)] | reason u8
 //!                     | attempts u32 | at (ms since the epoch) u64 | source queue length u8
 //!                     | source queue | queue length u8 | queue | payload literal
+//!   attributes:       count u8, then per attribute: tag u8 | length u32 | bytes
+//!                     (tag 1: headers, the JSON object the broker rendered)
 //! ```
 //! Integers are little-endian. A record's CRC covers its length field, segment, kind and
 //! body, so a torn length is caught like a torn body. A record is checked when encoded
@@ -55,15 +57,22 @@
 //!
 //! Overflow (version 7): a dead-letter record may have reason 3, `overflow` (a message
 //! dropped from the head of a full queue, rule 17); the layout is version 6's.
+//!
+//! Attributes (version 8): a publish record carries what its publish attached, as
+//! tagged, length-prefixed blocks after the priority: one byte (a count of 0) for a
+//! message with none. A reader checks each block as a publish is checked (headers
+//! against the contract's limits); an unknown tag or a repeated one is corruption.
 
 use thiserror::Error;
 
 use super::journal::LiveMessage;
-use crate::protocol::{DeadLetter, DeadLetterReason, MessageId, PRIORITY_MAX, Payload, QueueName};
+use crate::protocol::{
+    Attributes, DeadLetter, DeadLetterReason, Headers, MessageId, PRIORITY_MAX, Payload, QueueName,
+};
 
 pub const MAGIC: &[u8; 8] = b"FERRYLOG";
 /// The version this build writes.
-pub const FORMAT_VERSION: u32 = 7;
+pub const FORMAT_VERSION: u32 = 8;
 /// The first version with synced records.
 pub const SYNCED_RECORDS_VERSION: u32 = 3;
 /// The first version with dead-letter records.
@@ -74,6 +83,8 @@ pub const TIMED_RECORDS_VERSION: u32 = 5;
 pub const PRIORITY_RECORDS_VERSION: u32 = 6;
 /// The first version whose dead-letter records may have reason `overflow`.
 pub const OVERFLOW_REASON_VERSION: u32 = 7;
+/// The first version whose publish records carry attributes.
+pub const ATTRIBUTE_RECORDS_VERSION: u32 = 8;
 /// The oldest version this build reads: version 1 records have no segment field.
 pub const OLDEST_READABLE_VERSION: u32 = 1;
 pub const HEADER_BYTES: usize = 32;
@@ -99,12 +110,17 @@ const KIND_DEAD_LETTERED_PUBLISH: u8 = 6;
 /// What a dead-letter record adds to a publish record: reason, attempts, at, and the
 /// source queue's length (its name comes on top).
 const DEAD_LETTER_FIXED_BYTES: usize = 1 + 4 + 8 + 1;
-/// id, deliveries, published at, due, priority, queue length.
-const PUBLISH_FIXED_BYTES: usize = 8 + 4 + 8 + 8 + 1 + 1;
+/// id, deliveries, published at, due, priority, attribute count, queue length.
+const PUBLISH_FIXED_BYTES: usize = 8 + 4 + 8 + 8 + 1 + 1 + 1;
 /// What version 5 added to a publish record: published at, due.
 const TIMES_BYTES: usize = 8 + 8;
 /// What version 6 added to a publish record: priority.
 const PRIORITY_BYTES: usize = 1;
+/// What version 8 added to a publish record without attributes: their count.
+const ATTRIBUTE_COUNT_BYTES: usize = 1;
+/// An attribute's tag and length.
+const ATTRIBUTE_PREFIX_BYTES: usize = 1 + 4;
+const ATTRIBUTE_HEADERS: u8 = 1;
 
 /// The header that opens every segment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -205,6 +221,7 @@ pub enum Record {
         priority: u8,
         queue: QueueName,
         payload: Payload,
+        attributes: Option<Attributes>,
         /// Its dead-letter record, when it was dead-lettered into `queue`.
         dead_letter: Option<DeadLetter>,
     },
@@ -227,6 +244,7 @@ pub fn encode_publish(dst: &mut Vec<u8>, segment: u64, message: &LiveMessage<'_>
         priority,
         queue,
         payload,
+        attributes,
         dead_letter,
     } = *message;
     let queue = queue.as_str().as_bytes();
@@ -238,13 +256,24 @@ pub fn encode_publish(dst: &mut Vec<u8>, segment: u64, message: &LiveMessage<'_>
         dst,
         segment,
         kind,
-        PUBLISH_FIXED_BYTES + extra + queue.len() + payload.len(),
+        PUBLISH_FIXED_BYTES + attributes_bytes(attributes) + extra + queue.len() + payload.len(),
         |body| {
             body.extend_from_slice(&id.0.to_le_bytes());
             body.extend_from_slice(&deliveries.to_le_bytes());
             body.extend_from_slice(&published_at_ms.to_le_bytes());
             body.extend_from_slice(&due_ms.unwrap_or(0).to_le_bytes());
             body.push(priority);
+            match attributes {
+                None => body.push(0),
+                Some(Attributes { headers }) => {
+                    body.push(1);
+                    body.push(ATTRIBUTE_HEADERS);
+                    let json = headers.as_json();
+                    let len = u32::try_from(json.len()).expect("headers are far below 4 GiB");
+                    body.extend_from_slice(&len.to_le_bytes());
+                    body.extend_from_slice(json);
+                }
+            }
             if let Some(record) = dead_letter {
                 body.push(record.reason.code());
                 body.extend_from_slice(&record.attempts.to_le_bytes());
@@ -267,17 +296,23 @@ fn dead_letter_bytes(record: &DeadLetter) -> usize {
     DEAD_LETTER_FIXED_BYTES + record.queue.as_str().len()
 }
 
+/// Bytes attributes add to a publish record, beyond their count.
+fn attributes_bytes(attributes: Option<&Attributes>) -> usize {
+    attributes.map_or(0, |a| ATTRIBUTE_PREFIX_BYTES + a.headers.as_json().len())
+}
+
 /// Bytes a live message's publish record takes, its dead-letter record included. The
 /// journal counts live messages this way, so that what compaction writes is what it
 /// expected to write.
 pub fn live_record_bytes(
     queue: &QueueName,
     payload: &Payload,
+    attributes: Option<&Attributes>,
     dead_letter: Option<&DeadLetter>,
 ) -> u64 {
     let publish =
         RECORD_PREFIX_BYTES + 1 + PUBLISH_FIXED_BYTES + queue.as_str().len() + payload.len();
-    (publish + dead_letter.map_or(0, dead_letter_bytes)) as u64
+    (publish + attributes_bytes(attributes) + dead_letter.map_or(0, dead_letter_bytes)) as u64
 }
 
 /// Appends a record listing ids that were delivered once more.
@@ -429,9 +464,11 @@ pub fn decode_record(bytes: &[u8], header: &SegmentHeader) -> Decoded {
 fn decode_publish(body: &[u8], version: u32, dead_lettered: bool) -> Result<Record, &'static str> {
     let timed = version >= TIMED_RECORDS_VERSION;
     let prioritized = version >= PRIORITY_RECORDS_VERSION;
+    let attributed = version >= ATTRIBUTE_RECORDS_VERSION;
     let fixed_bytes = PUBLISH_FIXED_BYTES
         - if timed { 0 } else { TIMES_BYTES }
-        - if prioritized { 0 } else { PRIORITY_BYTES };
+        - if prioritized { 0 } else { PRIORITY_BYTES }
+        - if attributed { 0 } else { ATTRIBUTE_COUNT_BYTES };
     if body.len() < fixed_bytes {
         return Err("publish record too short");
     }
@@ -455,6 +492,13 @@ fn decode_publish(body: &[u8], version: u32, dead_lettered: bool) -> Result<Reco
             priority
         }
         _ => 0,
+    };
+    let attributes = if attributed {
+        let (attributes, after) = take_attributes(rest)?;
+        rest = after;
+        attributes
+    } else {
+        None
     };
     let dead_letter = if dead_lettered {
         if rest.len() < DEAD_LETTER_FIXED_BYTES {
@@ -489,8 +533,43 @@ fn decode_publish(body: &[u8], version: u32, dead_lettered: bool) -> Result<Reco
         priority,
         queue,
         payload,
+        attributes,
         dead_letter,
     })
+}
+
+/// A publish record's attributes (version 8), checked as a publish's are, and what
+/// follows them.
+fn take_attributes(bytes: &[u8]) -> Result<(Option<Attributes>, &[u8]), &'static str> {
+    let (&count, mut rest) = bytes
+        .split_first()
+        .ok_or("publish record shorter than its attributes")?;
+    let mut headers = None;
+    for _ in 0..count {
+        if rest.len() < ATTRIBUTE_PREFIX_BYTES {
+            return Err("publish record shorter than its attributes");
+        }
+        let tag = rest[0];
+        let len = u32::from_le_bytes(rest[1..5].try_into().expect("4 bytes")) as usize;
+        let block = rest
+            .get(ATTRIBUTE_PREFIX_BYTES..ATTRIBUTE_PREFIX_BYTES + len)
+            .ok_or("publish record shorter than its attributes")?;
+        rest = &rest[ATTRIBUTE_PREFIX_BYTES + len..];
+        match tag {
+            ATTRIBUTE_HEADERS if headers.is_none() => {
+                let json = std::str::from_utf8(block)
+                    .map_err(|_| "publish record with headers that are not UTF-8")?;
+                headers = Some(
+                    Headers::from_json(json)
+                        .ok()
+                        .flatten()
+                        .ok_or("publish record with invalid headers")?,
+                );
+            }
+            _ => return Err("publish record with an unknown or repeated attribute"),
+        }
+    }
+    Ok((headers.map(|headers| Attributes { headers }), rest))
 }
 
 /// A queue name written as its length (one byte) and its bytes, and what follows it.
@@ -524,6 +603,12 @@ mod tests {
         SegmentHeader::new(number, 1)
     }
 
+    fn headers(entries: &[(&str, &str)]) -> Attributes {
+        Attributes {
+            headers: Headers::new(entries.iter().copied()).unwrap(),
+        }
+    }
+
     fn sample_log() -> (Vec<u8>, Vec<Record>) {
         let records = vec![
             Record::Publish {
@@ -534,6 +619,7 @@ mod tests {
                 priority: 0,
                 queue: q("orders"),
                 payload: Payload::from_text("first ✓"),
+                attributes: None,
                 dead_letter: None,
             },
             Record::Delivered(vec![MessageId(1)]),
@@ -545,6 +631,7 @@ mod tests {
                 priority: 9,
                 queue: q(&"x".repeat(255)),
                 payload: Payload::from_text(""),
+                attributes: Some(headers(&[("trace", "ab12"), ("note", "\"✓\"\n")])),
                 dead_letter: None,
             },
             Record::Acked(vec![MessageId(1), MessageId(u64::MAX)]),
@@ -558,6 +645,7 @@ mod tests {
                 priority: 3,
                 queue: q("orders.dlq"),
                 payload: Payload::from_text("dead ✗"),
+                attributes: Some(headers(&[("k", "v")])),
                 dead_letter: Some(DeadLetter {
                     queue: q("orders"),
                     reason: DeadLetterReason::MaxDeliveries,
@@ -573,6 +661,7 @@ mod tests {
                 priority: 9,
                 queue: q(&"e".repeat(255)),
                 payload: Payload::from_text(""),
+                attributes: None,
                 dead_letter: Some(DeadLetter {
                     queue: q(&"d".repeat(255)),
                     reason: DeadLetterReason::MaxDeliveries,
@@ -593,6 +682,7 @@ mod tests {
                     priority,
                     queue,
                     payload,
+                    attributes,
                     dead_letter,
                 } => encode_publish(
                     &mut bytes,
@@ -605,6 +695,7 @@ mod tests {
                         priority: *priority,
                         queue,
                         payload,
+                        attributes: attributes.as_ref(),
                         dead_letter: dead_letter.as_ref(),
                     },
                 ),
@@ -638,7 +729,7 @@ mod tests {
             (records, Decoded::Incomplete)
         );
         let first_len =
-            live_record_bytes(&q("orders"), &Payload::from_text("first ✓"), None) as usize;
+            live_record_bytes(&q("orders"), &Payload::from_text("first ✓"), None, None) as usize;
         assert!(
             matches!(decode_record(&bytes, &segment_header(SEGMENT)), Decoded::Record(_, used) if used == first_len)
         );
@@ -679,7 +770,7 @@ mod tests {
         );
         assert_eq!(
             dead_letter.len() as u64,
-            live_record_bytes(&queue, &payload, Some(&record))
+            live_record_bytes(&queue, &payload, None, Some(&record))
         );
         let mut plain = Vec::new();
         encode_publish(
@@ -689,7 +780,32 @@ mod tests {
         );
         assert_eq!(
             plain.len() as u64,
-            live_record_bytes(&queue, &payload, None)
+            live_record_bytes(&queue, &payload, None, None)
+        );
+        let attributes = headers(&[("trace", "ab12")]);
+        let mut with_headers = Vec::new();
+        encode_publish(
+            &mut with_headers,
+            SEGMENT,
+            &LiveMessage {
+                attributes: Some(&attributes),
+                ..LiveMessage::new(MessageId(9), 0, &queue, &payload, Some(&record))
+            },
+        );
+        assert_eq!(
+            with_headers.len() as u64,
+            live_record_bytes(&queue, &payload, Some(&attributes), Some(&record))
+        );
+        let version_7 = SegmentHeader {
+            version: 7,
+            ..segment_header(SEGMENT)
+        };
+        assert!(
+            !matches!(
+                decode_record(&with_headers, &version_7),
+                Decoded::Record(..)
+            ),
+            "a version 7 segment has no attributes"
         );
         let version_3 = SegmentHeader {
             version: 3,
@@ -876,14 +992,18 @@ mod tests {
             panic!("a version 5 publish record is not read");
         };
         assert_eq!((priority, len), (0, old.len()));
+        let version_6 = SegmentHeader {
+            version: 6,
+            ..segment_header(SEGMENT)
+        };
         let Decoded::Record(Record::Publish { priority, .. }, _) =
-            decode_record(&timed_publish_record(Some(7)), &segment_header(SEGMENT))
+            decode_record(&timed_publish_record(Some(7)), &version_6)
         else {
             panic!("a version 6 publish record is not read");
         };
         assert_eq!(priority, 7);
         assert!(matches!(
-            decode_record(&timed_publish_record(Some(10)), &segment_header(SEGMENT)),
+            decode_record(&timed_publish_record(Some(10)), &version_6),
             Decoded::Corrupt(_)
         ));
     }
@@ -931,6 +1051,7 @@ mod tests {
                     priority: 0,
                     queue,
                     payload,
+                    attributes: None,
                     dead_letter: None,
                 },
                 bytes.len()

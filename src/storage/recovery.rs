@@ -20,7 +20,7 @@ use tracing::{error, warn};
 
 use super::record::{self, Decoded, HeaderError, Record, SegmentHeader};
 use super::segments::Segments;
-use crate::protocol::{DeadLetter, MessageId, Payload, QueueName};
+use crate::protocol::{Attributes, DeadLetter, MessageId, Payload, QueueName};
 
 /// A message that was confirmed and not acked when the broker stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +37,8 @@ pub struct RecoveredMessage {
     pub due_ms: Option<u64>,
     /// 0-9; 0 for logs of format 5 and before.
     pub priority: u8,
+    /// What its publish attached (format 8 on).
+    pub attributes: Option<Attributes>,
     /// Its dead-letter record, if it was dead-lettered into `queue`.
     pub dead_letter: Option<DeadLetter>,
     /// The segment holding its latest publish record: the log needs it to know when a
@@ -126,6 +128,7 @@ struct Slot {
     published_at_ms: u64,
     due_ms: Option<u64>,
     priority: u8,
+    attributes: Option<Attributes>,
     dead_letter: Option<DeadLetter>,
     acked: bool,
     segment: u64,
@@ -141,6 +144,7 @@ impl Slot {
             published_at_ms: self.published_at_ms,
             due_ms: self.due_ms,
             priority: self.priority,
+            attributes: self.attributes,
             dead_letter: self.dead_letter,
             segment: self.segment,
         }
@@ -163,6 +167,7 @@ impl Replay {
                 priority,
                 queue,
                 payload,
+                attributes,
                 mut dead_letter,
             } => {
                 self.next_id = self.next_id.max(id.0.saturating_add(1));
@@ -178,6 +183,7 @@ impl Replay {
                     published_at_ms,
                     due_ms,
                     priority,
+                    attributes,
                     dead_letter,
                     acked: false,
                     segment,

@@ -71,7 +71,7 @@ fn segments(disk: &SimFs) -> Segments {
 
 /// Bytes of the publish record of `text` on `queue`, as an ack of it frees them.
 fn record_bytes(queue: &str, text: &str) -> u64 {
-    record::live_record_bytes(&q(queue), &Payload::from_text(text), None)
+    record::live_record_bytes(&q(queue), &Payload::from_text(text), None, None)
 }
 
 /// A segment file's bytes: header, then records.
@@ -190,7 +190,7 @@ fn a_dead_letter_survives_restarts_and_compaction_in_its_new_queue() {
             None,
         ));
         journal.log_delivered(&[MessageId(1), MessageId(1)]);
-        let replaced = record::live_record_bytes(&q("jobs"), &payload, None);
+        let replaced = record::live_record_bytes(&q("jobs"), &payload, None, None);
         journal.log_rewritten(
             &LiveMessage::new(MessageId(1), 0, &q("jobs.dlq"), &payload, Some(&record)),
             replaced,
@@ -228,6 +228,7 @@ fn a_dead_letter_survives_restarts_and_compaction_in_its_new_queue() {
         deliveries: 1,
         queue: &q("jobs.dlq"),
         payload: &payload,
+        attributes: None,
         dead_letter: Some(&record),
     }];
     storage.journal.compact_oldest(live.into_iter());
@@ -241,8 +242,8 @@ fn a_dead_letter_survives_restarts_and_compaction_in_its_new_queue() {
     // Acked with the bytes its records are counted at, nothing live is left counted.
     storage.journal.log_acked(
         &[MessageId(1), MessageId(2)],
-        record::live_record_bytes(&q("jobs.dlq"), &payload, Some(&record))
-            + record::live_record_bytes(&q("jobs"), &Payload::from_text("other"), None),
+        record::live_record_bytes(&q("jobs.dlq"), &payload, None, Some(&record))
+            + record::live_record_bytes(&q("jobs"), &Payload::from_text("other"), None, None),
     );
     assert_eq!(storage.journal.live_bytes(), 0);
     submit_durably(&mut storage.journal);
@@ -487,7 +488,7 @@ fn run_through_reused_files(backend: &SimFs) -> usize {
             .journal
             .log_publish(&LiveMessage::new(MessageId(id), 0, &q("q"), &payload, None));
         if id < 296 {
-            let bytes = record::live_record_bytes(&q("q"), &payload, None);
+            let bytes = record::live_record_bytes(&q("q"), &payload, None, None);
             storage.journal.log_acked(&[MessageId(id)], bytes);
         }
         submit_durably(&mut storage.journal);
@@ -1090,7 +1091,7 @@ fn run_log_size_test(keep_every: u64, bound: impl Fn(u64, u64) -> u64) -> bool {
     .unwrap();
     let q_name = q("q");
     let payload = Payload::from_text(&"p".repeat(100));
-    let record_bytes = record::live_record_bytes(&q_name, &payload, None);
+    let record_bytes = record::live_record_bytes(&q_name, &payload, None, None);
     let mut live = std::collections::BTreeMap::new();
     let mut compacted = false;
     for id in 1..=5_000u64 {
@@ -1115,6 +1116,7 @@ fn run_log_size_test(keep_every: u64, bound: impl Fn(u64, u64) -> u64) -> bool {
                 deliveries: 0,
                 queue: &q_name,
                 payload: &payload,
+                attributes: None,
                 dead_letter: None,
             });
             storage.journal.compact_oldest(messages);
@@ -1188,7 +1190,7 @@ fn compaction_settles_whatever_the_queue_names_take_in_the_records() {
     .unwrap();
     let queue = q(&"n".repeat(255));
     let payload = Payload::from_text("");
-    let record_bytes = record::live_record_bytes(&queue, &payload, None);
+    let record_bytes = record::live_record_bytes(&queue, &payload, None, None);
     for id in 1..=2_000u64 {
         storage
             .journal
@@ -1220,6 +1222,7 @@ fn compaction_settles_whatever_the_queue_names_take_in_the_records() {
                 deliveries: 0,
                 queue: &queue,
                 payload: &payload,
+                attributes: None,
                 dead_letter: None,
             }));
         submit_durably(&mut storage.journal);
@@ -1337,8 +1340,12 @@ fn run_crash_test(steps: &[Step]) -> Result<(), TestCaseError> {
                     }
                     Step::Ack(_) => {
                         let m = model.live.remove(&id).unwrap();
-                        let bytes =
-                            record::live_record_bytes(&m.queue, &m.payload, m.dead_letter.as_ref());
+                        let bytes = record::live_record_bytes(
+                            &m.queue,
+                            &m.payload,
+                            None,
+                            m.dead_letter.as_ref(),
+                        );
                         storage.journal.log_acked(&[MessageId(id)], bytes);
                         model.acked.insert(id, batch);
                     }
@@ -1350,8 +1357,12 @@ fn run_crash_test(steps: &[Step]) -> Result<(), TestCaseError> {
                             attempts: m.deliveries,
                             at_ms: id,
                         };
-                        let replaced =
-                            record::live_record_bytes(&m.queue, &m.payload, m.dead_letter.as_ref());
+                        let replaced = record::live_record_bytes(
+                            &m.queue,
+                            &m.payload,
+                            None,
+                            m.dead_letter.as_ref(),
+                        );
                         storage.journal.log_rewritten(
                             &LiveMessage::new(MessageId(id), 0, &dlq, &m.payload, Some(&record)),
                             replaced,
@@ -1385,6 +1396,7 @@ fn run_crash_test(steps: &[Step]) -> Result<(), TestCaseError> {
                     deliveries: m.deliveries,
                     queue: &m.queue,
                     payload: &m.payload,
+                    attributes: None,
                     dead_letter: m.dead_letter.as_ref(),
                 });
                 // Copies keep the batch of the original publish in the model: the

@@ -34,6 +34,7 @@
 
 mod chunked_deque;
 mod ready_queue;
+mod side_table;
 #[cfg(test)]
 mod tests;
 mod timers;
@@ -54,12 +55,13 @@ use thiserror::Error;
 
 use super::policy::{ACK_TIMEOUT_RANGE, Overflow, Policies, QueuePolicy};
 use crate::protocol::{
-    DeadLetter, DeadLetterReason, Due, ErrorCode, MessageId, PRIORITY_MAX, Payload, QueueName,
-    whole_millis,
+    Attributes, DeadLetter, DeadLetterReason, Due, ErrorCode, MessageId, PRIORITY_MAX, Payload,
+    QueueName, whole_millis,
 };
 use crate::storage::LiveMessage;
 
 use ready_queue::{Prioritized, ReadyQueue};
+use side_table::{Costed, SideTable};
 use timers::{TimerKey, TimerWheel};
 
 /// What a message costs the broker beyond its payload and its place in a ready queue
@@ -72,6 +74,22 @@ pub const MESSAGE_OVERHEAD_BYTES: u64 = 128;
 /// core's table of them, and with a log the moved message's entry in the journal's map of
 /// copies.
 pub const DEAD_LETTER_BYTES: u64 = 96;
+
+/// What a message's attributes (its headers) cost beyond their bytes: their allocation,
+/// their entry in the core's table of them, and the allocator's rounding.
+pub const ATTRIBUTES_OVERHEAD_BYTES: u64 = 96;
+
+impl Costed for DeadLetter {
+    fn cost(&self) -> u64 {
+        DEAD_LETTER_BYTES
+    }
+}
+
+impl Costed for Attributes {
+    fn cost(&self) -> u64 {
+        ATTRIBUTES_OVERHEAD_BYTES + self.byte_len() as u64
+    }
+}
 
 /// What a queue costs beyond its name and the chunks of its ready queue: its entry in
 /// the queue map and its state.
@@ -167,6 +185,7 @@ pub enum Relocated {
         payload: Payload,
         priority: u8,
         published_at_ms: u64,
+        attributes: Option<Arc<Attributes>>,
         /// The record it carried before (dead-lettered once already), if any.
         replaced: Option<Arc<DeadLetter>>,
         record: Arc<DeadLetter>,
@@ -180,6 +199,7 @@ pub enum Relocated {
         priority: u8,
         published_at_ms: u64,
         due_ms: u64,
+        attributes: Option<Arc<Attributes>>,
         dead_letter: Option<Arc<DeadLetter>>,
     },
     /// Dead-lettered from `queue` with nowhere to go: dropped, as its policy opted into
@@ -190,6 +210,7 @@ pub enum Relocated {
         queue: QueueName,
         payload: Payload,
         reason: DeadLetterReason,
+        attributes: Option<Arc<Attributes>>,
         /// The record it carried before (dead-lettered once already), if any.
         dead_letter: Option<Arc<DeadLetter>>,
     },
@@ -199,6 +220,7 @@ pub enum Relocated {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Acked {
     pub payload: Payload,
+    pub attributes: Option<Arc<Attributes>>,
     pub dead_letter: Option<Arc<DeadLetter>>,
 }
 
@@ -274,6 +296,8 @@ pub struct NewMessage {
     pub priority: u8,
     /// Checked against the queue's `max_delay`.
     pub due: Due,
+    /// Its headers, checked by the session.
+    pub attributes: Option<Arc<Attributes>>,
 }
 
 impl NewMessage {
@@ -283,6 +307,7 @@ impl NewMessage {
             payload,
             priority: 0,
             due: Due::Now,
+            attributes: None,
         }
     }
 }
@@ -298,6 +323,8 @@ pub struct Delivery {
     pub priority: u8,
     /// When the broker accepted its publish, in milliseconds since the Unix epoch.
     pub published_at_ms: u64,
+    /// What its publish attached, if anything.
+    pub attributes: Option<Arc<Attributes>>,
     /// Where it was dead-lettered from, if it was.
     pub dead_letter: Option<Arc<DeadLetter>>,
 }
@@ -372,9 +399,10 @@ pub struct Core {
     current_ms_ceil: u64,
     /// Messages dead-lettered since [`Core::take_relocated`] last took them.
     relocated: Vec<Relocated>,
-    /// The dead-letter record of each message that has one. Few messages have one, so
-    /// the records are kept aside rather than in a field every message would pay for.
-    dead_letters: FxHashMap<MessageId, Arc<DeadLetter>>,
+    /// The dead-letter record of each message that has one.
+    dead_letters: SideTable<DeadLetter>,
+    /// The attributes of each message whose publish attached any.
+    attributes: SideTable<Attributes>,
     /// Restored messages at their delivery limit, for [`Core::end_restore`].
     restored_at_limit: Vec<(QueueName, ReadyMessage)>,
     /// Messages with ids from here on are not delivered yet (durable storage: not yet on
@@ -476,6 +504,7 @@ pub struct Restored {
     pub published_at_ms: u64,
     /// When it is due, if it was delayed; a time already past makes it ready at once.
     pub due_ms: Option<u64>,
+    pub attributes: Option<Attributes>,
     pub dead_letter: Option<DeadLetter>,
 }
 
@@ -518,7 +547,8 @@ impl Core {
             current_ms,
             current_ms_ceil: current_ms,
             relocated: Vec::new(),
-            dead_letters: FxHashMap::default(),
+            dead_letters: SideTable::default(),
+            attributes: SideTable::default(),
             restored_at_limit: Vec::new(),
             deliverable_below: u64::MAX,
             held_at_watermark: Vec::new(),
@@ -559,14 +589,19 @@ impl Core {
             priority,
             published_at_ms,
             due_ms,
+            attributes,
             dead_letter,
         } = restored;
         debug_assert!(id.0 >= self.next_id, "restored out of order");
         let priority = within_priorities(priority);
         self.next_id = self.next_id.max(id.0 + 1);
-        self.stats.memory_bytes += message_cost(&payload);
+        let memory = &mut self.stats.memory_bytes;
+        *memory += message_cost(&payload);
         if let Some(record) = dead_letter {
-            self.keep_dead_letter(id, Arc::new(record));
+            self.dead_letters.insert(id, Arc::new(record), memory);
+        }
+        if let Some(attributes) = attributes {
+            self.attributes.insert(id, Arc::new(attributes), memory);
         }
         let now_ms = self.now_ms();
         let ready = ReadyMessage {
@@ -619,7 +654,7 @@ impl Core {
     /// Every message not yet acked, ready, in flight or delayed, with its deliveries so
     /// far, for log compaction. In no particular order.
     pub fn live_messages(&self) -> impl Iterator<Item = LiveMessage<'_>> {
-        let dead_letters = &self.dead_letters;
+        let (dead_letters, attributes) = (&self.dead_letters, &self.attributes);
         let ready = self.queues.iter().flat_map(move |(name, queue)| {
             queue.ready.iter().map(move |m| LiveMessage {
                 id: m.id,
@@ -629,7 +664,8 @@ impl Core {
                 due_ms: None,
                 queue: name,
                 payload: &m.payload,
-                dead_letter: dead_letters.get(&m.id).map(|r| &**r),
+                attributes: attributes.get_ref(m.id).map(|a| &**a),
+                dead_letter: dead_letters.get_ref(m.id).map(|r| &**r),
             })
         });
         let in_flight = self.consumers.values().flat_map(move |consumer| {
@@ -641,7 +677,8 @@ impl Core {
                 due_ms: None,
                 queue: &consumer.queue,
                 payload: &f.payload,
-                dead_letter: dead_letters.get(id).map(|r| &**r),
+                attributes: attributes.get_ref(*id).map(|a| &**a),
+                dead_letter: dead_letters.get_ref(*id).map(|r| &**r),
             })
         });
         let delayed = self.delays.values().map(move |d| LiveMessage {
@@ -652,7 +689,8 @@ impl Core {
             due_ms: Some(d.due_ms),
             queue: &d.queue,
             payload: &d.message.payload,
-            dead_letter: dead_letters.get(&d.message.id).map(|r| &**r),
+            attributes: attributes.get_ref(d.message.id).map(|a| &**a),
+            dead_letter: dead_letters.get_ref(d.message.id).map(|r| &**r),
         });
         ready.chain(in_flight).chain(delayed)
     }
@@ -714,6 +752,7 @@ impl Core {
             payload,
             priority,
             due,
+            attributes,
         } = message;
         let priority = within_priorities(priority);
         if self.drained_deliveries.is_some() {
@@ -739,7 +778,8 @@ impl Core {
                 DELAYED_MESSAGE_BYTES
             } else {
                 0
-            };
+            }
+            + attributes.as_ref().map_or(0, |a| a.cost());
         if self.stats.memory_bytes + cost > self.config.max_memory_bytes {
             return Err(PublishError::QueueFull {
                 used_bytes: self.stats.memory_bytes,
@@ -767,6 +807,10 @@ impl Core {
             due_ms,
         };
         self.stats.memory_bytes += message_cost(&ready_message.payload);
+        if let Some(attributes) = attributes {
+            self.attributes
+                .insert(id, attributes, &mut self.stats.memory_bytes);
+        }
         if let Some(due_ms) = due_ms {
             self.hold_until(queue, ready_message, due_ms);
             return Ok(published);
@@ -818,9 +862,11 @@ impl Core {
         let acked = self.take_in_flight(consumer, id)?;
         self.stats.memory_bytes -= message_cost(&acked.payload);
         self.stats.acked_total += 1;
+        let memory = &mut self.stats.memory_bytes;
         Ok(Acked {
             payload: acked.payload,
-            dead_letter: self.forget_dead_letter(id),
+            attributes: self.attributes.remove(id, memory),
+            dead_letter: self.dead_letters.remove(id, memory),
         })
     }
 
@@ -914,7 +960,8 @@ impl Core {
             priority: message.priority,
             published_at_ms: message.published_at_ms,
             due_ms,
-            dead_letter: self.dead_letters.get(&id).cloned(),
+            attributes: self.attributes.get(id),
+            dead_letter: self.dead_letters.get(id),
         });
         self.hold_until(&queue, message, due_ms);
         Ok(())
@@ -1075,7 +1122,9 @@ impl Core {
             attempts: message.deliveries,
             at_ms: self.now_ms(),
         });
-        let replaced = self.keep_dead_letter(message.id, record.clone());
+        let replaced =
+            self.dead_letters
+                .insert(message.id, record.clone(), &mut self.stats.memory_bytes);
         self.relocated.push(Relocated::DeadLettered {
             id: message.id,
             from: from.clone(),
@@ -1083,6 +1132,7 @@ impl Core {
             payload: message.payload.clone(),
             priority: message.priority,
             published_at_ms: message.published_at_ms,
+            attributes: self.attributes.get(message.id),
             replaced,
             record,
         });
@@ -1100,15 +1150,16 @@ impl Core {
 
     /// Drops a dead letter of `from` that has nowhere to go, and counts it.
     fn discard(&mut self, from: &QueueName, message: ReadyMessage, reason: DeadLetterReason) {
-        self.stats.memory_bytes -= message_cost(&message.payload);
+        let memory = &mut self.stats.memory_bytes;
+        *memory -= message_cost(&message.payload);
         self.stats.discarded_total += 1;
-        let dead_letter = self.forget_dead_letter(message.id);
         self.relocated.push(Relocated::Discarded {
             id: message.id,
             queue: from.clone(),
             payload: message.payload,
             reason,
-            dead_letter,
+            attributes: self.attributes.remove(message.id, memory),
+            dead_letter: self.dead_letters.remove(message.id, memory),
         });
     }
 
@@ -1150,32 +1201,6 @@ impl Core {
             self.dead_letter(name, &policy, dropped, DeadLetterReason::Overflow);
         }
         Ok(())
-    }
-
-    /// Attaches `record` to message `id`; returns the one it replaces.
-    fn keep_dead_letter(
-        &mut self,
-        id: MessageId,
-        record: Arc<DeadLetter>,
-    ) -> Option<Arc<DeadLetter>> {
-        let replaced = self.dead_letters.insert(id, record);
-        if replaced.is_none() {
-            self.stats.memory_bytes += DEAD_LETTER_BYTES;
-        }
-        replaced
-    }
-
-    /// Takes message `id`'s dead-letter record away, if it has one (it is leaving).
-    fn forget_dead_letter(&mut self, id: MessageId) -> Option<Arc<DeadLetter>> {
-        // Most brokers hold no dead letter: spare every ack the lookup.
-        if self.dead_letters.is_empty() {
-            return None;
-        }
-        let forgotten = self.dead_letters.remove(&id);
-        if forgotten.is_some() {
-            self.stats.memory_bytes -= DEAD_LETTER_BYTES;
-        }
-        forgotten
     }
 
     /// The messages dead-lettered (moved or dropped) since the last call, in order.
@@ -1278,7 +1303,7 @@ impl Core {
                     &mut self.leases,
                     now,
                     queue_deadline,
-                    &self.dead_letters,
+                    (&self.dead_letters, &self.attributes),
                     &mut self.stats.memory_bytes,
                 ) else {
                     break;
@@ -1495,7 +1520,7 @@ impl Queue {
         leases: &mut TimerWheel<(ConsumerId, MessageId)>,
         now: Instant,
         queue_deadline: (Duration, Instant),
-        dead_letters: &FxHashMap<MessageId, Arc<DeadLetter>>,
+        (dead_letters, attributes): (&SideTable<DeadLetter>, &SideTable<Attributes>),
         memory_bytes: &mut u64,
     ) -> Option<Delivery> {
         if self.ready.is_empty() {
@@ -1535,12 +1560,6 @@ impl Queue {
                 },
             );
             self.next_consumer = (index + 1) % count;
-            // Most brokers hold no dead letter: spare every delivery the lookup.
-            let dead_letter = if dead_letters.is_empty() {
-                None
-            } else {
-                dead_letters.get(&message.id).cloned()
-            };
             return Some(Delivery {
                 consumer: consumer_id,
                 id: message.id,
@@ -1548,7 +1567,8 @@ impl Queue {
                 attempt,
                 priority: message.priority,
                 published_at_ms: message.published_at_ms,
-                dead_letter,
+                attributes: attributes.get(message.id),
+                dead_letter: dead_letters.get(message.id),
             });
         }
         None

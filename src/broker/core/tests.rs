@@ -50,6 +50,7 @@ fn message(text: &str, due: Due) -> NewMessage {
         payload: Payload::from_text(text),
         priority: 0,
         due,
+        attributes: None,
     }
 }
 
@@ -66,6 +67,7 @@ fn restored(id: u64, text: &str, deliveries: u32) -> Restored {
         priority: 0,
         published_at_ms: WALL_MS,
         due_ms: None,
+        attributes: None,
         dead_letter: None,
     }
 }
@@ -793,6 +795,7 @@ fn rule14_a_message_returned_after_max_deliveries_is_dead_lettered() {
             payload: Payload::from_text("job"),
             priority: 0,
             published_at_ms: WALL_MS,
+            attributes: None,
             replaced: None,
             record: record.clone(),
         }]
@@ -974,6 +977,7 @@ fn rule13_a_nack_with_a_delay_holds_the_message_until_it_is_due() {
             priority: 0,
             published_at_ms: WALL_MS,
             due_ms: WALL_MS + 510,
+            attributes: None,
             dead_letter: None,
         }]
     );
@@ -1331,6 +1335,7 @@ fn rule17_drop_head_dead_letters_the_oldest_of_the_lowest_priority() {
             payload: Payload::from_text("low old"),
             priority: 1,
             published_at_ms: WALL_MS,
+            attributes: None,
             replaced: None,
             record: Arc::new(DeadLetter {
                 queue: q("feed"),
@@ -1401,4 +1406,92 @@ fn rule17_dead_letters_meet_the_limits_of_their_dead_letter_queue() {
     );
     let stats = core.stats();
     assert_eq!((stats.discarded_total, stats.dead_lettered_total), (3, 1));
+}
+
+// Attributes (a publish's headers).
+
+fn with_headers(text: &str, entries: &[(&str, &str)]) -> NewMessage {
+    NewMessage {
+        attributes: Some(Arc::new(Attributes {
+            headers: crate::protocol::Headers::new(entries.iter().copied()).unwrap(),
+        })),
+        ..message(text, Due::Now)
+    }
+}
+
+/// Headers go out with every delivery of their message, move with it when it is
+/// dead-lettered or delayed, cost memory while it is held, and go with its ack.
+#[test]
+fn headers_travel_with_their_message_and_cost_memory_until_it_goes() {
+    let mut core = core_with_policies(
+        "[queues.\"jobs\"]\nmax_deliveries = 1\ndead_letter_queue = \"jobs.dlq\"\n",
+    );
+    let plain = publish(&mut core, "jobs", "plain");
+    let before = core.stats().memory_bytes;
+    let other = publish(&mut core, "jobs", "plain");
+    let plain_cost = core.stats().memory_bytes - before;
+    let message = with_headers("plain", &[("trace", "ab12")]);
+    let attributes = message.attributes.clone().unwrap();
+    let attributes_cost = ATTRIBUTES_OVERHEAD_BYTES + attributes.byte_len() as u64;
+    let before = core.stats().memory_bytes;
+    let tagged = core.publish(&q("jobs"), message).unwrap().id;
+    assert_eq!(
+        core.stats().memory_bytes - before,
+        plain_cost + attributes_cost,
+        "headers counted beyond the message"
+    );
+    core.subscribe(C1, q("jobs"), 10, None);
+    let delivered = deliveries(&mut core, t(0));
+    assert_eq!(delivered[1].attributes, None);
+    assert_eq!(delivered[2].attributes.as_ref(), Some(&attributes));
+    // Dead-lettered, it keeps them, and the move says so for the log.
+    core.nack(C1, tagged, NackAction::DeadLetter).unwrap();
+    let relocated = core.take_relocated();
+    assert!(
+        matches!(&relocated[..], [Relocated::DeadLettered { attributes: Some(a), .. }] if *a == attributes),
+        "{relocated:?}"
+    );
+    let live: Vec<_> = core
+        .live_messages()
+        .filter(|m| m.id == tagged)
+        .map(|m| m.attributes.cloned())
+        .collect();
+    assert_eq!(live, [Some((*attributes).clone())]);
+    core.subscribe(C2, q("jobs.dlq"), 10, None);
+    let again = deliveries(&mut core, t(1));
+    assert_eq!(again[0].attributes.as_ref(), Some(&attributes));
+    // The ack lets them go, with the memory they took.
+    let before = core.stats().memory_bytes;
+    let acked = core.ack(C2, tagged).unwrap();
+    assert_eq!(acked.attributes.as_ref(), Some(&attributes));
+    assert_eq!(
+        before - core.stats().memory_bytes,
+        plain_cost + attributes_cost + DEAD_LETTER_BYTES
+    );
+    assert!(core.attributes.get(tagged).is_none());
+    core.ack(C1, plain).unwrap();
+    core.ack(C1, other).unwrap();
+}
+
+/// Rule 17: a message whose lease runs out is still its queue's while the queues before
+/// it take theirs back: a dead letter arriving from one of them at that instant finds the
+/// queue full, rather than pushing it past its limit once the message is back.
+#[test]
+fn rule17_a_message_returning_still_counts_for_a_dead_letter_arriving_with_it() {
+    let mut core = core_with_policies(
+        "[queues.\"a\"]\nmax_deliveries = 1\ndead_letter_queue = \"b\"\n\
+         [queues.\"b\"]\nmax_length = 1\n",
+    );
+    core.subscribe(C1, q("a"), 1, None);
+    core.subscribe(C2, q("b"), 1, None);
+    let failing = publish(&mut core, "a", "failing");
+    let held = publish(&mut core, "b", "held");
+    assert_eq!(drain(&mut core, t(0)).len(), 2);
+    // Both leases end together; `a` comes first.
+    core.handle_timeout(t(0) + ACK_TIMEOUT);
+    assert_eq!(core.ready_ids(&q("b")), [held]);
+    assert!(matches!(
+        &core.take_relocated()[..],
+        [Relocated::Discarded { id, .. }] if *id == failing
+    ));
 }

@@ -323,11 +323,14 @@ impl<L: Log> Gate<L> {
             };
         };
         debug_assert_eq!(registered.role, Role::Producer);
-        let logged = self.log.is_some().then(|| message.payload.clone());
+        let logged = self
+            .log
+            .is_some()
+            .then(|| (message.payload.clone(), message.attributes.clone()));
         let priority = message.priority;
         match self.core.publish(&registered.queue, message) {
             Ok(published) => {
-                if let (Some(log), Some(payload)) = (&mut self.log, logged) {
+                if let (Some(log), Some((payload, attributes))) = (&mut self.log, logged) {
                     log.log_publish(&LiveMessage {
                         id: published.id,
                         deliveries: 0,
@@ -336,6 +339,7 @@ impl<L: Log> Gate<L> {
                         priority,
                         queue: &registered.queue,
                         payload: &payload,
+                        attributes: attributes.as_deref(),
                         dead_letter: None,
                     });
                     self.newest_published = Some(published.id);
@@ -365,13 +369,19 @@ impl<L: Log> Gate<L> {
                     payload,
                     priority,
                     published_at_ms,
+                    attributes,
                     replaced,
                     record: dead_letter,
                 } => {
                     debug!(%id, %from, %to, reason = %dead_letter.reason, attempts = dead_letter.attempts, "dead-lettered");
                     if let Some(log) = &mut self.log {
-                        let replaced_bytes =
-                            record::live_record_bytes(&from, &payload, replaced.as_deref());
+                        let attributes = attributes.as_deref();
+                        let replaced_bytes = record::live_record_bytes(
+                            &from,
+                            &payload,
+                            attributes,
+                            replaced.as_deref(),
+                        );
                         let moved = LiveMessage {
                             id,
                             deliveries: 0,
@@ -380,6 +390,7 @@ impl<L: Log> Gate<L> {
                             priority,
                             queue: &to,
                             payload: &payload,
+                            attributes,
                             dead_letter: Some(&dead_letter),
                         };
                         log.log_rewritten(&moved, replaced_bytes);
@@ -393,12 +404,14 @@ impl<L: Log> Gate<L> {
                     priority,
                     published_at_ms,
                     due_ms,
+                    attributes,
                     dead_letter,
                 } => {
                     if let Some(log) = &mut self.log {
-                        let dead_letter = dead_letter.as_deref();
+                        let (attributes, dead_letter) =
+                            (attributes.as_deref(), dead_letter.as_deref());
                         let replaced_bytes =
-                            record::live_record_bytes(&queue, &payload, dead_letter);
+                            record::live_record_bytes(&queue, &payload, attributes, dead_letter);
                         let delayed = LiveMessage {
                             id,
                             deliveries,
@@ -407,6 +420,7 @@ impl<L: Log> Gate<L> {
                             priority,
                             queue: &queue,
                             payload: &payload,
+                            attributes,
                             dead_letter,
                         };
                         log.log_rewritten(&delayed, replaced_bytes);
@@ -417,13 +431,18 @@ impl<L: Log> Gate<L> {
                     queue,
                     payload,
                     reason,
+                    attributes,
                     dead_letter,
                 } => {
                     debug!(%id, %queue, %reason, "dead letter discarded (no dead-letter queue, or a full one)");
                     if self.log.is_some() {
                         self.acked.push(id);
-                        self.acked_record_bytes +=
-                            record::live_record_bytes(&queue, &payload, dead_letter.as_deref());
+                        self.acked_record_bytes += record::live_record_bytes(
+                            &queue,
+                            &payload,
+                            attributes.as_deref(),
+                            dead_letter.as_deref(),
+                        );
                     }
                 }
             }
@@ -466,6 +485,7 @@ impl<L: Log> Gate<L> {
             self.acked_record_bytes += record::live_record_bytes(
                 &registered.queue,
                 &acked.payload,
+                acked.attributes.as_deref(),
                 acked.dead_letter.as_deref(),
             );
         }

@@ -527,7 +527,7 @@ impl Session {
                 ..NewMessage::now(payload)
             }));
         }
-        frame.refuse_unserved_publish_fields()?;
+        let attributes = frame.publish_attributes()?.map(Arc::new);
         let priority = frame.publish_priority()?;
         let due = frame.publish_due()?;
         let max_delay = self.policy().max_delay;
@@ -551,6 +551,7 @@ impl Session {
             payload,
             priority,
             due,
+            attributes,
         }))
     }
 
@@ -845,6 +846,7 @@ fn encode_delivery(
         details: lease.map(|lease| DeliveryDetails {
             published_at: published_at.render(delivery.priority, delivery.published_at_ms),
             lease,
+            attributes: delivery.attributes.as_deref(),
             dead_letter: delivery.dead_letter.as_deref(),
         }),
     }

@@ -475,6 +475,7 @@ impl World {
                     attempt: 1,
                     priority: 0,
                     published_at_ms: 1,
+                    attributes: None,
                     dead_letter: None,
                 }
             })

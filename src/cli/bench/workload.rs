@@ -111,6 +111,7 @@ pub async fn produce(
             let options = PublishOptions {
                 priority: (sent % u64::from(plan.priorities)) as u8,
                 delay: plan.delay_span.map(|span| delay_of(sent, span)),
+                headers: None,
             };
             producer.send_with(&payload, &options);
             outcome.first_send.get_or_insert(now);
