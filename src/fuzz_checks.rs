@@ -67,14 +67,24 @@ fn split_frames(data: &[u8], piece_sizes: &[u8]) -> (Vec<Vec<u8>>, bool) {
 /// The broker's parser of client frames on an arbitrary body: it never panics, and its
 /// canonical fast path agrees with the general JSON parser on everything it accepts.
 pub fn client_frame(body: &[u8]) {
+    let publish = |frame: &InboundFrame<'_>| {
+        format!(
+            "{:?} {:?} {:?}",
+            frame.publish_payload().map_err(|e| e.to_string()),
+            frame.publish_priority().map_err(|e| e.to_string()),
+            frame.publish_attributes().map_err(|e| e.to_string())
+        )
+    };
     let summary = |frame: &InboundFrame<'_>| {
         let detail = match frame.frame_type() {
             FrameType::Register => format!("{:?}", frame.register()),
-            FrameType::Publish => format!(
-                "{:?} {:?} {:?}",
-                frame.publish_payload().map_err(|e| e.to_string()),
-                frame.publish_priority().map_err(|e| e.to_string()),
-                frame.publish_attributes().map_err(|e| e.to_string())
+            FrameType::Publish => publish(frame),
+            FrameType::PublishBatch => format!(
+                "{:?}",
+                frame
+                    .publish_batch_entries()
+                    .map(|entries| entries.iter().map(publish).collect::<Vec<_>>())
+                    .map_err(|e| e.to_string())
             ),
             FrameType::Ack => format!("{:?}", frame.target_ids(true).map_err(|e| e.to_string())),
             FrameType::Nack => format!("{:?}", frame.nack().map_err(|e| e.to_string())),

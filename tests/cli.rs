@@ -563,7 +563,8 @@ async fn producer_headers_reach_the_consumer() {
 }
 
 /// The bench's 1.1 workloads: every message nacked once is delivered twice and counted
-/// once; delayed publishes are all delivered, latency then being lateness.
+/// once; delayed publishes are all delivered, latency then being lateness; batches carry
+/// every message.
 #[tokio::test]
 async fn bench_nacks_and_delays_account_for_every_message() {
     let report = bench_json(&["-m", "2000", "--nack-ratio", "1", "-w", "64", "-q", "32"]).await;
@@ -575,5 +576,11 @@ async fn bench_nacks_and_delays_account_for_every_message() {
     let report = bench_json(&["-m", "2000", "--delay", "300ms", "-w", "256"]).await;
     assert_eq!(report["delivered"], 2000);
     assert_eq!(report["delay_ms"], 300);
+    assert_eq!(report["lost"], 0);
+    // Batches: the last one is short (2000 = 19 x 105 + 5), all confirmed and delivered.
+    let report = bench_json(&["-m", "2000", "--batch", "105", "-w", "500"]).await;
+    assert_eq!(report["confirmed"], 2000);
+    assert_eq!(report["delivered"], 2000);
+    assert_eq!(report["batch"], 105);
     assert_eq!(report["lost"], 0);
 }

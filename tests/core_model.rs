@@ -1,5 +1,5 @@
 //! Model-based test of the queue core: random sequences of publish (now or delayed, of
-//! one priority or of many) /
+//! one priority or of many, with headers or without) / publish_batch (all or none) /
 //! subscribe (with the queue's lease or its own) / dispatch / ack / wrong ack / nack (to
 //! the back, delayed, after the queue's backoff, or dead-lettered) / touch / pause /
 //! resume / time passing / disconnect / drain, under per-queue policies (dead letters,
@@ -18,17 +18,18 @@
 //! (time is simulated).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use ferry::MessageId;
 use ferry::broker::core::{
-    AckError, ConsumerId, Core, CoreConfig, DEAD_LETTER_BYTES, DELAYED_MESSAGE_BYTES,
-    MESSAGE_OVERHEAD_BYTES, NackAction, NewMessage, PublishError, QUEUE_OVERHEAD_BYTES,
-    READY_CHUNK_LEN, READY_LEVEL_BYTES, READY_SLOT_BYTES, TIMER_TICK, WallClock,
+    ATTRIBUTES_OVERHEAD_BYTES, AckError, ConsumerId, Core, CoreConfig, DEAD_LETTER_BYTES,
+    DELAYED_MESSAGE_BYTES, MESSAGE_OVERHEAD_BYTES, NackAction, NewMessage, PublishError,
+    QUEUE_OVERHEAD_BYTES, READY_CHUNK_LEN, READY_LEVEL_BYTES, READY_SLOT_BYTES, TIMER_TICK,
+    WallClock,
 };
 use ferry::broker::policy::{PolicyFile, QueuePolicy};
-use ferry::protocol::{Due, Payload, QueueName};
+use ferry::protocol::{Attributes, Due, Headers, Payload, QueueName};
 use proptest::prelude::*;
 
 const QUEUES: usize = 3;
@@ -107,6 +108,14 @@ enum Op {
         /// 0: ready now.
         delay_ms: u64,
         priority: u8,
+        /// With headers, which cost memory until the message goes.
+        headers: bool,
+    },
+    /// Messages of these payload lengths, of priorities counting down from `priority`.
+    PublishBatch {
+        queue: usize,
+        text_lens: Vec<usize>,
+        priority: u8,
     },
     Subscribe {
         consumer: u64,
@@ -156,8 +165,10 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        6 => (0..QUEUES, 0usize..60, prop_oneof![3 => Just(0u64), 1 => 1u64..300], prop_oneof![2 => Just(0u8), 1 => 0u8..=9])
-            .prop_map(|(queue, text_len, delay_ms, priority)| Op::Publish { queue, text_len, delay_ms, priority }),
+        6 => (0..QUEUES, 0usize..60, prop_oneof![3 => Just(0u64), 1 => 1u64..300], prop_oneof![2 => Just(0u8), 1 => 0u8..=9], prop::bool::weighted(0.2))
+            .prop_map(|(queue, text_len, delay_ms, priority, headers)| Op::Publish { queue, text_len, delay_ms, priority, headers }),
+        2 => (0..QUEUES, prop::collection::vec(0usize..40, 1..5), 0u8..=9)
+            .prop_map(|(queue, text_lens, priority)| Op::PublishBatch { queue, text_lens, priority }),
         2 => (0..CONSUMERS, 0..QUEUES, 1u16..4, prop::option::of(20u64..400))
             .prop_map(|(consumer, queue, prefetch, lease_ms)| Op::Subscribe { consumer, queue, prefetch, lease_ms }),
         3 => (0..CONSUMERS, 0usize..8, prop::option::weighted(0.8, prop::option::of(0u64..200)))
@@ -254,6 +265,7 @@ struct Model {
     draining: bool,
     queues: BTreeMap<usize, ModelQueue>,
     consumers: BTreeMap<u64, ModelConsumer>,
+    /// What each message costs beyond its overhead: its payload, and its headers'.
     sizes: BTreeMap<u64, u64>,
     priorities: HashMap<u64, u8>,
     published: Vec<u64>,
@@ -278,6 +290,7 @@ struct Model {
 
 impl Model {
     /// A publish, the core counting `counted` bytes before it.
+    /// A publish of a message costing `size` beyond its overhead (payload and headers).
     fn publish(
         &mut self,
         queue: usize,
@@ -304,7 +317,7 @@ impl Model {
         if counted + cost > MAX_MEMORY_BYTES {
             return Err("queue_full");
         }
-        self.make_room(queue)?;
+        self.make_room(queue, 1)?;
         self.next_id += 1;
         let id = self.next_id;
         self.memory += cost;
@@ -428,22 +441,67 @@ impl Model {
         ready + in_flight + delayed + returning
     }
 
-    /// Rule 17: room for one more message in `queue`, dropping its oldest ready message
-    /// of the lowest priority if it is full and its policy says so.
-    fn make_room(&mut self, queue: usize) -> Result<(), &'static str> {
+    /// Rule 19: (size, priority) messages, all or none, after the memory limit and the
+    /// queue's length; the core counted `counted` bytes before.
+    fn publish_batch(
+        &mut self,
+        queue: usize,
+        messages: &[(u64, u8)],
+        counted: u64,
+    ) -> Result<Vec<u64>, &'static str> {
+        if self.draining {
+            return Err("shutting_down");
+        }
+        let new_queue = if self.queues.contains_key(&queue) {
+            0
+        } else {
+            queue_cost(queue)
+        };
+        let cost: u64 = messages
+            .iter()
+            .map(|(size, _)| size + MESSAGE_OVERHEAD_BYTES)
+            .sum();
+        if counted + cost + new_queue > MAX_MEMORY_BYTES {
+            return Err("queue_full");
+        }
+        self.make_room(queue, messages.len())?;
+        if !self.queues.contains_key(&queue) {
+            self.memory += queue_cost(queue);
+        }
+        self.memory += cost;
+        let mut ids = Vec::new();
+        for &(size, priority) in messages {
+            self.next_id += 1;
+            let id = self.next_id;
+            self.sizes.insert(id, size);
+            self.priorities.insert(id, priority);
+            self.published.push(id);
+            self.queues
+                .entry(queue)
+                .or_default()
+                .push_back(priority, (id, 0));
+            ids.push(id);
+        }
+        Ok(ids)
+    }
+
+    /// Rule 17: room for `incoming` more messages in `queue`, dropping its oldest ready
+    /// messages of the lowest priority if it is full and its policy says so, or none.
+    fn make_room(&mut self, queue: usize, incoming: usize) -> Result<(), &'static str> {
         let (max_length, drop_head) = length_policy(queue);
-        if self.length(queue) < max_length {
+        let excess = (self.length(queue) + incoming).saturating_sub(max_length);
+        if excess == 0 {
             return Ok(());
         }
-        let dropped = self
-            .queues
-            .get_mut(&queue)
-            .filter(|_| drop_head)
-            .and_then(|q| q.ready.iter_mut().find_map(VecDeque::pop_front));
-        let Some((id, _)) = dropped else {
+        let ready = self.queues.get(&queue).map_or(0, ModelQueue::ready_len);
+        if !drop_head || excess > ready {
             return Err("queue_full");
-        };
-        self.dead_letter(queue, id);
+        }
+        for _ in 0..excess {
+            let q = self.queues.get_mut(&queue).unwrap();
+            let (id, _) = q.ready.iter_mut().find_map(VecDeque::pop_front).unwrap();
+            self.dead_letter(queue, id);
+        }
         Ok(())
     }
 
@@ -452,7 +510,7 @@ impl Model {
     fn dead_letter(&mut self, queue: usize, id: u64) {
         let target = dead_letter_policy(queue)
             .1
-            .filter(|&target| self.make_room(target).is_ok());
+            .filter(|&target| self.make_room(target, 1).is_ok());
         match target {
             Some(target) => {
                 if !self.queues.contains_key(&target) {
@@ -783,6 +841,14 @@ fn check(core: &mut Core, model: &Model) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+/// A refused publish's error code.
+fn refusal_code(refusal: PublishError) -> &'static str {
+    match refusal {
+        PublishError::QueueFull { .. } | PublishError::QueueAtMaxLength { .. } => "queue_full",
+        PublishError::ShuttingDown => "shutting_down",
+    }
+}
+
 fn run(ops: &[Op], hold_new: bool) -> Result<(), TestCaseError> {
     let mut core = Core::new(CoreConfig {
         policies: PolicyFile::parse_text(POLICIES)
@@ -809,9 +875,18 @@ fn run(ops: &[Op], hold_new: bool) -> Result<(), TestCaseError> {
                 text_len,
                 delay_ms,
                 priority,
+                headers,
             } => {
                 let payload = Payload::from_text(&"x".repeat(text_len));
-                let size = payload.len() as u64;
+                let attributes = headers.then(|| {
+                    Arc::new(Attributes {
+                        headers: Headers::new([("k", "x".repeat(text_len))]).unwrap(),
+                    })
+                });
+                let size = payload.len() as u64
+                    + attributes
+                        .as_ref()
+                        .map_or(0, |a| ATTRIBUTES_OVERHEAD_BYTES + a.byte_len() as u64);
                 let counted = core.stats().memory_bytes;
                 // Either spelling of a delay: the same due time.
                 let due = match (delay_ms, text_len % 2) {
@@ -823,17 +898,44 @@ fn run(ops: &[Op], hold_new: bool) -> Result<(), TestCaseError> {
                     payload,
                     priority,
                     due,
-                    attributes: None,
+                    attributes,
                 };
-                let got =
-                    core.publish(&queue_name(queue), message)
-                        .map(|published| published.id.0)
-                        .map_err(|e| match e {
-                            PublishError::QueueFull { .. }
-                            | PublishError::QueueAtMaxLength { .. } => "queue_full",
-                            PublishError::ShuttingDown => "shutting_down",
-                        });
+                let got = core
+                    .publish(&queue_name(queue), message)
+                    .map(|published| published.id.0)
+                    .map_err(refusal_code);
                 prop_assert_eq!(got, model.publish(queue, size, delay_ms, priority, counted));
+            }
+            Op::PublishBatch {
+                queue,
+                ref text_lens,
+                priority,
+            } => {
+                let counted = core.stats().memory_bytes;
+                let payloads: Vec<Payload> = text_lens
+                    .iter()
+                    .map(|&len| Payload::from_text(&"x".repeat(len)))
+                    .collect();
+                let messages: Vec<(u64, u8)> = payloads
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| (p.len() as u64, priority.saturating_sub(i as u8)))
+                    .collect();
+                let batch = payloads
+                    .into_iter()
+                    .zip(&messages)
+                    .map(|(payload, &(_, priority))| NewMessage {
+                        payload,
+                        priority,
+                        due: Due::Now,
+                        attributes: None,
+                    })
+                    .collect();
+                let got = core
+                    .publish_batch(&queue_name(queue), batch)
+                    .map(|published| published.iter().map(|p| p.id.0).collect())
+                    .map_err(refusal_code);
+                prop_assert_eq!(got, model.publish_batch(queue, &messages, counted));
             }
             Op::Subscribe {
                 consumer,

@@ -87,12 +87,13 @@ async fn a_full_queue_refuses_publishes_counting_delayed_and_in_flight_but_takes
 
 const FEED: &str = "[queues.\"feed\"]\nmax_length = 2\noverflow = \"drop-head\"\ndead_letter_queue = \"feed.dlq\"\n";
 
-/// Fills `feed` (max 2, drop-head) with an urgent and an old message, then publishes a
-/// third: the old one, of the lowest priority, is dead-lettered. Returns its id.
+/// Fills `feed` (max 2, drop-head) with an urgent message and then an old one of a lower
+/// priority, then publishes a third: the old one, the oldest of the lowest priority
+/// (not the oldest of all), is dead-lettered. Returns its id.
 async fn overflow_one(broker: &BrokerProcess) -> u64 {
     let mut producer = RawClient::producer_1_1(broker.addr, "feed").await;
-    let old = accepted_id(&publish(&mut producer, json!({"payload": "old"})).await);
     accepted_id(&publish(&mut producer, json!({"payload": "urgent", "priority": 7})).await);
+    let old = accepted_id(&publish(&mut producer, json!({"payload": "old"})).await);
     accepted_id(&publish(&mut producer, json!({"payload": "new"})).await);
     old
 }

@@ -39,19 +39,26 @@ pub(crate) struct Request {
     pub budget: Option<OwnedSemaphorePermit>,
 }
 
-/// Payload bytes that requests on their way to the core task may hold in all: past it,
+/// Message bytes (payloads and headers) that requests on their way to the core task may
+/// hold in all: past it,
 /// connections wait to send. The channel's count of requests alone would let a thousand
 /// requests of a megabyte each wait there, uncounted by `--max-memory`.
 pub const REQUEST_BYTES_MAX: usize = 64 << 20;
 
 impl Command {
-    /// Payload bytes the command carries.
+    /// Message bytes the command carries: payloads, and headers (a frame of an empty
+    /// payload may carry most of a megabyte of them).
     pub fn payload_bytes(&self) -> usize {
         match self {
-            Command::Publish(message) => message.payload.len(),
+            Command::Publish(message) => message_bytes(message),
+            Command::PublishBatch(messages) => messages.iter().map(message_bytes).sum(),
             _ => 0,
         }
     }
+}
+
+fn message_bytes(message: &NewMessage) -> usize {
+    message.payload.len() + message.attributes.as_ref().map_or(0, |a| a.byte_len())
 }
 
 /// What a connection asks of the core. Each command for which [`Command::is_answered`]
@@ -66,6 +73,8 @@ pub(crate) enum Command {
         lease: Option<Duration>,
     },
     Publish(NewMessage),
+    /// 1 to `PUBLISH_BATCH_MAX` messages, all or none (rule 19).
+    PublishBatch(Vec<NewMessage>),
     Ack(Ids),
     /// Checked against the queue's `max_delay`.
     Nack {
@@ -93,6 +102,7 @@ impl Command {
             self,
             Command::Register { .. }
                 | Command::Publish(_)
+                | Command::PublishBatch(_)
                 | Command::Ack(_)
                 | Command::Nack { .. }
                 | Command::Touch { .. }
@@ -115,6 +125,8 @@ pub(crate) enum ToConnection {
 pub(crate) enum Reply {
     Registered,
     Published(MessageId),
+    /// A publish_batch accepted: its messages' ids, in order.
+    PublishedBatch(Vec<MessageId>),
     /// An ack, nack or touch that took effect for every id: nothing goes on the wire.
     Settled,
     /// An ack, nack or touch some of whose ids are not in flight to the consumer: one

@@ -10,7 +10,7 @@ use tokio::net::ToSocketAddrs;
 use super::connection::ClientConnection;
 use super::consumer::millis;
 use super::error::ClientError;
-use crate::protocol::client_frame::ClientFrame;
+use crate::protocol::client_frame::{ClientFrame, PublishFields};
 use crate::protocol::server_frame::{BrokerError, ReceivedFrame};
 use crate::protocol::{Headers, MessageId, QueueName, Role, Version};
 use crate::transport::ClientTls;
@@ -157,13 +157,39 @@ impl Producer {
     /// [`Producer::send`] with 1.1 options (the connection must have asked for 1.1, unless
     /// they are the defaults: then the frame is a 1.0 publish).
     pub fn send_with(&mut self, payload: &str, options: &PublishOptions) {
-        self.connection.queue(&ClientFrame::PublishWith {
-            payload,
-            priority: (options.priority != 0).then_some(options.priority),
-            headers: options.headers.as_ref(),
-            delay_ms: options.delay.map(millis),
-            not_before: None,
-        });
+        self.connection
+            .queue(&ClientFrame::PublishWith(publish_fields(payload, options)));
+        self.unconfirmed += 1;
+    }
+
+    /// Publishes 1 to [`PUBLISH_BATCH_MAX`](crate::protocol::PUBLISH_BATCH_MAX) messages in one frame, all or none (1.1),
+    /// and waits for its one confirm: their ids, in order.
+    ///
+    /// # Errors
+    /// As [`Producer::publish_with`], for the batch as a whole: `invalid_frame` (naming
+    /// the entry), `queue_full` when it does not fit, and then nothing is queued.
+    pub async fn publish_batch(
+        &mut self,
+        messages: &[(&str, &PublishOptions)],
+    ) -> Result<Vec<MessageId>, ClientError> {
+        if self.unconfirmed > 0 {
+            return Err(ClientError::Usage(
+                "publish_batch while pipelined publishes await confirms; call confirm() for them first",
+            ));
+        }
+        self.send_batch(messages);
+        self.confirm_batch().await
+    }
+
+    /// Queues a publish_batch without waiting; its confirm comes from a later
+    /// [`Producer::confirm_batch`], in send order.
+    pub fn send_batch(&mut self, messages: &[(&str, &PublishOptions)]) {
+        let messages = messages
+            .iter()
+            .map(|(payload, options)| publish_fields(payload, options))
+            .collect();
+        self.connection
+            .queue(&ClientFrame::PublishBatch { messages });
         self.unconfirmed += 1;
     }
 
@@ -191,6 +217,23 @@ impl Producer {
     /// [`ClientError::Usage`] when nothing awaits a confirm; [`ClientError::Refused`]
     /// when the broker refused that publish; connection errors.
     pub async fn confirm(&mut self) -> Result<MessageId, ClientError> {
+        confirm_of(self.next_reply().await?)
+    }
+
+    /// Waits for the confirm of the oldest unconfirmed send, a publish_batch.
+    ///
+    /// # Errors
+    /// As [`Producer::confirm`].
+    pub async fn confirm_batch(&mut self) -> Result<Vec<MessageId>, ClientError> {
+        batch_confirm_of(self.next_reply().await?)
+    }
+
+    /// [`Producer::try_confirm`] for a publish_batch.
+    pub fn try_confirm_batch(&mut self) -> Option<Result<Vec<MessageId>, ClientError>> {
+        self.try_next_reply().map(batch_confirm_of)
+    }
+
+    async fn next_reply(&mut self) -> Result<ReceivedFrame, ClientError> {
         if self.unconfirmed == 0 {
             return Err(ClientError::Usage(
                 "confirm() with no publish awaiting a confirm",
@@ -198,19 +241,23 @@ impl Producer {
         }
         let frame = self.connection.next_frame().await?;
         self.unconfirmed -= 1;
-        confirm_of(frame)
+        Ok(frame)
+    }
+
+    fn try_next_reply(&mut self) -> Option<ReceivedFrame> {
+        if self.unconfirmed == 0 {
+            return None;
+        }
+        let frame = self.connection.next_received()?;
+        self.unconfirmed -= 1;
+        Some(frame)
     }
 
     /// The confirm of the oldest unconfirmed publish if it has already been received;
     /// never waits. After a [`Producer::confirm`] read many replies at once, this takes
     /// the rest of them without a system call each.
     pub fn try_confirm(&mut self) -> Option<Result<MessageId, ClientError>> {
-        if self.unconfirmed == 0 {
-            return None;
-        }
-        let frame = self.connection.next_received()?;
-        self.unconfirmed -= 1;
-        Some(confirm_of(frame))
+        self.try_next_reply().map(confirm_of)
     }
 
     /// Publishes every payload, keeping up to `window` unconfirmed at once, and returns
@@ -254,6 +301,27 @@ impl Producer {
     /// Connection errors while flushing.
     pub async fn close(mut self) -> Result<(), ClientError> {
         self.connection.shutdown().await
+    }
+}
+
+/// A publish's fields as 1.1 writes them (defaults left out).
+fn publish_fields<'a>(payload: &'a str, options: &'a PublishOptions) -> PublishFields<'a> {
+    PublishFields {
+        payload,
+        priority: (options.priority != 0).then_some(options.priority),
+        headers: options.headers.as_ref(),
+        delay_ms: options.delay.map(millis),
+        not_before: None,
+    }
+}
+
+fn batch_confirm_of(frame: ReceivedFrame) -> Result<Vec<MessageId>, ClientError> {
+    match frame {
+        ReceivedFrame::OkBatch { ids } => Ok(ids),
+        ReceivedFrame::Error(refusal) => Err(ClientError::Refused(refusal)),
+        other => Err(ClientError::Protocol(format!(
+            "expected a publish_batch confirm, got {other:?}"
+        ))),
     }
 }
 

@@ -81,7 +81,7 @@ pub(crate) fn confirm_id(body: &[u8]) -> Option<u64> {
     decimal(body.strip_prefix(CONFIRM_PREFIX)?.strip_suffix(b"}")?)
 }
 
-/// A canonical message frame: 1.0's, or 1.1's without a dead letter.
+/// A canonical message frame: 1.0's, or 1.1's without headers or a dead letter.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct CanonicalMessage<'a> {
     pub id: u64,

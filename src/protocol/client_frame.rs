@@ -18,8 +18,8 @@ use super::payload::validate_json_string;
 use std::time::Duration;
 
 use super::{
-    Attributes, DEFAULT_PREFETCH, Due, Headers, IDS_MAX, Ids, MessageId, PRIORITY_MAX, QueueName,
-    Role, Version,
+    Attributes, DEFAULT_PREFETCH, Due, Headers, IDS_MAX, Ids, MessageId, PRIORITY_MAX,
+    PUBLISH_BATCH_MAX, QueueName, Role, Version,
 };
 
 /// A frame as a client encodes it.
@@ -42,18 +42,13 @@ pub enum ClientFrame<'a> {
     Publish {
         payload: &'a str,
     },
-    /// A publish with 1.1 fields: a priority, headers, and at most one of the two delays.
+    /// A publish with 1.1 fields.
     #[serde(rename = "publish")]
-    PublishWith {
-        payload: &'a str,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        priority: Option<u8>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        headers: Option<&'a Headers>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        delay_ms: Option<u64>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        not_before: Option<u64>,
+    PublishWith(PublishFields<'a>),
+    /// Several publishes, all or none (1.1).
+    #[serde(rename = "publish_batch")]
+    PublishBatch {
+        messages: Vec<PublishFields<'a>>,
     },
     Ack {
         id: MessageId,
@@ -72,19 +67,33 @@ pub enum ClientFrame<'a> {
     },
 }
 
+/// A publish's fields (1.1): a priority, headers, and at most one of the two delays.
+#[derive(Debug, Clone, Serialize)]
+pub struct PublishFields<'a> {
+    pub payload: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub headers: Option<&'a Headers>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delay_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<u64>,
+}
+
 impl ClientFrame<'_> {
     /// Appends this frame, length prefix included, to `dst`.
     pub fn encode(&self, dst: &mut BytesMut) {
         match self {
             // The hot path of every producer, with or without a priority.
             ClientFrame::Publish { payload } => self.encode_publish(dst, payload, None),
-            ClientFrame::PublishWith {
+            ClientFrame::PublishWith(PublishFields {
                 payload,
                 priority,
                 headers: None,
                 delay_ms: None,
                 not_before: None,
-            } => self.encode_publish(dst, payload, *priority),
+            }) => self.encode_publish(dst, payload, *priority),
             // A consumer's hot frames: an ack, and a nack without options.
             ClientFrame::Ack { id }
             | ClientFrame::Nack {
@@ -139,6 +148,8 @@ pub enum FrameType {
     Nack,
     /// Version 1.1: an unknown type to a 1.0 connection.
     Touch,
+    /// Version 1.1: an unknown type to a 1.0 connection.
+    PublishBatch,
 }
 
 impl FrameType {
@@ -150,7 +161,16 @@ impl FrameType {
             FrameType::Ack => "ack",
             FrameType::Nack => "nack",
             FrameType::Touch => "touch",
+            FrameType::PublishBatch => "publish_batch",
         }
+    }
+
+    /// Whether only a version 1.1 connection has it.
+    pub fn is_1_1(self) -> bool {
+        matches!(
+            self,
+            FrameType::Nack | FrameType::Touch | FrameType::PublishBatch
+        )
     }
 
     fn from_name(name: &str) -> Option<FrameType> {
@@ -160,6 +180,7 @@ impl FrameType {
             FrameType::Ack,
             FrameType::Nack,
             FrameType::Touch,
+            FrameType::PublishBatch,
         ]
         .into_iter()
         .find(|t| t.as_str() == name)
@@ -174,12 +195,21 @@ pub enum InvalidFrame {
     NotJson(#[source] serde_json::Error),
     #[error("frame body is JSON but not an object; send {{\"type\": ...}}")]
     NotObject,
-    #[error("frame has no string field `type`; expected register, publish, ack, nack or touch")]
+    #[error(
+        "frame has no string field `type`; expected register, publish, publish_batch, ack, nack or touch"
+    )]
     MissingType,
     #[error(
-        "unknown frame type `{0}`; expected register, publish, ack, nack or touch (case-sensitive; nack and touch need version 1.1)"
+        "unknown frame type `{0}`; expected register, publish, publish_batch, ack, nack or touch (case-sensitive; publish_batch, nack and touch need version 1.1)"
     )]
     UnknownType(String),
+    /// One entry of a `publish_batch` is wrong: the whole batch is refused.
+    #[error("entry {index} of `messages` (counting from 0): {source}")]
+    InEntry {
+        index: usize,
+        #[source]
+        source: Box<InvalidFrame>,
+    },
     #[error("field `{field}` {problem}")]
     BadField {
         field: &'static str,
@@ -231,6 +261,8 @@ struct RawFields<'a> {
     headers: Option<&'a RawValue>,
     #[serde(borrow)]
     dedup_key: Option<&'a RawValue>,
+    #[serde(borrow)]
+    messages: Option<&'a RawValue>,
 }
 
 impl RawFields<'_> {
@@ -251,6 +283,7 @@ impl RawFields<'_> {
         priority: None,
         headers: None,
         dedup_key: None,
+        messages: None,
     };
 }
 
@@ -306,6 +339,36 @@ impl std::fmt::Debug for Register {
             .field("version", &self.version)
             .field("lease", &self.lease)
             .finish()
+    }
+}
+
+/// The entries of a `publish_batch`'s `messages`, as raw JSON, at most
+/// [`PUBLISH_BATCH_MAX`].
+struct BatchEntries<'a>(Vec<&'a RawValue>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for BatchEntries<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct EntriesVisitor<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for EntriesVisitor<'a> {
+            type Value = BatchEntries<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "an array of at most {PUBLISH_BATCH_MAX} entries")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut entries = Vec::new();
+                while let Some(entry) = seq.next_element::<&'de RawValue>()? {
+                    if entries.len() == PUBLISH_BATCH_MAX {
+                        return Err(serde::de::Error::invalid_length(entries.len() + 1, &self));
+                    }
+                    entries.push(entry);
+                }
+                Ok(BatchEntries(entries))
+            }
+        }
+        deserializer.deserialize_seq(EntriesVisitor(std::marker::PhantomData))
     }
 }
 
@@ -513,7 +576,7 @@ impl<'a> InboundFrame<'a> {
     }
 }
 
-impl InboundFrame<'_> {
+impl<'a> InboundFrame<'a> {
     /// The messages an `ack`, `nack` or `touch` names: exactly one of `id` and `ids`
     /// (1.1); a 1.0 connection passes `version_1_1 = false`, and `ids` is ignored.
     ///
@@ -544,6 +607,54 @@ impl InboundFrame<'_> {
             }
             _ => self.ack_id().map(Ids::One),
         }
+    }
+
+    /// The entries of a `publish_batch` (1.1), each a publish without its `type`, for
+    /// the caller to check one by one.
+    ///
+    /// # Errors
+    /// [`InvalidFrame::BadField`] when `messages` is not an array of 1 to
+    /// [`PUBLISH_BATCH_MAX`] entries; [`InvalidFrame::InEntry`] for an entry that is not
+    /// a JSON object.
+    pub fn publish_batch_entries(&self) -> Result<Vec<InboundFrame<'a>>, InvalidFrame> {
+        let expected = format!("an array of 1 to {PUBLISH_BATCH_MAX} publishes");
+        let Some(raw) = self.raw().messages else {
+            return Err(InvalidFrame::bad_field(
+                "messages",
+                format!("is missing; send {expected}"),
+            ));
+        };
+        // Borrowed, each entry as its raw text; a long array is refused as it is read.
+        let entries: BatchEntries<'a> = serde_json::from_str(raw.get()).map_err(|_| {
+            let shown: String = raw.get().chars().take(ECHOED_TYPE_CHARS_MAX).collect();
+            InvalidFrame::bad_field("messages", format!("must be {expected}, not {shown}"))
+        })?;
+        if entries.0.is_empty() {
+            return Err(InvalidFrame::bad_field(
+                "messages",
+                format!("is empty; send {expected}"),
+            ));
+        }
+        entries
+            .0
+            .into_iter()
+            .enumerate()
+            .map(|(index, entry)| {
+                let in_entry = |source| InvalidFrame::InEntry {
+                    index,
+                    source: Box::new(source),
+                };
+                if !entry.get().starts_with('{') {
+                    return Err(in_entry(InvalidFrame::NotObject));
+                }
+                let fields: RawFields<'a> = serde_json::from_str(entry.get())
+                    .map_err(|e| in_entry(InvalidFrame::NotJson(e)))?;
+                Ok(InboundFrame {
+                    frame_type: FrameType::Publish,
+                    fields: Fields::Raw(Box::new(fields)),
+                })
+            })
+            .collect()
     }
 
     /// The priority of a publish in a canonical layout (a payload, and perhaps a
@@ -737,12 +848,14 @@ mod tests {
             "\u{1}",
             "\u{7f}",
         ] {
-            let prioritized = |priority| ClientFrame::PublishWith {
-                payload,
-                priority,
-                headers: None,
-                delay_ms: None,
-                not_before: None,
+            let prioritized = |priority| {
+                ClientFrame::PublishWith(PublishFields {
+                    payload,
+                    priority,
+                    headers: None,
+                    delay_ms: None,
+                    not_before: None,
+                })
             };
             for frame in [
                 ClientFrame::Publish { payload },

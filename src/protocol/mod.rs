@@ -69,6 +69,9 @@ pub enum Ids {
 /// Most ids one `ids` array may hold.
 pub const IDS_MAX: usize = 65_535;
 
+/// Most entries a `publish_batch` may carry (contract §9).
+pub const PUBLISH_BATCH_MAX: usize = 1000;
+
 impl Ids {
     pub fn as_slice(&self) -> &[MessageId] {
         match self {

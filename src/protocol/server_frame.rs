@@ -21,6 +21,8 @@ pub enum ServerFrame<'a> {
     Registered { version: Option<Version> },
     /// `{"type":"ok","id":42}` after a publish.
     Published(MessageId),
+    /// `{"type":"ok","ids":[41,42]}` after a publish_batch (1.1).
+    PublishedBatch { ids: &'a [MessageId] },
     /// `{"type":"message","id":42,"payload":"…","attempt":1}`, and on a 1.1 connection
     /// its details after that.
     Delivery {
@@ -116,6 +118,16 @@ impl ServerFrame<'_> {
                 put_decimal(b, id.0);
                 b.put_u8(b'}');
             }),
+            ServerFrame::PublishedBatch { ids } => write_frame(dst, |b| {
+                b.put_slice(br#"{"type":"ok","ids":["#);
+                for (index, id) in ids.iter().enumerate() {
+                    if index > 0 {
+                        b.put_u8(b',');
+                    }
+                    put_decimal(b, id.0);
+                }
+                b.put_slice(b"]}");
+            }),
             ServerFrame::Delivery {
                 id,
                 payload,
@@ -186,6 +198,8 @@ fn put_decimal(dst: &mut BytesMut, n: u64) {
 pub enum ReceivedFrame {
     /// A register's `ok` (no id) or a publish's `ok` (with the message's id).
     Ok { id: Option<MessageId> },
+    /// A publish_batch's `ok`: its messages' ids, in order.
+    OkBatch { ids: Vec<MessageId> },
     /// A delivery.
     Message(Message),
     /// A refusal.
@@ -255,6 +269,7 @@ impl<'de> Deserialize<'de> for ReceivedFrame {
 enum Field {
     Type,
     Id,
+    Ids,
     Payload,
     Attempt,
     Code,
@@ -296,6 +311,7 @@ impl<'de> serde::de::Visitor<'de> for ReceivedFrameVisitor {
         let mut frame_type = None;
         let (mut id, mut payload, mut attempt, mut code, mut message) =
             (None, None, None, None, None);
+        let mut ids = None;
         let (mut priority, mut published_at, mut ack_timeout_ms, mut dead_letter) =
             (None, None, None, None);
         let mut headers = BTreeMap::new();
@@ -303,6 +319,7 @@ impl<'de> serde::de::Visitor<'de> for ReceivedFrameVisitor {
             match field {
                 Field::Type => frame_type = Some(map.next_value::<FrameType>()?),
                 Field::Id => id = map.next_value::<Option<MessageId>>()?,
+                Field::Ids => ids = map.next_value::<Option<Vec<MessageId>>>()?,
                 Field::Payload => payload = Some(map.next_value::<String>()?),
                 Field::Attempt => attempt = Some(map.next_value::<u32>()?),
                 Field::Code => code = Some(map.next_value::<ErrorCode>()?),
@@ -322,7 +339,10 @@ impl<'de> serde::de::Visitor<'de> for ReceivedFrameVisitor {
             }
         }
         match frame_type.ok_or_else(|| A::Error::missing_field("type"))? {
-            FrameType::Ok => Ok(ReceivedFrame::Ok { id }),
+            FrameType::Ok => Ok(match ids {
+                Some(ids) => ReceivedFrame::OkBatch { ids },
+                None => ReceivedFrame::Ok { id },
+            }),
             FrameType::Message => Ok(ReceivedFrame::Message(Message {
                 id: id.ok_or_else(|| A::Error::missing_field("id"))?,
                 payload: payload.ok_or_else(|| A::Error::missing_field("payload"))?,

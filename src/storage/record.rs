@@ -551,10 +551,10 @@ fn take_attributes(bytes: &[u8]) -> Result<(Option<Attributes>, &[u8]), &'static
         }
         let tag = rest[0];
         let len = u32::from_le_bytes(rest[1..5].try_into().expect("4 bytes")) as usize;
-        let block = rest
-            .get(ATTRIBUTE_PREFIX_BYTES..ATTRIBUTE_PREFIX_BYTES + len)
+        let (block, after) = rest[ATTRIBUTE_PREFIX_BYTES..]
+            .split_at_checked(len)
             .ok_or("publish record shorter than its attributes")?;
-        rest = &rest[ATTRIBUTE_PREFIX_BYTES + len..];
+        rest = after;
         match tag {
             ATTRIBUTE_HEADERS if headers.is_none() => {
                 let json = std::str::from_utf8(block)

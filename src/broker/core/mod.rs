@@ -520,6 +520,17 @@ fn message_cost(payload: &Payload) -> u64 {
     payload.len() as u64 + MESSAGE_OVERHEAD_BYTES
 }
 
+/// What a new message costs against the memory limit, its queue aside.
+fn publish_cost(payload: &Payload, due_ms: Option<u64>, attributes: Option<&Attributes>) -> u64 {
+    message_cost(payload)
+        + if due_ms.is_some() {
+            DELAYED_MESSAGE_BYTES
+        } else {
+            0
+        }
+        + attributes.map_or(0, Costed::cost)
+}
+
 /// What a queue costs against the memory limit.
 fn queue_cost(name: &QueueName) -> u64 {
     QUEUE_OVERHEAD_BYTES + name.as_str().len() as u64
@@ -748,6 +759,19 @@ impl Core {
         queue: &QueueName,
         message: NewMessage,
     ) -> Result<Published, PublishError> {
+        self.publish_admitted(queue, message, false)
+    }
+
+    /// [`Core::publish`]; when `admitted`, the message was already found to fit (in a
+    /// batch) and is not checked again: dropping heads for the batch may have created
+    /// a dead-letter queue, and the batch must go in whole.
+    #[inline]
+    fn publish_admitted(
+        &mut self,
+        queue: &QueueName,
+        message: NewMessage,
+        admitted: bool,
+    ) -> Result<Published, PublishError> {
         let NewMessage {
             payload,
             priority,
@@ -759,35 +783,22 @@ impl Core {
             return Err(PublishError::ShuttingDown);
         }
         let now_ms = self.now_ms();
-        let due_ms = match due {
-            Due::Now => None,
-            // Counted from now rounded up, so that it is never early (rule 13).
-            Due::After(delay) => Some(self.current_ms_ceil.saturating_add(whole_millis(delay))),
-            Due::At(at_ms) => Some(at_ms),
-        }
-        // Due now, or already past: ready at once.
-        .filter(|&due_ms| due_ms > now_ms);
+        let due_ms = self.due_ms(due);
         let mut existing = self.queues.get_mut(queue);
-        let cost = message_cost(&payload)
+        let cost = publish_cost(&payload, due_ms, attributes.as_deref())
             + if existing.is_some() {
                 0
             } else {
                 queue_cost(queue)
-            }
-            + if due_ms.is_some() {
-                DELAYED_MESSAGE_BYTES
-            } else {
-                0
-            }
-            + attributes.as_ref().map_or(0, |a| a.cost());
-        if self.stats.memory_bytes + cost > self.config.max_memory_bytes {
+            };
+        if self.stats.memory_bytes + cost > self.config.max_memory_bytes && !admitted {
             return Err(PublishError::QueueFull {
                 used_bytes: self.stats.memory_bytes,
                 limit_bytes: self.config.max_memory_bytes,
             });
         }
         // A new queue holds nothing, and room for one message is what a limit means.
-        if existing.as_ref().is_some_and(|q| q.policy.max_length > 0) {
+        if !admitted && existing.as_ref().is_some_and(|q| q.policy.max_length > 0) {
             self.make_room(queue, 1)?;
             existing = self.queues.get_mut(queue);
         }
@@ -833,6 +844,53 @@ impl Core {
             }
         }
         Ok(published)
+    }
+
+    /// Publishes `messages` to `queue` all or none (rule 19): each as [`Core::publish`]
+    /// would, with consecutive ids in order, once the whole batch is known to fit the
+    /// memory limit and the queue's `max_length`.
+    ///
+    /// # Errors
+    /// As [`Core::publish`], for the batch as a whole; nothing changes then.
+    pub fn publish_batch(
+        &mut self,
+        queue: &QueueName,
+        messages: Vec<NewMessage>,
+    ) -> Result<Vec<Published>, PublishError> {
+        if self.drained_deliveries.is_some() {
+            return Err(PublishError::ShuttingDown);
+        }
+        let new_queue = if self.queues.contains_key(queue) {
+            0
+        } else {
+            queue_cost(queue)
+        };
+        let cost = messages.iter().fold(new_queue, |cost, m| {
+            cost + publish_cost(&m.payload, self.due_ms(m.due), m.attributes.as_deref())
+        });
+        if self.stats.memory_bytes + cost > self.config.max_memory_bytes {
+            return Err(PublishError::QueueFull {
+                used_bytes: self.stats.memory_bytes,
+                limit_bytes: self.config.max_memory_bytes,
+            });
+        }
+        self.make_room(queue, messages.len())?;
+        messages
+            .into_iter()
+            .map(|message| self.publish_admitted(queue, message, true))
+            .collect()
+    }
+
+    /// A publish's due time, if it is later than now.
+    fn due_ms(&self, due: Due) -> Option<u64> {
+        match due {
+            Due::Now => None,
+            // Counted from now rounded up, so that it is never early (rule 13).
+            Due::After(delay) => Some(self.current_ms_ceil.saturating_add(whole_millis(delay))),
+            Due::At(at_ms) => Some(at_ms),
+        }
+        // Due now, or already past: ready at once.
+        .filter(|&due_ms| due_ms > self.now_ms())
     }
 
     /// Holds a message (already counted in `memory_bytes` as a message) until `due_ms`,

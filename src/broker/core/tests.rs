@@ -1495,3 +1495,86 @@ fn rule17_a_message_returning_still_counts_for_a_dead_letter_arriving_with_it() 
         [Relocated::Discarded { id, .. }] if *id == failing
     ));
 }
+
+// Batches (rule 19).
+
+fn batch(texts: &[&str]) -> Vec<NewMessage> {
+    texts.iter().map(|text| message(text, Due::Now)).collect()
+}
+
+/// Rule 19: a batch gets consecutive ids in order, or is refused whole: by the memory
+/// limit, by the queue's max_length, during a drain.
+#[test]
+fn rule19_a_batch_goes_in_whole_with_ids_in_order_or_not_at_all() {
+    let mut core = core_with_policies("[queues.\"small\"]\nmax_length = 3\n");
+    let first = publish(&mut core, "q", "before");
+    let published = core
+        .publish_batch(&q("q"), batch(&["a", "b", "c"]))
+        .unwrap();
+    let ids: Vec<u64> = published.iter().map(|p| p.id.0).collect();
+    assert_eq!(ids, [first.0 + 1, first.0 + 2, first.0 + 3]);
+    assert_eq!(core.ready_ids(&q("q")).len(), 4);
+    // Over max_length, even in a new queue: nothing goes in.
+    let before = core.stats();
+    let refused = core.publish_batch(&q("small"), batch(&["1", "2", "3", "4"]));
+    assert!(matches!(
+        refused,
+        Err(PublishError::QueueAtMaxLength { refused: 4, .. })
+    ));
+    assert_eq!(core.stats(), before);
+    core.publish_batch(&q("small"), batch(&["1", "2"])).unwrap();
+    assert!(core.publish_batch(&q("small"), batch(&["3", "4"])).is_err());
+    assert_eq!(core.ready_ids(&q("small")).len(), 2);
+    // Over the memory limit: nothing goes in.
+    let mut tight = core_with_memory(16 * 1024);
+    publish(&mut tight, "q", "x");
+    let cost = {
+        let before = tight.stats().memory_bytes;
+        publish(&mut tight, "q", "x");
+        tight.stats().memory_bytes - before
+    };
+    let room = (tight.config.max_memory_bytes - tight.stats().memory_bytes) / cost;
+    let too_many: Vec<String> = (0..=room).map(|_| "x".to_owned()).collect();
+    let texts: Vec<&str> = too_many.iter().map(String::as_str).collect();
+    let before = tight.stats();
+    assert!(matches!(
+        tight.publish_batch(&q("q"), batch(&texts)),
+        Err(PublishError::QueueFull { .. })
+    ));
+    assert_eq!(tight.stats(), before);
+    core.begin_drain();
+    assert_eq!(
+        core.publish_batch(&q("q"), batch(&["late"])),
+        Err(PublishError::ShuttingDown)
+    );
+}
+
+/// Rules 17 and 19: under drop-head a batch drops as many heads as it needs, or, when
+/// fewer are ready, is refused without dropping any.
+#[test]
+fn rule19_a_batch_under_drop_head_drops_what_it_needs_or_nothing() {
+    let mut core = core_with_policies(
+        "[queues.\"feed\"]\nmax_length = 3\noverflow = \"drop-head\"\ndiscard_dead_letters = true\n",
+    );
+    let old = publish_n(&mut core, "feed", 3);
+    let published = core
+        .publish_batch(&q("feed"), batch(&["n1", "n2"]))
+        .unwrap();
+    assert_eq!(
+        core.ready_ids(&q("feed")),
+        [old[2], published[0].id, published[1].id]
+    );
+    assert_eq!(core.stats().discarded_total, 2);
+    core.subscribe(C1, q("feed"), 2, None);
+    drain(&mut core, t(0));
+    let before = core.stats();
+    assert!(matches!(
+        core.publish_batch(&q("feed"), batch(&["a", "b", "c"])),
+        Err(PublishError::QueueAtMaxLength { refused: 3, .. })
+    ));
+    assert_eq!(
+        core.stats(),
+        before,
+        "one ready, two needed: nothing dropped"
+    );
+}

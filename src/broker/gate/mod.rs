@@ -18,15 +18,19 @@
 //!   unwritten), the deliveries the core can make, and the log records of the turn.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Instant;
 
 use rustc_hash::FxHashMap;
 use tracing::{debug, info};
 
 use super::commands::{Command, ConnectionId, Reply, ToConnection};
-use super::core::{AckError, Core, CoreStats, Delivery, DrainReport, NewMessage, Relocated};
+use super::core::{
+    AckError, Core, CoreStats, Delivery, DrainReport, NewMessage, PublishError, Published,
+    Relocated,
+};
 use super::held_replies::HeldReplies;
-use crate::protocol::{ErrorCode, Ids, MessageId, QueueName, Role};
+use crate::protocol::{Attributes, ErrorCode, Ids, MessageId, Payload, QueueName, Role};
 use crate::storage::{Journal, LiveMessage, record};
 
 /// What the gate needs of the durable log: [`Journal`], or a test's stand-in.
@@ -70,6 +74,57 @@ impl Log for Journal {
     }
     fn compact_oldest<'a>(&mut self, live: impl Iterator<Item = LiveMessage<'a>>) -> usize {
         Journal::compact_oldest(self, live)
+    }
+}
+
+/// What the log needs of a new message once the core has taken it (and its id).
+struct Logged {
+    payload: Payload,
+    priority: u8,
+    attributes: Option<Arc<Attributes>>,
+}
+
+impl Logged {
+    fn of(message: &NewMessage) -> Logged {
+        Logged {
+            payload: message.payload.clone(),
+            priority: message.priority,
+            attributes: message.attributes.clone(),
+        }
+    }
+
+    fn log(self, log: &mut impl Log, queue: &QueueName, published: &Published) {
+        log.log_publish(&LiveMessage {
+            id: published.id,
+            deliveries: 0,
+            published_at_ms: published.published_at_ms,
+            due_ms: published.due_ms,
+            priority: self.priority,
+            queue,
+            payload: &self.payload,
+            attributes: self.attributes.as_deref(),
+            dead_letter: None,
+        });
+    }
+}
+
+/// The reply to a command of a connection the gate does not know. Not reached: `apply`
+/// passes on only the commands of known connections.
+fn unregistered() -> Reply {
+    Reply::Refused {
+        code: ErrorCode::NotRegistered,
+        message: "register first".into(),
+        id: None,
+    }
+}
+
+/// The reply to a refused publish or publish_batch.
+fn refused(conn: ConnectionId, queue: &QueueName, refusal: &PublishError) -> Reply {
+    debug!(conn = %conn, queue = %queue, %refusal, "publish refused");
+    Reply::Refused {
+        code: refusal.code(),
+        message: refusal.to_string(),
+        id: None,
     }
 }
 
@@ -161,6 +216,9 @@ impl<L: Log> Gate<L> {
                     replies.push(Reply::Registered);
                 }
                 Command::Publish(message) => replies.push(self.publish(conn, message)),
+                Command::PublishBatch(messages) => {
+                    replies.push(self.publish_batch(conn, messages));
+                }
                 Command::Ack(ids) => replies.push(self.settle(&ids, |gate, id| gate.ack(conn, id))),
                 Command::Nack { ids, action } => replies.push(
                     self.settle(&ids, |gate, id| gate.core.nack(conn.consumer(), id, action)),
@@ -315,45 +373,43 @@ impl<L: Log> Gate<L> {
 
     fn publish(&mut self, conn: ConnectionId, message: NewMessage) -> Reply {
         let Some(registered) = self.connections.get(&conn) else {
-            // Not reached: apply passes on only the commands of known connections.
-            return Reply::Refused {
-                code: ErrorCode::NotRegistered,
-                message: "register first".into(),
-                id: None,
-            };
+            return unregistered();
         };
         debug_assert_eq!(registered.role, Role::Producer);
-        let logged = self
-            .log
-            .is_some()
-            .then(|| (message.payload.clone(), message.attributes.clone()));
-        let priority = message.priority;
+        let logged = self.log.is_some().then(|| Logged::of(&message));
         match self.core.publish(&registered.queue, message) {
             Ok(published) => {
-                if let (Some(log), Some((payload, attributes))) = (&mut self.log, logged) {
-                    log.log_publish(&LiveMessage {
-                        id: published.id,
-                        deliveries: 0,
-                        published_at_ms: published.published_at_ms,
-                        due_ms: published.due_ms,
-                        priority,
-                        queue: &registered.queue,
-                        payload: &payload,
-                        attributes: attributes.as_deref(),
-                        dead_letter: None,
-                    });
+                if let (Some(log), Some(logged)) = (&mut self.log, logged) {
+                    logged.log(log, &registered.queue, &published);
                     self.newest_published = Some(published.id);
                 }
                 Reply::Published(published.id)
             }
-            Err(refusal) => {
-                debug!(conn = %conn, queue = %registered.queue, %refusal, "publish refused");
-                Reply::Refused {
-                    code: refusal.code(),
-                    message: refusal.to_string(),
-                    id: None,
+            Err(refusal) => refused(conn, &registered.queue, &refusal),
+        }
+    }
+
+    /// A publish_batch: all or none (rule 19), each message logged, one reply.
+    fn publish_batch(&mut self, conn: ConnectionId, messages: Vec<NewMessage>) -> Reply {
+        let Some(registered) = self.connections.get(&conn) else {
+            return unregistered();
+        };
+        debug_assert_eq!(registered.role, Role::Producer);
+        let logged: Option<Vec<Logged>> = self
+            .log
+            .is_some()
+            .then(|| messages.iter().map(Logged::of).collect());
+        match self.core.publish_batch(&registered.queue, messages) {
+            Ok(published) => {
+                if let (Some(log), Some(logged)) = (&mut self.log, logged) {
+                    for (published, logged) in published.iter().zip(logged) {
+                        logged.log(log, &registered.queue, published);
+                    }
+                    self.newest_published = published.last().map(|p| p.id);
                 }
+                Reply::PublishedBatch(published.into_iter().map(|p| p.id).collect())
             }
+            Err(refusal) => refused(conn, &registered.queue, &refusal),
         }
     }
 
@@ -504,7 +560,9 @@ impl<L: Log> Gate<L> {
         match &mut self.log {
             Some(log)
                 if self.held.holds_for(conn)
-                    || replies.iter().any(|r| matches!(r, Reply::Published(_))) =>
+                    || replies
+                        .iter()
+                        .any(|r| matches!(r, Reply::Published(_) | Reply::PublishedBatch(_))) =>
             {
                 self.held.hold(log.await_pending(), conn, replies);
             }

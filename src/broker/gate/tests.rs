@@ -1,5 +1,5 @@
 //! Model-based test of the gate in simulated time, with and without a log: producers and
-//! consumers register, publish, ack (known and unknown ids), pause, resume, end (also
+//! consumers register, publish (one by one or in a batch), ack (known and unknown ids), pause, resume, end (also
 //! in the same request as their last publishes, as a half-closing producer does) or
 //! vanish; turns end at arbitrary times; a fake log becomes durable batch by batch when
 //! the script says. After every step: no confirm leaves before its publish is durable,
@@ -92,6 +92,8 @@ enum Op {
     Publish {
         conn: u64,
         count: usize,
+        /// As one publish_batch.
+        batched: bool,
     },
     /// Publishes, then the end of the connection, in one request.
     PublishAndEnd {
@@ -130,7 +132,7 @@ fn op() -> impl Strategy<Value = Op> {
     let conn = || 0..CONNECTIONS;
     prop_oneof![
         2 => (conn(), any::<bool>(), 1u16..4).prop_map(|(conn, consumer, prefetch)| Op::Register { conn, consumer, prefetch }),
-        4 => (conn(), 1usize..4).prop_map(|(conn, count)| Op::Publish { conn, count }),
+        4 => (conn(), 1usize..4, any::<bool>()).prop_map(|(conn, count, batched)| Op::Publish { conn, count, batched }),
         1 => (conn(), 1usize..4).prop_map(|(conn, count)| Op::PublishAndEnd { conn, count }),
         4 => (conn(), any::<usize>(), prop::bool::weighted(0.8)).prop_map(|(conn, pick, known)| Op::Ack { conn, pick, known }),
         1 => conn().prop_map(|conn| Op::Pause { conn }),
@@ -240,15 +242,18 @@ impl World {
                     }],
                 );
             }
-            Op::Publish { conn, count } | Op::PublishAndEnd { conn, count } => {
+            Op::Publish { conn, count, .. } | Op::PublishAndEnd { conn, count } => {
                 if !self.is_live(conn, Role::Producer) {
                     return;
                 }
-                let mut commands: Vec<Command> = (0..count)
-                    .map(|n| {
-                        Command::Publish(NewMessage::now(Payload::from_text(&format!("m{n}"))))
-                    })
-                    .collect();
+                let messages =
+                    (0..count).map(|n| NewMessage::now(Payload::from_text(&format!("m{n}"))));
+                let mut commands: Vec<Command> = match op {
+                    Op::Publish { batched: true, .. } => {
+                        vec![Command::PublishBatch(messages.collect())]
+                    }
+                    _ => messages.map(Command::Publish).collect(),
+                };
                 if matches!(op, Op::PublishAndEnd { .. }) {
                     commands.push(Command::Disconnect);
                 }
@@ -344,7 +349,12 @@ impl World {
             match message {
                 ToConnection::Replies(replies) => {
                     for reply in replies {
-                        if let Reply::Published(id) = reply {
+                        let confirmed = match &reply {
+                            Reply::Published(id) => vec![*id],
+                            Reply::PublishedBatch(ids) => ids.clone(),
+                            _ => Vec::new(),
+                        };
+                        for id in confirmed {
                             prop_assert!(
                                 self.is_durable(id),
                                 "confirm of {} before it is durable",

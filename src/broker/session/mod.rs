@@ -63,9 +63,14 @@ const V1_1: Version = Version::V1_1;
 /// Output a connection may queue for its client: encoded bytes plus what replies still
 /// owed by the core reserve. Past it, no more frames are read; deliveries wait unencoded.
 pub const OUTPUT_BYTES_MAX: usize = 256 * 1024;
-/// What each reply the core owes reserves of [`OUTPUT_BYTES_MAX`]: no reply frame is
-/// longer (error messages are cut to fit).
+/// What each reply the core owes reserves of [`OUTPUT_BYTES_MAX`]: no reply frame but a
+/// publish_batch's is longer (error messages are cut to fit; a batch's reply reserves
+/// [`BATCH_REPLY_BYTES_PER_ENTRY`] more per entry).
 pub const REPLY_RESERVE_BYTES: usize = 256;
+
+/// What each entry of a publish_batch adds to its reply, beyond [`REPLY_RESERVE_BYTES`]:
+/// an id of up to 20 digits, a duplicate's index of up to 3, and their commas.
+pub const BATCH_REPLY_BYTES_PER_ENTRY: usize = 26;
 /// Largest first frame: a register with a 255-character queue name and a long token
 /// needs far less; anything longer is refused before it is buffered.
 pub const REGISTER_FRAME_BYTES_MAX: usize = 8 * 1024;
@@ -463,7 +468,7 @@ impl Session {
         };
         let frame_type = frame.frame_type();
         let v1_1 = self.speaks_1_1();
-        if matches!(frame_type, FrameType::Nack | FrameType::Touch) && !v1_1 {
+        if frame_type.is_1_1() && !v1_1 {
             let message = format!(
                 "unknown frame type `{}` on a version 1.0 connection; register with \"version\":\"1.1\" to use it",
                 frame_type.as_str()
@@ -477,13 +482,16 @@ impl Session {
                 );
                 return self.refuse(ErrorCode::AlreadyRegistered, &message);
             }
-            (FrameType::Publish, Role::Producer) => self.publish_command(&frame, now),
+            (FrameType::Publish, Role::Producer) => {
+                self.publish_message(&frame, now).map(Command::Publish)
+            }
+            (FrameType::PublishBatch, Role::Producer) => self.publish_batch_command(&frame, now),
             // No delivery waits unwritten here: frames are read only while the output has
             // room, and deliveries wait only while it has none.
             (FrameType::Ack, Role::Consumer) => frame.target_ids(v1_1).map(Command::Ack),
             (FrameType::Nack, Role::Consumer) => self.nack_command(&frame),
             (FrameType::Touch, Role::Consumer) => self.touch_command(&frame),
-            (FrameType::Publish, Role::Consumer) => {
+            (FrameType::Publish | FrameType::PublishBatch, Role::Consumer) => {
                 return self.refuse(
                     ErrorCode::WrongRole,
                     "a consumer cannot publish; open a producer connection",
@@ -510,22 +518,43 @@ impl Session {
             .expect("frames after register have a queue policy")
     }
 
-    /// A publish, its 1.1 fields checked against the queue's policy.
-    fn publish_command(
+    /// A publish_batch (1.1): every entry checked as a publish is, all or none.
+    fn publish_batch_command(
         &self,
         frame: &InboundFrame<'_>,
         now: Instant,
     ) -> Result<Command, InvalidFrame> {
+        let messages = frame
+            .publish_batch_entries()?
+            .iter()
+            .enumerate()
+            .map(|(index, entry)| {
+                self.publish_message(entry, now)
+                    .map_err(|source| InvalidFrame::InEntry {
+                        index,
+                        source: Box::new(source),
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Command::PublishBatch(messages))
+    }
+
+    /// A publish's message, its 1.1 fields checked against the queue's policy.
+    fn publish_message(
+        &self,
+        frame: &InboundFrame<'_>,
+        now: Instant,
+    ) -> Result<NewMessage, InvalidFrame> {
         let payload = Payload::from_validated(frame.publish_payload()?);
         // A 1.0 publish has no 1.1 field, and a canonical one at most a checked priority.
         if !self.speaks_1_1() {
-            return Ok(Command::Publish(NewMessage::now(payload)));
+            return Ok(NewMessage::now(payload));
         }
         if let Some(priority) = frame.canonical_publish_priority() {
-            return Ok(Command::Publish(NewMessage {
+            return Ok(NewMessage {
                 priority,
                 ..NewMessage::now(payload)
-            }));
+            });
         }
         let attributes = frame.publish_attributes()?.map(Arc::new);
         let priority = frame.publish_priority()?;
@@ -547,12 +576,12 @@ impl Session {
             };
             return Err(past_limit(field, asked, "max_delay", max_delay));
         }
-        Ok(Command::Publish(NewMessage {
+        Ok(NewMessage {
             payload,
             priority,
             due,
             attributes,
-        }))
+        })
     }
 
     fn nack_command(&self, frame: &InboundFrame<'_>) -> Result<Command, InvalidFrame> {
@@ -638,14 +667,16 @@ impl Session {
 
     fn send_to_core(&mut self, command: Command) {
         debug_assert!(command.is_answered());
-        // A reply of unknown ids has an error per id.
-        let replies = match &command {
+        // A reply of unknown ids has an error per id; a batch's lists its ids.
+        let reserve = match &command {
             Command::Ack(ids) | Command::Nack { ids, .. } | Command::Touch { ids, .. } => {
-                ids.as_slice().len()
+                ids.as_slice().len() * REPLY_RESERVE_BYTES
             }
-            _ => 1,
+            Command::PublishBatch(messages) => {
+                REPLY_RESERVE_BYTES + messages.len() * BATCH_REPLY_BYTES_PER_ENTRY
+            }
+            _ => REPLY_RESERVE_BYTES,
         };
-        let reserve = replies * REPLY_RESERVE_BYTES;
         self.commands.push(command);
         self.unanswered.push_back(Slot::Core(reserve));
         self.owed_bytes += reserve;
@@ -720,6 +751,7 @@ impl Session {
             }
             .encode(out),
             Reply::Published(id) => ServerFrame::Published(id).encode(out),
+            Reply::PublishedBatch(ids) => ServerFrame::PublishedBatch { ids: &ids }.encode(out),
             Reply::Settled => {}
             Reply::UnknownIds(_) => debug_assert!(false, "unknown ids are written as room allows"),
             Reply::Refused { code, message, id } => {

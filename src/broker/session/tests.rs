@@ -368,6 +368,7 @@ impl World {
                     Command::Resume => self.paused = false,
                     Command::Disconnect => self.disconnected = true,
                     Command::Publish { .. }
+                    | Command::PublishBatch(_)
                     | Command::Ack(_)
                     | Command::Nack { .. }
                     | Command::Touch { .. } => {}

@@ -85,6 +85,10 @@ pub struct BenchArgs {
     /// i mod N; protocol 1.1 above 1), to measure what priorities cost the queue.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=10))]
     priorities: u8,
+    /// Publish in publish_batch frames of this many messages (1 to 1000; protocol 1.1
+    /// above 1); the window still counts messages.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    batch: u16,
     /// The protocol version the clients ask for: 1.0 (the default, what every client can
     /// speak) or 1.1 (the default with --nack-ratio, --delay or --priorities, which need
     /// it), to measure what 1.1's longer message frames cost.
@@ -135,9 +139,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         bail!("--nack-ratio must be from 0 to 1 (the share of messages nacked once)");
     }
     if args.protocol.is_some_and(|v| v < Version::V1_1)
-        && (args.nack_ratio > 0.0 || args.delay.is_some() || args.priorities > 1)
+        && (args.nack_ratio > 0.0 || args.delay.is_some() || args.priorities > 1 || args.batch > 1)
     {
-        bail!("--nack-ratio, --delay and --priorities need --protocol 1.1");
+        bail!("--nack-ratio, --delay, --priorities and --batch need --protocol 1.1");
     }
     if cfg!(debug_assertions) {
         eprintln!(
@@ -198,9 +202,10 @@ async fn run_once(args: &BenchArgs, tls: Option<&ClientTls>) -> anyhow::Result<R
     let consumer_version = args
         .protocol
         .or((args.nack_ratio > 0.0 || args.priorities > 1).then_some(Version::V1_1));
-    let producer_version = args
-        .protocol
-        .or((args.delay.is_some() || args.priorities > 1).then_some(Version::V1_1));
+    let producer_version = args.protocol.or((args.delay.is_some()
+        || args.priorities > 1
+        || args.batch > 1)
+        .then_some(Version::V1_1));
 
     // Consumers first, so deliveries start with the first publish.
     let mut consumers = Vec::new();
@@ -272,6 +277,7 @@ async fn run_once(args: &BenchArgs, tls: Option<&ClientTls>) -> anyhow::Result<R
             phase: n as f64 / total_producers as f64,
             delay_span: args.delay,
             priorities: args.priorities,
+            batch: usize::from(args.batch),
         };
         *index += 1;
         let queue_tally = tally_of(&name);
@@ -380,6 +386,7 @@ fn summarize(
             nack_ratio: args.nack_ratio,
             delay_ms: args.delay.map(ferry::protocol::whole_millis),
             priorities: args.priorities,
+            batch: args.batch,
         },
         counts: report::Counts {
             confirmed,

@@ -26,6 +26,8 @@ pub struct Workload {
     pub delay_ms: Option<u64>,
     /// Priorities published in turn.
     pub priorities: u8,
+    /// Messages per publish frame (1: single publishes).
+    pub batch: u16,
 }
 
 /// What happened to the messages (summed over runs).
@@ -225,13 +227,14 @@ impl Report {
             "workload     {} queue(s), {} producer(s), {} consumer(s), {} B payloads, window {}, prefetch {}, {rate}",
             w.queues, w.producers, w.consumers, w.payload_bytes, w.window, w.prefetch
         );
-        if w.nack_ratio > 0.0 || w.delay_ms.is_some() || w.priorities > 1 {
+        if w.nack_ratio > 0.0 || w.delay_ms.is_some() || w.priorities > 1 || w.batch > 1 {
             println!(
-                "             protocol 1.1: {:.0}% nacked once; delays {}; {} priorities",
+                "             protocol 1.1: {:.0}% nacked once; delays {}; {} priorities; {} per publish frame",
                 w.nack_ratio * 100.0,
                 w.delay_ms
                     .map_or("none".to_owned(), |ms| format!("spread over 0-{ms} ms")),
-                w.priorities
+                w.priorities,
+                w.batch
             );
         }
         println!(

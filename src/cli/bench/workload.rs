@@ -10,7 +10,7 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use tokio::time::Instant;
 
-use ferry::{ClientError, Consumer, MessageId, Producer, PublishOptions};
+use ferry::{ClientError, Consumer, Producer, PublishOptions};
 
 use super::tally::{QueueTally, decode_payload, encode_payload};
 
@@ -42,6 +42,8 @@ pub struct ProducerPlan {
     pub delay_span: Option<Duration>,
     /// Message `i` gets priority `i mod priorities`.
     pub priorities: u8,
+    /// Messages per publish_batch frame; 1 publishes one by one.
+    pub batch: usize,
 }
 
 /// What consumers do besides acking.
@@ -88,6 +90,9 @@ pub async fn produce(
     let start = Instant::now() + interval.map_or(Duration::ZERO, |every| every.mul_f64(plan.phase));
     // Indices of the publishes awaiting confirms, oldest first.
     let mut awaiting = std::collections::VecDeque::with_capacity(plan.window);
+    // With batches: how many messages each frame awaiting its confirm carries.
+    let mut frames = std::collections::VecDeque::new();
+    let mut batch_payloads: Vec<String> = Vec::new();
     let mut sent = 0u64;
     loop {
         let now = Instant::now();
@@ -100,6 +105,47 @@ pub async fn produce(
         }
         // When the next message is due: now, or on the fixed-rate schedule.
         let due_at = interval.map(|every| start + every.mul_f64(sent as f64));
+        if more
+            && awaiting.len() < plan.window
+            && due_at.is_none_or(|at| at <= now)
+            && plan.batch > 1
+        {
+            let left = match plan.quota {
+                Quota::Messages(total) => total - sent,
+                Quota::Until(_) => u64::MAX,
+            };
+            let count = plan
+                .batch
+                .min(plan.window - awaiting.len())
+                .min(usize::try_from(left).unwrap_or(usize::MAX));
+            batch_payloads.resize_with(count, String::new);
+            let mut options = Vec::with_capacity(count);
+            for (k, payload) in batch_payloads.iter_mut().enumerate() {
+                let index = sent + k as u64;
+                encode_payload(
+                    payload,
+                    plan.index,
+                    index,
+                    (now - origin).as_nanos() as u64,
+                    &padding,
+                );
+                options.push(publish_options(&plan, index));
+            }
+            let entries: Vec<(&str, &PublishOptions)> = batch_payloads
+                .iter()
+                .map(String::as_str)
+                .zip(&options)
+                .collect();
+            producer.send_batch(&entries);
+            outcome.first_send.get_or_insert(now);
+            awaiting.extend(sent..sent + count as u64);
+            frames.push_back(count);
+            sent += count as u64;
+            if producer.queued_bytes() >= FLUSH_BYTES {
+                producer.flush().await?;
+            }
+            continue;
+        }
         if more && awaiting.len() < plan.window && due_at.is_none_or(|at| at <= now) {
             encode_payload(
                 &mut payload,
@@ -108,12 +154,7 @@ pub async fn produce(
                 (now - origin).as_nanos() as u64,
                 &padding,
             );
-            let options = PublishOptions {
-                priority: (sent % u64::from(plan.priorities)) as u8,
-                delay: plan.delay_span.map(|span| delay_of(sent, span)),
-                headers: None,
-            };
-            producer.send_with(&payload, &options);
+            producer.send_with(&payload, &publish_options(&plan, sent));
             outcome.first_send.get_or_insert(now);
             awaiting.push_back(sent);
             sent += 1;
@@ -130,28 +171,35 @@ pub async fn produce(
             }
             continue;
         }
+        let batched = plan.batch > 1;
         let first = match due_at.filter(|_| more && awaiting.len() < plan.window) {
             Some(at) => tokio::select! {
-                confirm = producer.confirm() => Some(confirm),
+                confirm = next_confirm(&mut producer, batched) => Some(confirm),
                 () = tokio::time::sleep_until(at) => None,
             },
-            None => Some(producer.confirm().await),
+            None => Some(next_confirm(&mut producer, batched).await),
         };
         let Some(first) = first else { continue };
         let mut confirmed_now = 0;
         // The first confirm, then every other one already read with it.
         let mut next = Some(first);
-        while let Some(confirm) = next.take().or_else(|| producer.try_confirm()) {
-            let index = awaiting
-                .pop_front()
-                .expect("a confirm answers a sent publish");
+        while let Some(confirm) = next
+            .take()
+            .or_else(|| try_next_confirm(&mut producer, batched))
+        {
+            let count = if batched {
+                frames.pop_front().expect("a confirm answers a sent batch")
+            } else {
+                1
+            };
+            let indices = awaiting.drain(..count);
             match confirm {
-                Ok(MessageId(_)) => {
-                    outcome.confirmed.push(index);
-                    confirmed_now += 1;
+                Ok(()) => {
+                    outcome.confirmed.extend(indices);
+                    confirmed_now += count as u64;
                 }
                 Err(ClientError::Refused(refusal)) if !refusal.code.is_fatal() => {
-                    outcome.refused += 1
+                    outcome.refused += count as u64;
                 }
                 Err(fatal) => return Err(fatal),
             }
@@ -162,6 +210,33 @@ pub async fn produce(
     tally.producer_finished();
     producer.close().await?;
     Ok(outcome)
+}
+
+/// The options of message `index` under `plan`.
+fn publish_options(plan: &ProducerPlan, index: u64) -> PublishOptions {
+    PublishOptions {
+        priority: (index % u64::from(plan.priorities)) as u8,
+        delay: plan.delay_span.map(|span| delay_of(index, span)),
+        headers: None,
+    }
+}
+
+/// The next confirm, of a publish or of a whole batch.
+async fn next_confirm(producer: &mut Producer, batched: bool) -> Result<(), ClientError> {
+    if batched {
+        producer.confirm_batch().await.map(drop)
+    } else {
+        producer.confirm().await.map(drop)
+    }
+}
+
+/// [`next_confirm`], if it has already been read.
+fn try_next_confirm(producer: &mut Producer, batched: bool) -> Option<Result<(), ClientError>> {
+    if batched {
+        producer.try_confirm_batch().map(|c| c.map(drop))
+    } else {
+        producer.try_confirm().map(|c| c.map(drop))
+    }
 }
 
 pub struct ConsumerOutcome {
